@@ -1,0 +1,276 @@
+"""Explain a connection by walking the *generated config* (not the model), hop by hop.
+
+Source node: ``ztunnel_outbound`` matcher (port -> source IP -> destination IP -> port) -> filter
+chain -> cluster -> endpoints -> internal listener -> tunnel cluster and address. Destination
+node (found by searching every node's ``ztunnel_inbound`` for a chain covering the address) ->
+inbound chain -> ``virtual_inbound`` -> final destination, with identities at each hop. If a
+walk disagrees with what the data plane does, the config is wrong, not the explanation.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from google.protobuf import wrappers_pb2
+
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
+from envoy.extensions.filters.network.set_filter_state.v3 import set_filter_state_pb2
+from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
+from envoy.extensions.matching.common_inputs.network.v3 import network_inputs_pb2
+from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
+from xds.type.matcher.v3 import matcher_pb2
+
+from .model import host_port, ports
+from .translate import NodeResources, names
+
+
+@dataclass
+class Endpoint:
+    endpoint_id: str
+    tunnel_address: str = ""
+    destination: str = ""
+    server_identity: str = ""
+    internal_listener: str = ""
+    plain: bool = False
+
+
+@dataclass
+class Inbound:
+    node: str
+    listener: str
+    chain: str
+    server_identity: str
+    client_cert_required: bool
+    trusted_peer_prefix: str
+    destination_guard: str
+    cluster: str
+    final_destination: str
+
+
+@dataclass
+class Explanation:
+    node: str
+    src: str
+    dst: str
+    verdict: str  # "tunnel" | "direct" | "passthrough" | "blackhole" | "rejected"
+    listener: str = names.ZTUNNEL_OUTBOUND
+    matched: list[str] = field(default_factory=list)  # matcher path
+    chain: str = ""
+    cluster: str = ""
+    client_identity: str = ""
+    endpoints: list[Endpoint] = field(default_factory=list)
+    tunnel_cluster: str = ""
+    tunnel_listener: str = ""
+    expected_server_identity: str = ""
+    inbound: list[Inbound] = field(default_factory=list)
+    reason: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def text(self) -> str:
+        lines = [f"connection {self.src} -> {self.dst} captured by ztunnel on {self.node} ({self.listener})"]
+        for m in self.matched:
+            lines.append(f"  matcher: {m}")
+        if self.chain:
+            lines.append(f"  filter chain: {self.chain}")
+        if self.cluster:
+            lines.append(f"  cluster: {self.cluster}")
+        if self.client_identity:
+            lines.append(f"  client identity (client cert): {self.client_identity}")
+        for ep in self.endpoints:
+            if ep.plain:
+                lines.append(f"  endpoint {ep.endpoint_id}: plain TCP (not in the mesh)")
+            else:
+                lines.append(
+                    f"  endpoint {ep.endpoint_id}: via internal listener {ep.internal_listener} -> HBONE to {ep.tunnel_address}"
+                    f" (CONNECT {ep.destination}, expected server {ep.server_identity})"
+                )
+        if self.tunnel_listener:
+            lines.append(f"  internal listener: {self.tunnel_listener}")
+        if self.tunnel_cluster:
+            lines.append(f"  tunnel cluster: {self.tunnel_cluster} (HTTP/2 CONNECT over mTLS 1.3)")
+        if self.expected_server_identity and not self.endpoints:
+            lines.append(f"  expected server identity: {self.expected_server_identity}")
+        for ib in self.inbound:
+            lines.append(
+                f"  on {ib.node}: {ib.listener} chain {ib.chain} (server cert {ib.server_identity}, client cert required: "
+                f"{'yes' if ib.client_cert_required else 'no'}, peers {ib.trusted_peer_prefix}*)"
+            )
+            lines.append(f"    route guard x-envoy-original-dst-host ~ {ib.destination_guard} -> {ib.cluster} -> {ib.final_destination}")
+        lines.append(f"  verdict: {self.verdict}" + (f" ({self.reason})" if self.reason else ""))
+        return "\n".join(lines)
+
+
+def _unpack(any_msg: Any, cls: type) -> Any:
+    m = cls()
+    any_msg.Unpack(m)
+    return m
+
+
+def _listener(res: NodeResources, name: str) -> listener_pb2.Listener | None:
+    return next((lis for lis in res.listeners if lis.name == name), None)
+
+
+def _cluster(res: NodeResources, name: str) -> cluster_pb2.Cluster | None:
+    return next((c for c in res.clusters if c.name == name), None)
+
+
+def _input_kind(m: matcher_pb2.Matcher) -> str:
+    t = m.matcher_tree.input.typed_config
+    for cls, kind in (
+        (network_inputs_pb2.DestinationPortInput, "port"),
+        (network_inputs_pb2.DestinationIPInput, "ip"),
+        (network_inputs_pb2.SourceIPInput, "source-ip"),
+    ):
+        if t.Is(cls.DESCRIPTOR):
+            return kind
+    return t.type_url
+
+
+def _eval(m: matcher_pb2.Matcher, values: dict[str, str], trail: list[str]) -> str | None:
+    """Evaluate an exact-match matcher tree like Envoy: a nested miss does not fall back."""
+    kind = _input_kind(m)
+    key = values[kind]
+    entries = m.matcher_tree.exact_match_map.map
+    if key in entries:
+        trail.append(f"{kind} {key} matched")
+        hit = entries[key]
+    elif m.HasField("on_no_match"):
+        trail.append(f"{kind} {key} not listed -> on_no_match")
+        hit = m.on_no_match
+    else:
+        trail.append(f"{kind} {key} not listed, no on_no_match")
+        return None
+    if hit.HasField("matcher"):
+        return _eval(hit.matcher, values, trail)
+    return _unpack(hit.action.typed_config, wrappers_pb2.StringValue).value
+
+
+def _filters(chain: listener_components_pb2.FilterChain) -> tuple[tcp_proxy_pb2.TcpProxy | None, list[tuple[str, str]]]:
+    tcp, states = None, []
+    for f in chain.filters:
+        if f.typed_config.Is(tcp_proxy_pb2.TcpProxy.DESCRIPTOR):
+            tcp = _unpack(f.typed_config, tcp_proxy_pb2.TcpProxy)
+        elif f.typed_config.Is(set_filter_state_pb2.Config.DESCRIPTOR):
+            cfg = _unpack(f.typed_config, set_filter_state_pb2.Config)
+            states += [(v.object_key, v.format_string.text_format_source.inline_string) for v in cfg.on_new_connection]
+    return tcp, states
+
+
+def _secret_name(transport_socket: Any, cls: type) -> tuple[str, Any]:
+    ctx = _unpack(transport_socket.typed_config, cls)
+    common = ctx.common_tls_context
+    name = common.tls_certificate_sds_secret_configs[0].name if common.tls_certificate_sds_secret_configs else ""
+    return name, ctx
+
+
+def _in_prefix(ip: str, fcm: listener_components_pb2.FilterChainMatch) -> bool:
+    addr = ipaddress.ip_address(ip)
+    for r in fcm.prefix_ranges:
+        net = ipaddress.ip_network(f"{r.address_prefix}/{r.prefix_len.value if r.HasField('prefix_len') else addr.max_prefixlen}", strict=False)
+        if addr in net:
+            return True
+    return False
+
+
+def explain_inbound(nodes: dict[str, NodeResources], dst_ip: str, destination: str) -> Inbound | None:
+    for node in sorted(nodes):
+        lis = _listener(nodes[node], names.ZTUNNEL_INBOUND)
+        if lis is None:
+            continue
+        for chain in lis.filter_chains:
+            if not chain.filter_chain_match.prefix_ranges or not _in_prefix(dst_ip, chain.filter_chain_match):
+                continue
+            secret, ctx = _secret_name(chain.transport_socket, tls_pb2.DownstreamTlsContext)
+            dvc = ctx.common_tls_context.combined_validation_context.default_validation_context
+            prefix = dvc.match_typed_subject_alt_names[0].matcher.prefix if dvc.match_typed_subject_alt_names else (
+                dvc.match_subject_alt_names[0].prefix if dvc.match_subject_alt_names else "")
+            hcm = _unpack(chain.filters[-1].typed_config, hcm_pb2.HttpConnectionManager)
+            route = hcm.route_config.virtual_hosts[0].routes[0]
+            guard = route.match.headers[0].string_match.safe_regex.regex if route.match.headers else "(any)"
+            return Inbound(node, lis.name, chain.name, secret, ctx.require_client_certificate.value, prefix, guard, route.route.cluster, destination)
+    return None
+
+
+def explain(nodes: dict[str, NodeResources], node: str, src: str, dst: str) -> Explanation:
+    res = nodes[node]
+    dst_ip, _, dst_port = dst.rpartition(":")
+    dst_ip = dst_ip.strip("[]")
+    dst_ip, src = str(ipaddress.ip_address(dst_ip)), str(ipaddress.ip_address(src))
+    ex = Explanation(node=node, src=src, dst=host_port(dst_ip, int(dst_port)), verdict="rejected")
+    lis = _listener(res, names.ZTUNNEL_OUTBOUND)
+    assert lis is not None
+    chain_name = _eval(lis.filter_chain_matcher, {"port": dst_port, "source-ip": src, "ip": dst_ip}, ex.matched)
+    chains = {c.name: c for c in lis.filter_chains}
+    if chain_name is None or chain_name not in chains:
+        if lis.HasField("default_filter_chain"):
+            ex.matched.append("-> default_filter_chain")
+            chain = lis.default_filter_chain
+        else:
+            ex.reason = "no filter chain matches and the listener has no default chain"
+            return ex
+    else:
+        chain = chains[chain_name]
+    ex.chain = chain.name
+    tcp, states = _filters(chain)
+    if tcp is None:
+        ex.reason = "chain has no tcp_proxy"
+        return ex
+    ex.cluster = tcp.cluster
+    if tcp.cluster == names.BLACKHOLE_CLUSTER:
+        ex.verdict, ex.reason = "blackhole", "dropped"
+        return ex
+    if tcp.cluster in (names.PASSTHROUGH_CLUSTER, names.PASSTHROUGH_CLUSTER_TCP):
+        ex.verdict, ex.reason = "passthrough", f"not in the mesh: forwarded in plaintext to {ex.dst} (original destination)"
+        return ex
+    cluster = _cluster(res, tcp.cluster)
+    assert cluster is not None, tcp.cluster
+    if cluster.type == cluster_pb2.Cluster.EDS:
+        cla = next(c for c in res.endpoints if c.cluster_name == cluster.name)
+        for group in cla.endpoints:
+            for lbe in group.lb_endpoints:
+                addr = lbe.endpoint.address
+                if addr.HasField("envoy_internal_address"):
+                    t = lbe.metadata.filter_metadata[names.TUNNEL_METADATA]
+                    ex.endpoints.append(Endpoint(addr.envoy_internal_address.endpoint_id, t["address"], t["destination"],
+                                                 t["identity"] if "identity" in t else "", addr.envoy_internal_address.server_listener_name))
+                else:
+                    sa = addr.socket_address
+                    ex.endpoints.append(Endpoint(host_port(sa.address, sa.port_value), plain=True))
+        tunnel_lis_names = {e.internal_listener for e in ex.endpoints if not e.plain}
+        for tl in sorted(tunnel_lis_names):
+            ilis = _listener(res, tl)
+            assert ilis is not None
+            itcp, _ = _filters(ilis.filter_chains[0])
+            ex.tunnel_listener, ex.tunnel_cluster = tl, itcp.cluster
+            tclus = _cluster(res, itcp.cluster)
+            ex.client_identity, _ = _secret_name(tclus.transport_socket, tls_pb2.UpstreamTlsContext)
+        for ep in ex.endpoints:
+            if not ep.plain:
+                ib = explain_inbound(nodes, ep.tunnel_address.rpartition(":")[0].strip("[]"), ep.destination)
+                if ib:
+                    ex.inbound.append(ib)
+        ex.verdict = "tunnel" if any(not e.plain for e in ex.endpoints) else ("direct" if ex.endpoints else "rejected")
+        if not ex.endpoints:
+            ex.reason = "service has no ready endpoints"
+        return ex
+    # pod-IP chain: ORIGINAL_DST tunnel cluster straight from the capture listener
+    lb = cluster.original_dst_lb_config
+    port = lb.upstream_port_override.value if lb.HasField("upstream_port_override") else int(dst_port)
+    ex.tunnel_cluster = cluster.name
+    ex.client_identity, _ = _secret_name(cluster.transport_socket, tls_pb2.UpstreamTlsContext)
+    ex.expected_server_identity = dict(states).get("envoy.network.upstream_subject_alt_names", "")
+    ep = Endpoint(ex.dst, host_port(dst_ip, port), ex.dst, ex.expected_server_identity)
+    ex.endpoints.append(ep)
+    ib = explain_inbound(nodes, dst_ip, ex.dst)
+    if ib:
+        ex.inbound.append(ib)
+    ex.verdict = "tunnel"
+    if port == ports.HBONE_NODE_LOCAL_PORT:
+        ex.reason = f"same node: {port} is redirected to the local ztunnel's {ports.HBONE_PORT}"
+    return ex

@@ -1,0 +1,328 @@
+"""Raw Kubernetes objects -> :class:`~xdsserver.model.Model`, shared by every source.
+
+Validation happens here, once: each object against the JSON schema of its kind (shipped in
+``schemas/``), then the checks no single schema can express (duplicate pod IPs, a named
+``targetPort`` that no selected container declares). Every problem becomes one
+:class:`InputError` naming file, object and field; with ``strict`` a single error rejects the
+whole input, so a bad edit never half-applies (the caller keeps serving the last good model).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from typing import Any, Iterable
+
+import jsonschema
+
+from ..model import (
+    ContainerPort,
+    Endpoint,
+    MeshConfig,
+    Model,
+    Namespace,
+    Node,
+    OutboundPolicy,
+    Pod,
+    Service,
+    ServicePort,
+    canonical_ip,
+)
+from . import SourceObject
+
+log = logging.getLogger(__name__)
+
+KINDS = ("Namespace", "ServiceAccount", "Node", "Pod", "Service", "EndpointSlice", "MeshConfig")
+SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+
+
+@dataclass(frozen=True, slots=True)
+class InputError:
+    origin: str
+    ref: str
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.ref}: {self.field}" if self.field else self.ref
+        return f"{self.origin}: {where}: {self.message}"
+
+
+class InputErrors(Exception):
+    """All problems found in one input state; nothing of it was applied."""
+
+    def __init__(self, errors: list[InputError]) -> None:
+        self.errors = errors
+        super().__init__("\n".join(str(e) for e in errors))
+
+
+@cache
+def _validator(kind: str) -> jsonschema.protocols.Validator:
+    text = resources.files(__package__).joinpath("schemas", f"{kind.lower()}.json").read_text()
+    schema = json.loads(text)
+    cls = jsonschema.validators.validator_for(schema)
+    return cls(schema, format_checker=cls.FORMAT_CHECKER)
+
+
+def _field_path(path: Iterable[Any]) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def validate_object(so: SourceObject) -> list[InputError]:
+    """Schema check of one object; unknown kinds are not ours to judge and pass."""
+    if not isinstance(so.obj, dict):
+        return [InputError(so.origin, "document", "", f"expected a mapping, got {type(so.obj).__name__}")]
+    if so.kind not in KINDS:
+        return []
+    errors = []
+    for err in sorted(_validator(so.kind).iter_errors(so.obj), key=lambda e: list(map(str, e.absolute_path))):
+        errors.append(InputError(so.origin, so.ref, _field_path(err.absolute_path) or "(object)", _short(err)))
+    return errors
+
+
+def _short(err: jsonschema.ValidationError) -> str:
+    if err.validator == "required":
+        return err.message.replace("is a required property", "is required")
+    if err.validator in ("anyOf", "oneOf") and not isinstance(err.instance, (dict, list)):
+        return f"{err.instance!r} is not valid here ({err.schema.get('description', 'see schema')})" if "description" in err.schema else f"{err.instance!r} is not a valid value"
+    return err.message
+
+
+# ---------------------------------------------------------------------------------------------
+def mesh_from_spec(spec: dict[str, Any]) -> MeshConfig:
+    enr = spec.get("enrollment") or {}
+    label = enr.get("namespaceLabel") or {}
+    base = MeshConfig()
+    return MeshConfig(
+        trust_domain=spec.get("trustDomain", base.trust_domain),
+        cluster_domain=spec.get("clusterDomain", base.cluster_domain),
+        enrollment_label=label.get("key", base.enrollment_label),
+        enrollment_value=label.get("value", base.enrollment_value),
+        connect_timeout_s=float(str(spec.get("connectTimeout", f"{base.connect_timeout_s}s")).rstrip("s")),
+        outbound_policy=OutboundPolicy(spec.get("outboundTrafficPolicy", base.outbound_policy.value)),
+        excluded_namespaces=tuple(enr.get("excludedNamespaces", base.excluded_namespaces)),
+    )
+
+
+def validate_mesh_spec(origin: str, spec: Any) -> list[InputError]:
+    return validate_object(SourceObject(origin, {"apiVersion": "xdsserver.io/v1alpha1", "kind": "MeshConfig", "spec": spec}))
+
+
+def _meta(o: dict[str, Any]) -> dict[str, Any]:
+    return o.get("metadata") or {}
+
+
+def _labels(d: dict[str, Any] | None) -> tuple[tuple[str, str], ...]:
+    return tuple(sorted((d or {}).items()))
+
+
+def _pod(o: dict[str, Any]) -> Pod:
+    meta, spec, status = _meta(o), o.get("spec") or {}, o.get("status") or {}
+    ips = [canonical_ip(x["ip"]) for x in status.get("podIPs") or []]
+    if not ips and status.get("podIP"):
+        ips = [canonical_ip(status["podIP"])]
+    ready = True
+    for cond in status.get("conditions") or []:
+        if cond.get("type") == "Ready":
+            ready = cond.get("status") == "True"
+    ports = []
+    for c in spec.get("containers") or []:
+        for p in c.get("ports") or []:
+            ports.append(ContainerPort(int(p["containerPort"]), p.get("name", ""), p.get("protocol", "TCP")))
+    return Pod(
+        namespace=meta["namespace"],
+        name=meta["name"],
+        uid=meta.get("uid", ""),
+        node_name=spec.get("nodeName", ""),
+        service_account=spec.get("serviceAccountName") or spec.get("serviceAccount") or "default",
+        ips=tuple(dict.fromkeys(ips)),
+        labels=_labels(meta.get("labels")),
+        ports=tuple(ports),
+        host_network=bool(spec.get("hostNetwork", False)),
+        ready=ready,
+        phase=status.get("phase", ""),
+        creation_timestamp=str(meta.get("creationTimestamp") or ""),
+    )
+
+
+def _service(o: dict[str, Any]) -> Service:
+    meta, spec = _meta(o), o.get("spec") or {}
+    ips = [x for x in (spec.get("clusterIPs") or [spec.get("clusterIP", "")]) if x and x != "None"]
+    ports = []
+    for p in spec.get("ports") or []:
+        ports.append(
+            ServicePort(
+                port=int(p["port"]),
+                name=p.get("name", ""),
+                protocol=p.get("protocol", "TCP"),
+                target_port=p.get("targetPort", p["port"]),
+                app_protocol=p.get("appProtocol", ""),
+            )
+        )
+    sel = spec.get("selector")
+    return Service(
+        namespace=meta["namespace"],
+        name=meta["name"],
+        cluster_ips=tuple(canonical_ip(x) for x in ips),
+        ports=tuple(sorted(ports, key=lambda p: (p.port, p.name))),
+        selector=_labels(sel) if sel else None,
+        type=spec.get("type", "ClusterIP"),
+        creation_timestamp=str(meta.get("creationTimestamp") or ""),
+    )
+
+
+def _node(o: dict[str, Any]) -> Node:
+    spec, status = o.get("spec") or {}, o.get("status") or {}
+    internal = next((a["address"] for a in status.get("addresses") or [] if a.get("type") == "InternalIP"), "")
+    return Node(name=_meta(o)["name"], pod_cidr=spec.get("podCIDR", ""), internal_ip=internal)
+
+
+def _selects(selector: tuple[tuple[str, str], ...], pod: Pod) -> bool:
+    labels = pod.label_map
+    return all(labels.get(k) == v for k, v in selector)
+
+
+def build_model(objects: Iterable[SourceObject], mesh: MeshConfig | None = None, *, strict: bool = True) -> Model:
+    """Validate and convert; with ``strict`` raise :class:`InputErrors` listing every problem.
+
+    Without ``strict`` (the Kubernetes source) bad objects are logged and left out, so one
+    malformed object cannot stop the rest of the cluster from being served.
+    """
+    model, errors = build_model_lenient(objects, mesh)
+    if errors and strict:
+        raise InputErrors(errors)
+    for e in errors:
+        log.error("input rejected: %s", e)
+    return model
+
+
+def build_model_lenient(objects: Iterable[SourceObject], mesh: MeshConfig | None = None) -> tuple[Model, list[InputError]]:
+    errors: list[InputError] = []
+    good: dict[str, list[SourceObject]] = {k: [] for k in KINDS}
+    seen: dict[tuple[str, str], str] = {}
+    objs = list(objects)
+    for so in objs:
+        errs = validate_object(so)
+        if errs:
+            errors.extend(errs)
+            continue
+        if so.kind not in KINDS:
+            continue
+        key = (so.kind, so.ref)
+        if key in seen:
+            errors.append(InputError(so.origin, so.ref, "metadata.name", f"duplicate object (first defined in {seen[key]})"))
+            continue
+        seen[key] = so.origin
+        good[so.kind].append(so)
+
+    if mesh is None:
+        mesh = MeshConfig()
+        for so in good["MeshConfig"][:1]:
+            mesh = mesh_from_spec(so.obj.get("spec") or {})
+        for so in good["MeshConfig"][1:]:
+            errors.append(InputError(so.origin, so.ref, "kind", "only one MeshConfig may be given"))
+
+    pods: list[tuple[SourceObject, Pod]] = [(so, _pod(so.obj)) for so in good["Pod"]]
+    # Duplicate pod IPs: two pods cannot own one address (hostNetwork pods share the node's).
+    by_ip: dict[str, tuple[SourceObject, Pod]] = {}
+    dup_bad: set[int] = set()
+    for so, pod in sorted(pods, key=lambda sp: (sp[1].namespace, sp[1].name)):
+        if pod.host_network or pod.phase in ("Succeeded", "Failed"):
+            continue
+        for ip in pod.ips:
+            if ip in by_ip:
+                first_so, first = by_ip[ip]
+                errors.append(InputError(so.origin, so.ref, "status.podIP", f"IP {ip} is already used by Pod {first.key} ({first_so.origin})"))
+                dup_bad.add(id(so))
+            else:
+                by_ip[ip] = (so, pod)
+    pods = [sp for sp in pods if id(sp[0]) not in dup_bad]
+
+    services: list[tuple[SourceObject, Service]] = [(so, _service(so.obj)) for so in good["Service"]]
+    slices_by_svc: dict[str, list[SourceObject]] = {}
+    for so in good["EndpointSlice"]:
+        meta = _meta(so.obj)
+        svc_name = (meta.get("labels") or {}).get(SERVICE_NAME_LABEL)
+        if not svc_name:
+            errors.append(InputError(so.origin, so.ref, f"metadata.labels.{SERVICE_NAME_LABEL}", "is required to tie the slice to its Service"))
+            continue
+        slices_by_svc.setdefault(f"{meta['namespace']}/{svc_name}", []).append(so)
+
+    endpoints: dict[tuple[str, str], list[Endpoint]] = {}
+    pod_list = [p for _, p in pods]
+    svc_bad: set[int] = set()
+    for so, svc in services:
+        if svc.key in slices_by_svc:
+            for sl in sorted(slices_by_svc[svc.key], key=lambda s: _meta(s.obj)["name"]):
+                _endpoints_from_slice(sl, svc, endpoints)
+            continue
+        if not svc.selector:
+            continue
+        selected = [p for p in pod_list if p.namespace == svc.namespace and _selects(svc.selector, p)]
+        for i, sp in enumerate(so.obj["spec"].get("ports") or []):
+            port = ServicePort(int(sp["port"]), sp.get("name", ""), sp.get("protocol", "TCP"), sp.get("targetPort", sp["port"]))
+            if isinstance(port.target_port, str) and selected and not any(p.named_port(port.target_port) for p in selected):
+                errors.append(InputError(so.origin, so.ref, f"spec.ports[{i}].targetPort",
+                                         f"no container of the {len(selected)} selected pod(s) declares a port named {port.target_port!r}"))
+                svc_bad.add(id(so))
+                continue
+            eps = endpoints.setdefault((svc.key, port.name), [])
+            for p in selected:
+                if not p.ip or p.phase in ("Succeeded", "Failed"):
+                    continue
+                if isinstance(port.target_port, str):
+                    cp = p.named_port(port.target_port)
+                    if cp is None:
+                        continue  # this pod does not serve that port (Kubernetes skips it too)
+                    num = cp.port
+                else:
+                    num = int(port.target_port)
+                for ip in p.ips:
+                    eps.append(Endpoint(ip, num, p.ready, p.node_name, p.key))
+    services = [sv for sv in services if id(sv[0]) not in svc_bad]
+
+    model = Model(
+        mesh=mesh,
+        namespaces=tuple(sorted((Namespace(_meta(s.obj)["name"], _labels(_meta(s.obj).get("labels"))) for s in good["Namespace"]), key=lambda n: n.name)),
+        pods=tuple(sorted((p for _, p in pods), key=lambda p: (p.namespace, p.name))),
+        services=tuple(sorted((s for _, s in services), key=lambda s: (s.namespace, s.name))),
+        service_accounts=tuple(sorted((_meta(s.obj)["namespace"], _meta(s.obj)["name"]) for s in good["ServiceAccount"])),
+        nodes=tuple(sorted((_node(s.obj) for s in good["Node"]), key=lambda n: n.name)),
+        endpoints=tuple(sorted((k, tuple(sorted(v, key=lambda e: (e.ip, e.port)))) for k, v in endpoints.items())),
+        sources=tuple(sorted({so.origin.split("#")[0] for so in objs})),
+    )
+    return model, errors
+
+
+def _endpoints_from_slice(sl: SourceObject, svc: Service, out: dict[tuple[str, str], list[Endpoint]]) -> None:
+    o = sl.obj
+    if o.get("addressType") == "FQDN":
+        return
+    for port in o.get("ports") or []:
+        if "port" not in port:
+            continue
+        eps = out.setdefault((svc.key, port.get("name", "")), [])
+        for ep in o.get("endpoints") or []:
+            cond = ep.get("conditions") or {}
+            ready = cond.get("ready") is not False  # nil means ready (EndpointSlice API)
+            ref = ep.get("targetRef") or {}
+            pod_key = f"{ref.get('namespace', svc.namespace)}/{ref['name']}" if ref.get("kind") == "Pod" and ref.get("name") else ""
+            for addr in ep["addresses"]:
+                try:
+                    ip = canonical_ip(addr)
+                except ValueError:
+                    log.warning("%s: %s: skipping endpoint address %r: not an IP", sl.origin, sl.ref, addr)
+                    continue
+                eps.append(Endpoint(ip, int(port["port"]), ready, ep.get("nodeName", ""), pod_key))
+
+
+def ip_sort_key(ip: str) -> tuple[int, int]:
+    a = ipaddress.ip_address(ip)
+    return (a.version, int(a))

@@ -1,0 +1,81 @@
+"""Service clusters (one per node-local identity x TCP service port) and the fixed clusters."""
+
+from __future__ import annotations
+
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import base_pb2, protocol_pb2
+from envoy.extensions.transport_sockets.internal_upstream.v3 import internal_upstream_pb2
+from envoy.extensions.transport_sockets.raw_buffer.v3 import raw_buffer_pb2
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
+from envoy.type.metadata.v3 import metadata_pb2
+
+from ..model import MeshConfig
+from . import blocks, names
+
+Cluster = cluster_pb2.Cluster
+
+
+def _raw_buffer() -> base_pb2.TransportSocket:
+    return base_pb2.TransportSocket(name="envoy.transport_sockets.raw_buffer", typed_config=blocks.pack(raw_buffer_pb2.RawBuffer()))
+
+
+def internal_upstream_matches() -> list[Cluster.TransportSocketMatch]:
+    """Tunnel endpoints go through the internal listener carrying their ``tunnel`` metadata
+    (``kind: host``; stock-envoy.md gotcha 4); plain endpoints are dialled directly."""
+    passthrough = [
+        internal_upstream_pb2.InternalUpstreamTransport.MetadataValueSource(
+            kind=metadata_pb2.MetadataKind(host=metadata_pb2.MetadataKind.Host()), name=ns
+        )
+        for ns in (names.TUNNEL_METADATA, "istio")
+    ]
+    internal = internal_upstream_pb2.InternalUpstreamTransport(passthrough_metadata=passthrough, transport_socket=_raw_buffer())
+    return [
+        Cluster.TransportSocketMatch(
+            name=names.INTERNAL_UPSTREAM_MATCH,
+            match=blocks.struct({names.TUNNEL_METADATA: blocks.TUNNEL_MATCH_VALUE}),
+            transport_socket=base_pb2.TransportSocket(name="envoy.transport_sockets.internal_upstream", typed_config=blocks.pack(internal)),
+        ),
+        Cluster.TransportSocketMatch(name=names.PLAIN_MATCH, match=blocks.struct({}), transport_socket=_raw_buffer()),
+    ]
+
+
+def build_service_cluster(name: str) -> Cluster:
+    return Cluster(
+        name=name,
+        type=Cluster.EDS,
+        eds_cluster_config=Cluster.EdsClusterConfig(eds_config=blocks.ads_source(initial_fetch_timeout_zero=True)),
+        transport_socket_matches=internal_upstream_matches(),
+    )
+
+
+def _original_dst(name: str, **lb: object) -> Cluster:
+    c = Cluster(name=name, type=Cluster.ORIGINAL_DST, lb_policy=Cluster.CLUSTER_PROVIDED)
+    if lb:
+        cfg = Cluster.OriginalDstLbConfig(use_http_header=bool(lb.get("use_http_header")))
+        if "port" in lb:
+            cfg.upstream_port_override.value = int(lb["port"])  # type: ignore[arg-type]
+        c.original_dst_lb_config.CopyFrom(cfg)
+    return c
+
+
+def build_fixed_clusters(mesh: MeshConfig) -> list[Cluster]:
+    timeout = blocks.seconds(mesh.connect_timeout_s)
+    passthrough = _original_dst(names.PASSTHROUGH_CLUSTER)
+    passthrough.connect_timeout.CopyFrom(timeout)
+    opts = http_protocol_options_pb2.HttpProtocolOptions(
+        use_downstream_protocol_config=http_protocol_options_pb2.HttpProtocolOptions.UseDownstreamHttpConfig(
+            http_protocol_options=protocol_pb2.Http1ProtocolOptions(),
+            http2_protocol_options=protocol_pb2.Http2ProtocolOptions(max_concurrent_streams={"value": 1073741824}),
+        )
+    )
+    passthrough.typed_extension_protocol_options["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"].CopyFrom(blocks.pack(opts))
+    passthrough_tcp = _original_dst(names.PASSTHROUGH_CLUSTER_TCP)
+    passthrough_tcp.connect_timeout.CopyFrom(timeout)
+    blackhole = Cluster(name=names.BLACKHOLE_CLUSTER, type=Cluster.STATIC, lb_policy=Cluster.ROUND_ROBIN, connect_timeout=timeout)
+    return [
+        _original_dst(names.VIRTUAL_INBOUND, use_http_header=True),
+        _original_dst(names.VIRTUAL_INBOUND_HBONE, use_http_header=True, port=15008),
+        passthrough,
+        passthrough_tcp,
+        blackhole,
+    ]

@@ -1,0 +1,48 @@
+"""ClusterLoadAssignments for service clusters: internal endpoints carrying tunnel metadata.
+
+Answered from the translation's own (cluster -> target) map, never by parsing names (§6.1).
+"""
+
+from __future__ import annotations
+
+from envoy.config.core.v3 import address_pb2, base_pb2
+from envoy.config.endpoint.v3 import endpoint_components_pb2 as ec, endpoint_pb2
+
+from ..model import Identity, host_port, ports
+from ..model.index import Backend, ServiceTarget
+from . import blocks, names
+
+
+def _lb_endpoint(src: Identity, b: Backend, node_name: str) -> ec.LbEndpoint:
+    lbe = ec.LbEndpoint()
+    lbe.load_balancing_weight.value = 1  # D6: explicit
+    dest = host_port(b.ip, b.port)
+    if b.identity is None:  # not in the mesh: plain TCP, matched by tlsMode-disabled
+        lbe.endpoint.address.CopyFrom(blocks.socket_address(b.ip, b.port))
+        return lbe
+    capture = ports.HBONE_NODE_LOCAL_PORT if b.node_name and b.node_name == node_name else ports.HBONE_PORT
+    lbe.endpoint.address.CopyFrom(
+        address_pb2.Address(
+            envoy_internal_address=address_pb2.EnvoyInternalAddress(
+                server_listener_name=names.outbound_tunnel_lis(src),
+                endpoint_id=dest,  # D6: without it EDS collapses hosts sharing the listener (gotcha 3)
+            )
+        )
+    )
+    lbe.metadata.CopyFrom(
+        base_pb2.Metadata(
+            filter_metadata={
+                names.TUNNEL_METADATA: blocks.struct(
+                    {"address": host_port(b.ip, capture), "destination": dest, "identity": b.identity.spiffe}
+                ),
+                names.TRANSPORT_SOCKET_MATCH: blocks.struct({names.TUNNEL_METADATA: blocks.TUNNEL_MATCH_VALUE}),
+            }
+        )
+    )
+    return lbe
+
+
+def build_cla(cluster_name: str, src: Identity, target: ServiceTarget, node_name: str) -> endpoint_pb2.ClusterLoadAssignment:
+    cla = endpoint_pb2.ClusterLoadAssignment(cluster_name=cluster_name)
+    cla.endpoints.add().lb_endpoints.extend(_lb_endpoint(src, b, node_name) for b in target.backends)
+    return cla

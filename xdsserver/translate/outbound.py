@@ -1,0 +1,168 @@
+"""``ztunnel_outbound`` (:15001): capture listener with the source -> destination -> port matcher.
+
+ztunnel-config.md §4.1-4.3 with D1-D5/D8: chains only for node-local sources, every matcher
+action names an emitted chain, pod-IP chains per (source identity, destination identity) so each
+can pin the expected server SPIFFE ID, deterministic order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from google.protobuf import wrappers_pb2
+
+from xds.core.v3 import extension_pb2
+from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
+from envoy.extensions.matching.common_inputs.network.v3 import network_inputs_pb2
+from xds.type.matcher.v3 import matcher_pb2
+
+from ..model import Flavor, Identity, OutboundPolicy, ports
+from ..model.index import NodeView, Workload
+from . import blocks, names
+
+Matcher = matcher_pb2.Matcher
+OnMatch = matcher_pb2.Matcher.OnMatch
+
+ECDS_WORKLOAD_METADATA_TYPE = "type.googleapis.com/istio.telemetry.workloadmetadata.v1.WorkloadMetadataResources"
+
+
+def _input(kind: str) -> extension_pb2.TypedExtensionConfig:
+    msg = {
+        "port": network_inputs_pb2.DestinationPortInput(),
+        "ip": network_inputs_pb2.DestinationIPInput(),
+        "source-ip": network_inputs_pb2.SourceIPInput(),
+    }[kind]
+    return extension_pb2.TypedExtensionConfig(name=kind, typed_config=blocks.pack(msg))
+
+
+def to_chain(name: str) -> OnMatch:
+    return OnMatch(action=extension_pb2.TypedExtensionConfig(name=name, typed_config=blocks.pack(wrappers_pb2.StringValue(value=name))))
+
+
+def _map_matcher(kind: str, entries: dict[str, OnMatch], on_no_match: OnMatch | None = None) -> Matcher:
+    m = Matcher(matcher_tree=Matcher.MatcherTree(input=_input(kind)))
+    for key in entries:  # insertion order = rule order; proto maps serialize sorted (deterministic)
+        m.matcher_tree.exact_match_map.map[key].CopyFrom(entries[key])
+    if on_no_match is not None:
+        m.on_no_match.CopyFrom(on_no_match)
+    return m
+
+
+@dataclass
+class OutboundPlan:
+    """The chains and matcher entries for one node, before they become protos."""
+
+    chains: dict[str, listener_components_pb2.FilterChain] = field(default_factory=dict)  # first seen wins
+    # source IP -> destination key -> either a chain name or {port: chain name}
+    sources: dict[str, dict[str, str | dict[str, str]]] = field(default_factory=dict)
+
+
+def service_chain(src: Identity, cluster: str, flavor: Flavor) -> listener_components_pb2.FilterChain:
+    filters = []
+    if flavor is Flavor.ENVOY:
+        # stock-envoy.md §5.6: hand the client address to the internal listener, whose
+        # original_dst + original_src filters make the HBONE leg leave with the client's IP.
+        filters.append(blocks.set_filter_state("envoy.filters.listener.original_dst.remote_ip", "%DOWNSTREAM_REMOTE_ADDRESS%", shared_once=True))
+    filters.append(blocks.tcp_proxy(cluster, cluster, log="capture outbound (no waypoint proxy)", flavor=flavor))
+    return listener_components_pb2.FilterChain(name=cluster, filters=filters)
+
+
+def pod_chain(cluster: str, dst: Identity, flavor: Flavor) -> listener_components_pb2.FilterChain:
+    name = names.pod_chain(cluster, dst)
+    return listener_components_pb2.FilterChain(
+        name=name,
+        filters=[
+            blocks.set_filter_state("envoy.network.upstream_subject_alt_names", dst.spiffe),  # D8
+            blocks.tcp_proxy(
+                name,
+                cluster,
+                log="capture outbound pod (no waypoint proxy)",
+                flavor=flavor,
+                tunnel_hostname="%DOWNSTREAM_LOCAL_ADDRESS%",
+            ),
+        ],
+    )
+
+
+def plan_outbound(view: NodeView, flavor: Flavor) -> OutboundPlan:
+    plan = OutboundPlan()
+    for src in view.local_workloads:
+        dst_map: dict[str, str | dict[str, str]] = {}
+        for t in view.targets:
+            chain = names.service_cluster(src.identity, t.port.name, t.hostname)
+            plan.chains.setdefault(chain, service_chain(src.identity, chain, flavor))
+            for vip in t.service.cluster_ips:
+                entry = dst_map.get(vip)
+                if not isinstance(entry, dict):
+                    entry = dst_map[vip] = {}
+                entry.setdefault(str(t.port.port), chain)  # TCP/UDP dupes were skipped (D5); first port wins
+        for wl in view.workloads:
+            cluster = _pod_cluster(src.identity, wl, view.node_name)
+            chain = names.pod_chain(cluster, wl.identity)
+            plan.chains.setdefault(chain, pod_chain(cluster, wl.identity, flavor))
+            for ip in wl.pod.ips:
+                dst_map[ip] = chain  # last write wins over a VIP with the same address (2022)
+        for ip in src.pod.ips:
+            plan.sources[ip] = dst_map
+    return plan
+
+
+def _pod_cluster(src: Identity, dst: Workload, node_name: str) -> str:
+    if dst.node_name and dst.node_name == node_name:
+        return names.outbound_pod_local_tunnel_clus(src)
+    return names.outbound_pod_tunnel_clus(src)
+
+
+def build_matcher(plan: OutboundPlan) -> Matcher:
+    src_entries: dict[str, OnMatch] = {}
+    for src_ip, dst_map in plan.sources.items():
+        dst_entries: dict[str, OnMatch] = {}
+        for dst, target in dst_map.items():
+            if isinstance(target, str):
+                dst_entries[dst] = to_chain(target)
+            elif target:  # an empty PORT map is invalid in Envoy (§11): drop the key
+                dst_entries[dst] = OnMatch(matcher=_map_matcher("port", {p: to_chain(c) for p, c in target.items()}))
+        if dst_entries:
+            src_entries[src_ip] = OnMatch(matcher=_map_matcher("ip", dst_entries))
+    passthrough = to_chain(names.PASSTHROUGH_CHAIN)
+    below = OnMatch(matcher=_map_matcher("source-ip", src_entries, passthrough)) if src_entries else passthrough
+    return _map_matcher("port", {str(ports.OUTBOUND_CAPTURE_PORT): to_chain(names.BLACKHOLE_OUTBOUND_CHAIN)}, below)
+
+
+def build_ztunnel_outbound(view: NodeView, flavor: Flavor) -> listener_pb2.Listener:
+    plan = plan_outbound(view, flavor)
+    passthrough = listener_components_pb2.FilterChain(
+        name=names.PASSTHROUGH_CHAIN,
+        filters=[blocks.tcp_proxy(names.PASSTHROUGH_CLUSTER, names.PASSTHROUGH_CLUSTER, log="passthrough", flavor=flavor)],
+    )
+    blackhole = listener_components_pb2.FilterChain(
+        name=names.BLACKHOLE_OUTBOUND_CHAIN,
+        # D2: the chain keeps its 2022 name and stat, but points at a cluster that exists
+        filters=[blocks.tcp_proxy(names.BLACKHOLE_CLUSTER, names.BLACKHOLE_CLUSTER, log="blackhole outbound", flavor=flavor)],
+    )
+    lis = listener_pb2.Listener(
+        name=names.ZTUNNEL_OUTBOUND,
+        address=blocks.socket_address("0.0.0.0", ports.OUTBOUND_CAPTURE_PORT),
+        access_log=[blocks.access_log("outbound capture listener", flavor)],
+        socket_options=[blocks.socket_mark(ports.OUTBOUND_LISTENER_MARK, "outbound")],
+        listener_filters=[blocks.original_dst_filter(), blocks.original_src_filter()],
+        filter_chains=[*plan.chains.values(), passthrough, blackhole],
+        filter_chain_matcher=build_matcher(plan),
+    )
+    lis.use_original_dst.value = True
+    lis.transparent.value = True
+    if flavor is Flavor.ISTIO_2022:
+        from envoy.config.core.v3 import config_source_pb2
+
+        lis.listener_filters.append(
+            listener_components_pb2.ListenerFilter(
+                name="envoy.filters.listener.workload_metadata",
+                config_discovery=config_source_pb2.ExtensionConfigSource(
+                    config_source=config_source_pb2.ConfigSource(ads=config_source_pb2.AggregatedConfigSource(), initial_fetch_timeout=blocks.seconds(30)),
+                    type_urls=[ECDS_WORKLOAD_METADATA_TYPE],
+                ),
+            )
+        )
+    if view.mesh.outbound_policy is OutboundPolicy.ALLOW_ANY:
+        lis.default_filter_chain.CopyFrom(passthrough)
+    return lis

@@ -1,0 +1,84 @@
+"""HBONE origination per node-local identity: ``outbound_tunnel_lis_<id>`` and its clusters.
+
+One builder for the three ORIGINAL_DST tunnel clusters (the 2022 code had three copies that
+differed only in name and ``original_dst_lb_config``; style.md §4).
+"""
+
+from __future__ import annotations
+
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
+from envoy.type.metadata.v3 import metadata_pb2
+from xds.type.v3 import typed_struct_pb2
+
+from ..model import Flavor, Identity, MeshConfig, ports
+from . import blocks, names
+
+_DEST = "%DYNAMIC_METADATA(tunnel:destination)%"
+_DEST_2022_HEADER = '%DYNAMIC_METADATA(["tunnel", "destination"])%'
+
+
+def build_outbound_tunnel_lis(src: Identity, flavor: Flavor) -> listener_pb2.Listener:
+    lis = listener_pb2.Listener(name=names.outbound_tunnel_lis(src), internal_listener=listener_pb2.Listener.InternalListenerConfig())
+    if flavor is Flavor.ENVOY:
+        # stock-envoy.md §5.6: restore the client address set by the service chain, then spoof it.
+        lis.listener_filters.extend([blocks.original_dst_filter(), blocks.original_src_filter()])
+    else:
+        lis.use_original_dst.value = False
+        lis.listener_filters.append(
+            listener_components_pb2.ListenerFilter(
+                name="set_dst_address",
+                typed_config=blocks.pack(typed_struct_pb2.TypedStruct(type_url="type.googleapis.com/istio.set_internal_dst_address.v1.Config")),
+            )
+        )
+    lis.filter_chains.append(
+        listener_components_pb2.FilterChain(
+            filters=[
+                # D8: the endpoint names the server identity it expects; pin the TLS peer to it.
+                blocks.set_filter_state("envoy.network.upstream_subject_alt_names", "%DYNAMIC_METADATA(tunnel:identity)%"),
+                blocks.tcp_proxy(
+                    names.outbound_tunnel_lis(src),
+                    names.outbound_tunnel_clus(src),
+                    log="outbound tunnel",
+                    flavor=flavor,
+                    tunnel_hostname=_DEST,
+                    tunnel_header_value=_DEST if flavor is Flavor.ENVOY else _DEST_2022_HEADER,
+                ),
+            ]
+        )
+    )
+    return lis
+
+
+def _tunnel_cluster(name: str, src: Identity, mesh: MeshConfig, flavor: Flavor, lb: cluster_pb2.Cluster.OriginalDstLbConfig) -> cluster_pb2.Cluster:
+    c = cluster_pb2.Cluster(
+        name=name,
+        type=cluster_pb2.Cluster.ORIGINAL_DST,
+        lb_policy=cluster_pb2.Cluster.CLUSTER_PROVIDED,
+        connect_timeout=blocks.seconds(2),
+        cleanup_interval=blocks.seconds(60),
+        original_dst_lb_config=lb,
+        transport_socket=blocks.upstream_tls(names.workload_secret(src), mesh, flavor),
+    )
+    for k, v in blocks.h2_connect_options().items():
+        c.typed_extension_protocol_options[k].CopyFrom(v)
+    return c
+
+
+def build_tunnel_clusters(src: Identity, mesh: MeshConfig, flavor: Flavor) -> list[cluster_pb2.Cluster]:
+    Lb = cluster_pb2.Cluster.OriginalDstLbConfig
+    service_lb = Lb()
+    if flavor is Flavor.ENVOY:
+        # replaces istio-proxy's set_dst_address: the host comes from the endpoint's tunnel.address
+        service_lb.metadata_key.CopyFrom(
+            metadata_pb2.MetadataKey(key=names.TUNNEL_METADATA, path=[metadata_pb2.MetadataKey.PathSegment(key="address")])
+        )
+    pod_lb = Lb()
+    pod_lb.upstream_port_override.value = ports.HBONE_PORT
+    local_lb = Lb(use_http_header=True)
+    local_lb.upstream_port_override.value = ports.HBONE_NODE_LOCAL_PORT
+    return [
+        _tunnel_cluster(names.outbound_tunnel_clus(src), src, mesh, flavor, service_lb),
+        _tunnel_cluster(names.outbound_pod_tunnel_clus(src), src, mesh, flavor, pod_lb),
+        _tunnel_cluster(names.outbound_pod_local_tunnel_clus(src), src, mesh, flavor, local_lb),
+    ]

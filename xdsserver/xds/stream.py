@@ -1,0 +1,578 @@
+"""Per-stream xDS protocol state: subscriptions, nonces, ACK/NACK. Pure, no gRPC.
+
+Each class takes a request (or a new snapshot) and returns the responses to send, so every rule
+of docs/xds-protocol.md can be replayed as a request sequence in a unit test (like
+go-control-plane's `subscription.go`). State kept per stream and type is small: names, nonces,
+versions and references to the shared `Resource` objects last sent — never copies of bodies.
+
+SotW (§2 decision table, §3 wildcard, §4 contents, §5 ordering, §8 resume):
+  * stale nonce: names recorded, no response;
+  * NACK: recorded, the rejected content version is quarantined on this stream and never sent
+    again on it; the next different content is;
+  * LDS/CDS full state (wildcard allowed), EDS/SDS partial: only requested names that exist, only
+    changed ones after a change, every newly named one when the names change; never empty;
+  * EDS answered in full on the first request of a stream and on the first request after any
+    CDS response (warming);
+  * a first wildcard LDS/CDS request whose version equals the current content version is a
+    resumed stream: nothing is sent.
+Delta (§6): subscription changes applied even with a stale nonce; every subscribed name answered;
+missing names in `removed_resources`; unsubscribe-while-wildcard; `initial_resource_versions`.
+Server pushes (`on_snapshot`) return additions/updates in PUSH_ORDER followed by responses whose
+only effect is removal, in reverse PUSH_ORDER.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+from envoy.service.discovery.v3 import discovery_pb2
+
+from . import wire
+from .cache import Resource, Snapshot
+from .types import ENDPOINT, CLUSTER, FULL_STATE_TYPES, PUSH_ORDER, WILDCARD, content_version
+
+__all__ = [
+    "DeltaResponse",
+    "DeltaStream",
+    "DeltaTypeState",
+    "NackRecord",
+    "NonceSource",
+    "RequestOutcome",
+    "SotwResponse",
+    "SotwStream",
+    "SotwTypeState",
+]
+
+# Responses are labelled with why they were sent (metrics and tests).
+REQUEST, CHANGE, REMOVAL = "request", "change", "removal"
+
+_QUARANTINE = 16  # rejected content versions remembered per stream and type
+_INFLIGHT = 32  # delta responses whose ACK/NACK we can still attribute
+
+
+class NonceSource:
+    """Fresh nonces; the prefix makes them unique per server instance, so an old stream's nonce never matches."""
+
+    def __init__(self, prefix: str = ""):
+        self._prefix = prefix
+        self._count = itertools.count(1)
+
+    def __call__(self) -> str:
+        return f"{self._prefix}{next(self._count)}"
+
+
+@dataclass(frozen=True, slots=True)
+class SotwResponse:
+    type_url: str
+    version_info: str
+    nonce: str
+    resources: tuple[Resource, ...]
+    reason: str = REQUEST
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(r.name for r in self.resources)
+
+    def encode(self) -> bytes:
+        return wire.encode_sotw(self.type_url, self.version_info, self.nonce, (r.sotw_field for r in self.resources))
+
+    def to_proto(self) -> discovery_pb2.DiscoveryResponse:
+        return discovery_pb2.DiscoveryResponse(
+            type_url=self.type_url, version_info=self.version_info, nonce=self.nonce, resources=[r.any for r in self.resources]
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class DeltaResponse:
+    type_url: str
+    system_version_info: str
+    nonce: str
+    resources: tuple[Resource, ...]
+    removed: tuple[str, ...] = ()
+    reason: str = REQUEST
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(r.name for r in self.resources)
+
+    def encode(self) -> bytes:
+        return wire.encode_delta(
+            self.type_url, self.system_version_info, self.nonce, (r.delta_field for r in self.resources), self.removed
+        )
+
+    def to_proto(self) -> discovery_pb2.DeltaDiscoveryResponse:
+        return discovery_pb2.DeltaDiscoveryResponse(
+            type_url=self.type_url,
+            system_version_info=self.system_version_info,
+            nonce=self.nonce,
+            resources=[discovery_pb2.Resource(name=r.name, version=r.version, resource=r.any) for r in self.resources],
+            removed_resources=list(self.removed),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class NackRecord:
+    """A client's rejection of one response: what it rejected and Envoy's message."""
+
+    type_url: str
+    version: str  # the rejected version (SotW version_info / delta system_version_info)
+    accepted_version: str  # what the client says it still has (SotW), "" for delta
+    nonce: str
+    code: int
+    message: str
+    resources: tuple[str, ...]  # names in the rejected response
+
+
+@dataclass(slots=True)
+class RequestOutcome:
+    """What one request meant and what to send back."""
+
+    kind: str  # first | resume | stale | ack | nack | change | unknown
+    responses: list = field(default_factory=list)
+    acked_nonce: str | None = None
+    nack: NackRecord | None = None
+
+
+def _nack_record(type_url: str, req, version: str, names: Iterable[str]) -> NackRecord:
+    ed = req.error_detail
+    return NackRecord(
+        type_url=type_url,
+        version=version,
+        accepted_version=getattr(req, "version_info", ""),
+        nonce=req.response_nonce,
+        code=ed.code,
+        message=ed.message,
+        resources=tuple(names),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# SotW
+# ---------------------------------------------------------------------------------------------
+
+
+class SotwTypeState:
+    """One type's sub-stream of a SotW ADS stream (xds-protocol §2 decision table)."""
+
+    def __init__(self, type_url: str, nonces: Callable[[], str]):
+        self.type_url = type_url
+        self.full_state = type_url in FULL_STATE_TYPES
+        self._nonces = nonces
+        # subscription
+        self.ever_named = False
+        self.wildcard = False
+        self.names: frozenset[str] = frozenset()
+        self.requests = 0
+        # last response
+        self.sent: Mapping[str, Resource] | None = None  # None: nothing sent (or resumed) yet
+        self.sent_key: tuple[bool, frozenset[str]] | None = None
+        self.sent_nonce: str | None = None
+        self.sent_version: str | None = None
+        self.sent_names: tuple[str, ...] = ()
+        # client state
+        self.acked_version: str | None = None
+        self.last_nack: NackRecord | None = None
+        self.rejected: deque[str] = deque(maxlen=_QUARANTINE)
+        # EDS after a CDS response: answer the next request in full (§5 warming)
+        self.force = False
+        self.stats = {"stale": 0, "nack": 0, "quarantined": 0, "unsafe": 0}
+
+    # -- subscription ----------------------------------------------------------------------------
+    @property
+    def key(self) -> tuple[bool, frozenset[str]]:
+        return (self.wildcard, self.names)
+
+    def _record_names(self, names: Iterable[str]) -> None:
+        names = list(names)
+        if names:
+            self.ever_named = True
+        if not self.full_state:
+            self.wildcard, self.names = False, frozenset(names)
+            if self.sent:  # an unsubscribed name must be sent again if it is named again (§3)
+                self.sent = {n: r for n, r in self.sent.items() if n in self.names}
+        elif not self.ever_named:  # legacy wildcard: never named anything
+            self.wildcard, self.names = True, frozenset()
+        else:
+            self.wildcard = WILDCARD in names
+            self.names = frozenset(n for n in names if n != WILDCARD)
+
+    def target(self, snap: Snapshot | None) -> Mapping[str, Resource]:
+        """The resources this subscription should have, in name order."""
+        if snap is None:
+            return {}
+        have = snap.resources(self.type_url)
+        if self.wildcard:
+            return have  # "*" plus names: named extras outside the snapshot do not exist
+        return {n: have[n] for n in sorted(self.names) if n in have}
+
+    def _version(self, snap: Snapshot | None, target: Mapping[str, Resource]) -> str:
+        if snap is not None and self.wildcard:
+            return snap.type_version(self.type_url)
+        return content_version((r.name, r.version) for r in target.values())
+
+    # -- requests --------------------------------------------------------------------------------
+    def on_request(self, req: discovery_pb2.DiscoveryRequest, snap: Snapshot | None) -> RequestOutcome:
+        first_request = self.requests == 0
+        self.requests += 1
+        self._record_names(req.resource_names)  # always recorded, even when stale (envoy#10363)
+        nonce = req.response_nonce
+        if self.sent_nonce is None:
+            target = self.target(snap)
+            version = self._version(snap, target)
+            if (
+                first_request
+                and self.full_state
+                and self.wildcard
+                and req.version_info
+                and req.version_info == version
+            ):  # reconnect with unchanged content: resume, send nothing (§8)
+                self._mark_sent(target, version, nonce, ())
+                self.acked_version = version
+                return RequestOutcome("resume")
+            return RequestOutcome("first", self._respond(snap, full=True, reason=REQUEST))
+        if nonce != self.sent_nonce:
+            self.stats["stale"] += 1
+            return RequestOutcome("stale")
+        if req.HasField("error_detail"):
+            self.stats["nack"] += 1
+            nack = _nack_record(self.type_url, req, self.sent_version or "", self.sent_names)
+            self.last_nack = nack
+            if self.sent_version is not None:
+                self.rejected.append(self.sent_version)
+            # a subscription change piggybacked on the NACK is answered; the rejected content is not
+            return RequestOutcome("nack", self._respond(snap, full=False, reason=REQUEST), nack=nack)
+        self.acked_version = req.version_info
+        kind = "ack" if self.key == self.sent_key else "change"
+        # answers name changes (incl. ones recorded from stale requests) and the post-CDS EDS request;
+        # a plain ACK of unchanged content yields nothing
+        return RequestOutcome(kind, self._respond(snap, full=self.force, reason=REQUEST), acked_nonce=nonce)
+
+    # -- server-side changes ---------------------------------------------------------------------
+    def on_snapshot(self, snap: Snapshot) -> tuple[list[SotwResponse], list[SotwResponse]]:
+        """Responses for a new snapshot: (additions/updates, removal-only)."""
+        if self.requests == 0:
+            return [], []
+        if self.sent is None:  # asked for names that did not exist yet
+            return self._respond(snap, full=True, reason=CHANGE), []
+        target = self.target(snap)
+        if self.full_state and self.wildcard and not target and self.sent:
+            self.stats["unsafe"] += 1  # never wipe a proxy's LDS/CDS by a push (§8)
+            return [], []
+        removed = [n for n in self.sent if n not in target] if self.full_state else []
+        if removed:
+            grows = any((s := self.sent.get(n)) is None or s.version != r.version for n, r in target.items())
+            if not grows:
+                return [], self._respond(snap, full=False, reason=REMOVAL)
+            # make-before-break: first the new state plus the old resources still referenced...
+            union = dict(target)
+            for n in removed:
+                union[n] = self.sent[n]
+            union = {n: union[n] for n in sorted(union)}
+            main = self._emit(union, content_version((r.name, r.version) for r in union.values()), CHANGE, union)
+            # ...then the removal
+            return main, self._respond(snap, full=False, reason=REMOVAL)
+        return self._respond(snap, full=self.force, reason=CHANGE), []
+
+    # -- building responses ----------------------------------------------------------------------
+    def _respond(self, snap: Snapshot | None, *, full: bool, reason: str) -> list[SotwResponse]:
+        target = self.target(snap)
+        version = self._version(snap, target)
+        first = self.sent is None
+        if self.full_state and self.wildcard and not target and self.sent:
+            self.stats["unsafe"] += 1  # never wipe a proxy's LDS/CDS (§8)
+            return []
+        if self.full_state:
+            if not first and not full and self.key == self.sent_key and version == self.sent_version:
+                return []
+            send: Mapping[str, Resource] = target
+        else:
+            if full or first:
+                send = target
+            else:
+                sent = self.sent or {}
+                send = {n: r for n, r in target.items() if (s := sent.get(n)) is None or s.version != r.version}
+            if not send:  # an empty EDS/SDS response does nothing (and Envoy NACKs an empty SDS)
+                return []
+        if not first and version in self.rejected:
+            self.stats["quarantined"] += 1  # never resend NACKed content (§11.3)
+            return []
+        return self._emit(send, version, reason, target)
+
+    def _emit(self, send: Mapping[str, Resource], version: str, reason: str, now_held: Mapping[str, Resource]) -> list[SotwResponse]:
+        nonce = self._nonces()
+        resp = SotwResponse(self.type_url, version, nonce, tuple(send.values()), reason)
+        self._mark_sent(now_held, version, nonce, resp.names)
+        if self.type_url == ENDPOINT and len(send) == len(now_held):
+            self.force = False
+        return [resp]
+
+    def _mark_sent(self, held: Mapping[str, Resource], version: str, nonce: str, names: tuple[str, ...]) -> None:
+        self.sent = held
+        self.sent_key = self.key
+        self.sent_version = version
+        self.sent_nonce = nonce
+        self.sent_names = names
+
+    # -- status ----------------------------------------------------------------------------------
+    def status(self) -> dict:
+        return {
+            "sent_version": self.sent_version,
+            "sent_nonce": self.sent_nonce,
+            "acked_version": self.acked_version,
+            "last_nack": _nack_dict(self.last_nack),
+            "wildcard": self.wildcard,
+            "subscribed": len(self.names),
+            **self.stats,
+        }
+
+
+class SotwStream:
+    """All types of one SotW ADS stream; coordinates ordering and the CDS -> EDS warming rule."""
+
+    def __init__(self, nonces: Callable[[], str], types: Iterable[str] = PUSH_ORDER):
+        self._nonces = nonces
+        self.types = tuple(types)
+        self.states: dict[str, SotwTypeState] = {}
+
+    def on_request(self, req: discovery_pb2.DiscoveryRequest, snap: Snapshot | None) -> RequestOutcome:
+        if req.type_url not in self.types:
+            return RequestOutcome("unknown")
+        st = self.states.get(req.type_url)
+        if st is None:
+            st = self.states[req.type_url] = SotwTypeState(req.type_url, self._nonces)
+        out = st.on_request(req, snap)
+        if req.type_url == CLUSTER and out.responses:
+            self._cds_sent()
+        return out
+
+    def on_snapshot(self, snap: Snapshot) -> list[SotwResponse]:
+        main: list[SotwResponse] = []
+        removals: list[list[SotwResponse]] = []
+        for t in _ordered(self.states):
+            m, r = self.states[t].on_snapshot(snap)
+            main += m
+            removals.append(r)
+            if t == CLUSTER and (m or r):
+                self._cds_sent()
+        for r in reversed(removals):
+            main += r
+        return main
+
+    def _cds_sent(self) -> None:
+        eds = self.states.get(ENDPOINT)
+        if eds is not None:
+            eds.force = True
+
+
+# ---------------------------------------------------------------------------------------------
+# Delta
+# ---------------------------------------------------------------------------------------------
+
+
+class DeltaTypeState:
+    """One type's sub-stream of a delta ADS stream (xds-protocol §6)."""
+
+    def __init__(self, type_url: str, nonces: Callable[[], str]):
+        self.type_url = type_url
+        self.wildcard_ok = type_url in FULL_STATE_TYPES
+        self._nonces = nonces
+        self.started = False
+        self.wildcard = False
+        self.names: set[str] = set()
+        self.known: dict[str, str] = {}  # name -> version the client holds (as far as we know)
+        self.sent_nonce: str | None = None
+        self.sent_version: str | None = None
+        self.sent_at_nonce: OrderedDict[str, tuple[str, tuple[tuple[str, str], ...]]] = OrderedDict()
+        self.acked_version: str | None = None
+        self.last_nack: NackRecord | None = None
+        self.rejected: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self.stats = {"stale": 0, "nack": 0, "quarantined": 0, "unsafe": 0}
+
+    def target(self, snap: Snapshot | None) -> Mapping[str, Resource]:
+        if snap is None:
+            return {}
+        have = snap.resources(self.type_url)
+        if self.wildcard:
+            return have
+        return {n: have[n] for n in sorted(self.names) if n in have}
+
+    def on_request(self, req: discovery_pb2.DeltaDiscoveryRequest, snap: Snapshot | None) -> RequestOutcome:
+        first = not self.started
+        if first:
+            self.started = True
+            self.known = dict(req.initial_resource_versions)
+        out = RequestOutcome("first" if first else "change")
+        newly_wild = False
+        if first and self.wildcard_ok and not req.resource_names_subscribe:
+            self.wildcard = newly_wild = True  # legacy wildcard
+        nonce = req.response_nonce
+        if nonce:
+            entry = self.sent_at_nonce.get(nonce)
+            if entry is None:
+                if not first:
+                    self.stats["stale"] += 1
+                    out.kind = "stale"
+            else:
+                while self.sent_at_nonce:  # this and every older response are answered
+                    n, _ = self.sent_at_nonce.popitem(last=False)
+                    if n == nonce:
+                        break
+                version, pairs = entry
+                if req.HasField("error_detail"):
+                    self.stats["nack"] += 1
+                    out.kind = "nack"
+                    out.nack = self.last_nack = _nack_record(self.type_url, req, version, (n for n, _ in pairs))
+                    for pair in pairs:
+                        self.rejected[pair] = None
+                    while len(self.rejected) > _QUARANTINE * 16:
+                        self.rejected.popitem(last=False)
+                else:
+                    out.kind = "ack"
+                    out.acked_nonce = nonce
+                    self.acked_version = version
+
+        # subscription changes apply whatever the nonce (§6)
+        explicit: dict[str, None] = {}
+        rewild: list[str] = []
+        for n in req.resource_names_subscribe:
+            if n == WILDCARD and self.wildcard_ok:
+                newly_wild = newly_wild or not self.wildcard
+                self.wildcard = True
+            else:
+                self.names.add(n)
+                explicit[n] = None
+        for n in req.resource_names_unsubscribe:
+            if n == WILDCARD and self.wildcard_ok:
+                if self.wildcard:
+                    self.wildcard = False
+                    newly_wild = False
+                    for held in [h for h in self.known if h not in self.names]:
+                        del self.known[held]  # the client drops what only the wildcard covered
+            elif n in self.names:
+                self.names.discard(n)
+                explicit.pop(n, None)
+                if self.wildcard:
+                    rewild.append(n)
+                else:
+                    self.known.pop(n, None)
+            # unknown names: ignored silently
+
+        target = self.target(snap)
+        send: dict[str, Resource] = {}
+        removed: set[str] = set()
+        if first and self.type_url == ENDPOINT:
+            send.update(target)  # warming: EDS answered in full after (re)connect (§5, §8)
+        for n in explicit:  # always answered (RemoveThenAdd), unless held at this version on reconnect
+            r = target.get(n)
+            if r is None:
+                removed.add(n)
+            elif not (first and self.known.get(n) == r.version) or self.type_url == ENDPOINT:
+                send[n] = r
+        if newly_wild:
+            for n, r in target.items():
+                if self.known.get(n) != r.version:
+                    send[n] = r
+        for n in rewild:  # unsubscribed while wildcard: the wildcard still covers it (§6)
+            r = target.get(n)
+            if r is None:
+                removed.add(n)
+            else:
+                send[n] = r
+        if first:
+            removed.update(h for h in self.known if h not in target)
+        for n in [n for n, r in send.items() if n not in explicit and (n, r.version) in self.rejected]:
+            self.stats["quarantined"] += 1
+            del send[n]
+        removed.difference_update(send)
+        if first or send or removed:
+            out.responses = self._emit(snap, send, removed, REQUEST)
+        return out
+
+    def on_snapshot(self, snap: Snapshot) -> tuple[list[DeltaResponse], list[DeltaResponse]]:
+        if not self.started:
+            return [], []
+        target = self.target(snap)
+        if self.wildcard_ok and self.wildcard and not target and self.known:
+            self.stats["unsafe"] += 1
+            return [], []
+        send: dict[str, Resource] = {}
+        for n, r in target.items():
+            if self.known.get(n) != r.version:
+                if (n, r.version) in self.rejected:
+                    self.stats["quarantined"] += 1
+                else:
+                    send[n] = r
+        removed = {n for n in self.known if n not in target}
+        main = self._emit(snap, send, set(), CHANGE) if send else []
+        gone = self._emit(snap, {}, removed, REMOVAL) if removed else []
+        return main, gone
+
+    def _emit(self, snap: Snapshot | None, send: Mapping[str, Resource], removed: set[str], reason: str) -> list[DeltaResponse]:
+        nonce = self._nonces()
+        version = snap.type_version(self.type_url) if snap is not None else ""
+        resources = tuple(send[n] for n in sorted(send))
+        resp = DeltaResponse(self.type_url, version, nonce, resources, tuple(sorted(removed)), reason)
+        for r in resources:
+            self.known[r.name] = r.version
+        for n in removed:
+            self.known.pop(n, None)
+        self.sent_nonce = nonce
+        self.sent_version = version
+        self.sent_at_nonce[nonce] = (version, tuple((r.name, r.version) for r in resources))
+        while len(self.sent_at_nonce) > _INFLIGHT:
+            self.sent_at_nonce.popitem(last=False)
+        return [resp]
+
+    def status(self) -> dict:
+        return {
+            "sent_version": self.sent_version,
+            "sent_nonce": self.sent_nonce,
+            "acked_version": self.acked_version,
+            "last_nack": _nack_dict(self.last_nack),
+            "wildcard": self.wildcard,
+            "subscribed": len(self.names),
+            "held": len(self.known),
+            **self.stats,
+        }
+
+
+class DeltaStream:
+    """All types of one delta ADS stream."""
+
+    def __init__(self, nonces: Callable[[], str], types: Iterable[str] = PUSH_ORDER):
+        self._nonces = nonces
+        self.types = tuple(types)
+        self.states: dict[str, DeltaTypeState] = {}
+
+    def on_request(self, req: discovery_pb2.DeltaDiscoveryRequest, snap: Snapshot | None) -> RequestOutcome:
+        if req.type_url not in self.types:
+            return RequestOutcome("unknown")
+        st = self.states.get(req.type_url)
+        if st is None:
+            st = self.states[req.type_url] = DeltaTypeState(req.type_url, self._nonces)
+        return st.on_request(req, snap)
+
+    def on_snapshot(self, snap: Snapshot) -> list[DeltaResponse]:
+        main: list[DeltaResponse] = []
+        removals: list[list[DeltaResponse]] = []
+        for t in _ordered(self.states):
+            m, r = self.states[t].on_snapshot(snap)
+            main += m
+            removals.append(r)
+        for r in reversed(removals):
+            main += r
+        return main
+
+
+def _ordered(types: Iterable[str]) -> list[str]:
+    present = set(types)
+    return [t for t in PUSH_ORDER if t in present] + sorted(present.difference(PUSH_ORDER))
+
+
+def _nack_dict(n: NackRecord | None) -> dict | None:
+    if n is None:
+        return None
+    return {"version": n.version, "nonce": n.nonce, "code": n.code, "message": n.message, "resources": list(n.resources)}

@@ -1,0 +1,50 @@
+"""Protocol facts as data: type URLs, ADS push order, which types are full state.
+
+Kept free of gRPC and of Envoy config messages: the xds layer is content-blind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+
+TYPE_PREFIX = "type.googleapis.com/"
+
+LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
+CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+ENDPOINT = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+SECRET = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
+
+# Make-before-break: clusters, their endpoints and the secrets they reference exist before a
+# listener points at them. Responses that only remove things go after all of these, in reverse.
+PUSH_ORDER = (CLUSTER, ENDPOINT, SECRET, LISTENER)
+
+SHORT = {LISTENER: "LDS", CLUSTER: "CDS", ENDPOINT: "EDS", SECRET: "SDS"}
+
+# SotW responses of these types carry the full set (a missing name is deleted); they are also the
+# only types with wildcard ("*") subscriptions.
+FULL_STATE_TYPES = frozenset({LISTENER, CLUSTER})
+
+WILDCARD = "*"
+
+# type_url -> (name, serialized body) pairs: what the application hands to the cache per node.
+ResourceSet = Mapping[str, Iterable[tuple[str, bytes]]]
+
+
+def short(type_url: str) -> str:
+    """Short label for logs and metrics ("CDS"), or the message name for other types."""
+    return SHORT.get(type_url) or type_url.rsplit(".", 1)[-1]
+
+
+def content_version(pairs: Iterable[tuple[str, str]]) -> str:
+    """Deterministic version of a set of (name, resource version) pairs.
+
+    Derived from content only, so it is stable across restarts and replicas (xds-protocol §8).
+    """
+    h = hashlib.sha256()
+    for name, version in sorted(pairs):
+        h.update(name.encode())
+        h.update(b"\0")
+        h.update(version.encode())
+        h.update(b"\n")
+    return h.hexdigest()[:16]
