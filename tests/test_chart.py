@@ -49,8 +49,11 @@ CASES: dict[str, dict[str, Any]] = {
         "imagePullSecrets": [{"name": "regcred"}],
     },
     "custom-trust-domain": {
-        "mesh": {"trustDomain": "corp.example", "clusterDomain": "k8s.corp", "outboundTrafficPolicy": "REGISTRY_ONLY"},
-        "ztunnel": {"clusterId": "east-1"},
+        "mesh": {"trustDomain": "corp.example", "clusterDomain": "k8s.corp", "outboundTrafficPolicy": "REGISTRY_ONLY",
+                 "connectTimeout": "2.5s",
+                 "enrollment": {"namespaceLabel": {"key": "mesh.corp.example/enabled", "value": "true"},
+                                "excludedNamespaces": ["kube-system", "mesh-system"]}},
+        "ztunnel": {"clusterId": "east-1", "xdsApiType": "DELTA_GRPC"},
     },
     "resources": {
         "resources": {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"cpu": 2, "memory": "2Gi"}},
@@ -185,6 +188,10 @@ BAD_VALUES: list[tuple[dict[str, Any], str]] = [
     ({"mesh": {"outboundTrafficPolicy": "DENY"}}, "/mesh/outboundTrafficPolicy"),
     ({"mesh": {"trustDomain": "spiffe://cluster.local"}}, "/mesh/trustDomain"),
     ({"mesh": {"connectTimeout": 10}}, "/mesh/connectTimeout"),
+    ({"mesh": {"connectTimeout": "500ms"}}, "/mesh/connectTimeout"),  # xdsserver reads seconds only
+    ({"mesh": {"trustDomain": "Corp.Example"}}, "/mesh/trustDomain"),
+    ({"mesh": {"enrollment": {"excludedNamespaces": "kube-system"}}}, "/mesh/enrollment/excludedNamespaces"),
+    ({"ztunnel": {"xdsApiType": "REST"}}, "/ztunnel/xdsApiType"),
     ({"image": {"pullPolicy": "Sometimes"}}, "/image/pullPolicy"),
     ({"resources": {"requests": {"cpu": "lots"}}}, "/resources/requests/cpu"),
     ({"ca": {"existingSecret": "Not_A_Name"}}, "/ca/existingSecret"),
@@ -283,6 +290,25 @@ def test_control_plane_deployment_follows_the_cli_contract(chart: Any) -> None:
     paths = sorted(i["path"] for s in vol["projected"]["sources"] for i in next(iter(s.values()))["items"])
     assert paths == ["cacerts/root-cert.pem", "cacerts/root-key.pem", "mesh.yaml"]
     assert not [d for d in docs if d["kind"] == "PodDisruptionBudget"]  # replicas 1
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_mesh_config_is_accepted_by_xdsserver(chart: Any, case: str, tmp_path: Path) -> None:
+    """The ConfigMap's mesh.yaml goes through the loader `xdsserver serve --mesh-config` uses."""
+    from xdsserver.model import OutboundPolicy
+    from xdsserver.sources.manifests import load_mesh_config
+
+    values = chart.merge_values(CASES[case])["mesh"]
+    path = tmp_path / "mesh.yaml"
+    path.write_text(one(render(chart, CASES[case]), "ConfigMap", "xdsserver-mesh")["data"]["mesh.yaml"])
+    mesh = load_mesh_config(path)
+    assert (mesh.trust_domain, mesh.cluster_domain) == (values["trustDomain"], values["clusterDomain"])
+    label = values["enrollment"]["namespaceLabel"]
+    assert (mesh.enrollment_label, mesh.enrollment_value) == (label["key"], label["value"])
+    assert mesh.connect_timeout_s == float(values["connectTimeout"].rstrip("s"))
+    assert mesh.outbound_policy == OutboundPolicy(values["outboundTrafficPolicy"])
+    if values["enrollment"].get("excludedNamespaces") is not None:  # Helm drops null values
+        assert list(mesh.excluded_namespaces) == values["enrollment"]["excludedNamespaces"]
 
 
 def test_replicas_get_a_pdb(chart: Any) -> None:
@@ -493,6 +519,69 @@ def test_bootstrap_without_daemonset_flags_is_rejected(chart: Any, tmp_path: Pat
     i = cmd.index("--service-node")
     proc = subprocess.run([*cmd[:i], *cmd[i + 2:], "--mode", "validate"], capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0
+
+
+def _envoy_view(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The bootstrap as the DaemonSet's Envoy sees it: ConfigMap + --service-node + --config-yaml."""
+    ds = one(docs, "DaemonSet", "ztunnel")
+    envoy = container(ds["spec"]["template"]["spec"], "envoy")
+    env = {e["name"]: FIELD_VALUES[e["valueFrom"]["fieldRef"]["fieldPath"]] for e in envoy["env"]}
+    cmd = [kubelet_expand(a, env) for a in envoy["command"]]
+    data = one(docs, "ConfigMap", "ztunnel-bootstrap")["data"]
+    doc = yaml.safe_load(data["bootstrap.yaml"])
+    doc["node"]["id"] = cmd[cmd.index("--service-node") + 1]
+    doc["node"]["metadata"].update(yaml.safe_load(cmd[cmd.index("--config-yaml") + 1])["node"]["metadata"])
+    sds = {name: yaml.safe_load(text)["resources"][0] for name, text in data.items() if name.startswith("sds-")}
+    doc["_sds"] = {r["name"]: r for r in sds.values()}
+    return doc
+
+
+def test_bootstrap_is_the_twin_of_the_repo_template(chart: Any) -> None:
+    """Same document as `xdsserver bootstrap` renders from templates/bootstrap.yaml, except for
+    the chart's deliberate additions: extra node metadata, the status listener and its admin
+    cluster, initial_fetch_timeout 0s, and renewable (file-SDS) instead of static cert files."""
+    from xdsserver.bootstrap import XdsTls, build_bootstrap
+
+    creds = "/var/run/ztunnel/creds"
+    for values, delta in (({}, False), ({"ztunnel": {"xdsApiType": "DELTA_GRPC", "clusterId": "east-1"}}, True)):
+        mine = _envoy_view(render(chart, values))
+        theirs = build_bootstrap(
+            FIELD_VALUES["spec.nodeName"], xds_address="xdsserver.istio-system.svc:15012", delta=delta,
+            cluster_id=mine["node"]["metadata"]["CLUSTER_ID"], pod_ip=FIELD_VALUES["status.podIP"],
+            pod_name=FIELD_VALUES["metadata.name"], pod_namespace=NAMESPACE,
+            xds_tls=XdsTls(f"{creds}/cert-chain.pem", f"{creds}/key.pem", f"{creds}/root-cert.pem"),
+        )
+        assert mine["node"]["id"] == theirs["node"]["id"]
+        assert mine["node"]["cluster"] == theirs["node"]["cluster"]
+        assert {k: mine["node"]["metadata"][k] for k in theirs["node"]["metadata"]} == theirs["node"]["metadata"]
+        for key in ("admin", "bootstrap_extensions"):
+            assert mine[key] == theirs[key], key
+        dyn = mine["dynamic_resources"]
+        assert dyn["ads_config"] == theirs["dynamic_resources"]["ads_config"]
+        for key in ("lds_config", "cds_config"):
+            assert dyn[key].pop("initial_fetch_timeout") == "0s"
+            assert dyn[key] == theirs["dynamic_resources"][key]
+
+        (xds,) = [c for c in mine["static_resources"]["clusters"] if c["name"] == "xds-grpc"]
+        (their_xds,) = theirs["static_resources"]["clusters"]
+        tls, their_tls = xds.pop("transport_socket"), their_xds.pop("transport_socket")
+        assert xds == their_xds
+        ctx, their_ctx = tls["typed_config"], their_tls["typed_config"]
+        assert ctx["sni"] == their_ctx["sni"]
+        common, their_common = ctx["common_tls_context"], their_ctx["common_tls_context"]
+        for key in ("tls_params", "alpn_protocols"):
+            assert common[key] == their_common[key], key
+        combined = common["combined_validation_context"]
+        assert (combined["default_validation_context"]["match_typed_subject_alt_names"]
+                == their_common["validation_context"]["match_typed_subject_alt_names"])
+        (sds_ref,) = common["tls_certificate_sds_secret_configs"]
+        cert = mine["_sds"][sds_ref["name"]]["tls_certificate"]
+        (their_cert,) = their_common["tls_certificates"]
+        assert {k: cert[k] for k in their_cert} == their_cert
+        ca = mine["_sds"][combined["validation_context_sds_secret_config"]["name"]]["validation_context"]
+        assert ca["trusted_ca"] == their_common["validation_context"]["trusted_ca"]
+        assert sorted(c["name"] for c in mine["static_resources"]["clusters"]) == ["xds-grpc", "ztunnel_admin"]
+        assert [lis["name"] for lis in mine["static_resources"]["listeners"]] == ["ztunnel_status"]
 
 
 def _free_port() -> int:

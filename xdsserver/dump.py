@@ -89,6 +89,8 @@ def dump_json(d: Any) -> str:
 # -- normalization ------------------------------------------------------------------------------
 def _summarise_pem(pem: str) -> str:
     """Replace certificate bodies (random per CA) by what matters: subject alternative names."""
+    if "-----BEGIN" not in pem:
+        return pem  # already summarised (normalize is idempotent)
     try:
         from cryptography import x509
 
@@ -125,6 +127,13 @@ def normalize(dump: dict[str, Any], *, sort: bool = False) -> dict[str, Any]:
     its own maps, not by arrival).
     """
     out = []
+    eds_clusters = {
+        item["cluster"].get("eds_cluster_config", {}).get("service_name") or item["cluster"].get("name")
+        for cfg in dump.get("configs", [])
+        if cfg.get("@type") == "type.googleapis.com/envoy.admin.v3.ClustersConfigDump"
+        for item in cfg.get("dynamic_active_clusters", [])
+        if item.get("cluster", {}).get("type") == "EDS"
+    }
     for cfg in dump.get("configs", []):
         t = cfg.get("@type")
         if t not in SECTIONS:
@@ -140,6 +149,24 @@ def normalize(dump: dict[str, Any], *, sort: bool = False) -> dict[str, Any]:
                 item[inner].pop("last_updated", None)
             if inner == "secret":
                 _normalize_secret(item["secret"])
+            if inner == "endpoint_config":
+                # Envoy lists an assignment for every cluster (static ones too) and fills in the
+                # default policy; only EDS answers are ours.
+                cla = item.get(inner, {})
+                if cla.get("cluster_name") not in eds_clusters:
+                    continue
+                if cla.get("policy") == {"overprovisioning_factor": 140}:
+                    cla.pop("policy")
+                for group in cla.get("endpoints", []):
+                    if group.get("locality") == {}:
+                        group.pop("locality")
+                    if group.get("load_balancing_weight") in (0, None):
+                        group.pop("load_balancing_weight", None)
+                    for lbe in group.get("lb_endpoints", []):  # runtime health state Envoy reports
+                        if lbe.get("health_status") == "HEALTHY":
+                            lbe.pop("health_status")
+                        if lbe.get("endpoint", {}).get("health_check_config") == {}:
+                            lbe["endpoint"].pop("health_check_config")
             items.append(item)
         if sort:
             items.sort(key=_entry_name)

@@ -340,7 +340,7 @@ class KubeSource:
         if not isinstance(obj, dict):
             log.warning("kubernetes: %s %s event without an object; ignored", spec.kind, typ)
             return
-        rv = _meta(obj).get("resourceVersion") if typ != "BOOKMARK" else None
+        rv = _meta(obj).get("resourceVersion")
         changed = False
         if typ in ("ADDED", "MODIFIED"):
             _key, changed = self._apply_upsert(spec, obj)

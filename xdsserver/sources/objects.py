@@ -83,13 +83,18 @@ def validate_object(so: SourceObject) -> list[InputError]:
         return []
     errors = []
     for err in sorted(_validator(so.kind).iter_errors(so.obj), key=lambda e: list(map(str, e.absolute_path))):
-        errors.append(InputError(so.origin, so.ref, _field_path(err.absolute_path) or "(object)", _short(err)))
+        path = list(err.absolute_path)
+        if err.validator == "required" and isinstance(err.instance, dict):
+            # name the missing field itself, not its parent
+            for prop in err.validator_value:
+                if prop not in err.instance:
+                    errors.append(InputError(so.origin, so.ref, _field_path([*path, prop]), "is required"))
+            continue
+        errors.append(InputError(so.origin, so.ref, _field_path(path) or "(object)", _short(err)))
     return errors
 
 
 def _short(err: jsonschema.ValidationError) -> str:
-    if err.validator == "required":
-        return err.message.replace("is a required property", "is required")
     if err.validator in ("anyOf", "oneOf") and not isinstance(err.instance, (dict, list)):
         return f"{err.instance!r} is not valid here ({err.schema.get('description', 'see schema')})" if "description" in err.schema else f"{err.instance!r} is not a valid value"
     return err.message

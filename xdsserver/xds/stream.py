@@ -274,10 +274,16 @@ class SotwTypeState:
             main = self._emit(union, content_version((r.name, r.version) for r in union.values()), CHANGE, union)
             # ...then the removal
             return main, self._respond(snap, full=False, reason=REMOVAL)
-        return self._respond(snap, full=self.force, reason=CHANGE), []
+        # EDS after a CDS push: only if endpoints changed too (else the follow-up request is answered),
+        # and then in full
+        return self._respond(snap, full=False, widen=self.force, reason=CHANGE), []
 
     # -- building responses ----------------------------------------------------------------------
-    def _respond(self, snap: Snapshot | None, *, full: bool, reason: str) -> list[SotwResponse]:
+    def _respond(self, snap: Snapshot | None, *, full: bool, reason: str, widen: bool = False) -> list[SotwResponse]:
+        """The response for the current subscription, or none.
+
+        full: send every target resource even if unchanged; widen: if anything is sent, send all.
+        """
         target = self.target(snap)
         version = self._version(snap, target)
         first = self.sent is None
@@ -296,6 +302,8 @@ class SotwTypeState:
                 send = {n: r for n, r in target.items() if (s := sent.get(n)) is None or s.version != r.version}
             if not send:  # an empty EDS/SDS response does nothing (and Envoy NACKs an empty SDS)
                 return []
+            if widen:
+                send = target
         if not first and version in self.rejected:
             self.stats["quarantined"] += 1  # never resend NACKed content (§11.3)
             return []

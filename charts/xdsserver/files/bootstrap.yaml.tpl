@@ -21,7 +21,7 @@ bootstrap_extensions:
       "@type": type.googleapis.com/envoy.extensions.bootstrap.internal_listener.v3.InternalListener
 dynamic_resources:
   ads_config:
-    api_type: GRPC
+    api_type: {{ .Values.ztunnel.xdsApiType }}
     transport_api_version: V3
     set_node_on_first_message_only: true
     grpc_services:
@@ -78,8 +78,11 @@ static_resources:
         envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
           "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
           explicit_http_config:
-            http2_protocol_options:
-              connection_keepalive: {interval: 30s, timeout: 10s}
+            http2_protocol_options: {}
+      upstream_connection_options:
+        # Notice a silently dead xdsserver without HTTP/2 pings, which gRPC servers answer with
+        # GOAWAY "too_many_pings" on an idle stream.
+        tcp_keepalive: {keepalive_time: 300}
       load_assignment:
         cluster_name: xds-grpc
         endpoints:
@@ -93,6 +96,7 @@ static_resources:
           "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
           sni: {{ $host }}
           common_tls_context:
+            tls_params: {tls_minimum_protocol_version: TLSv1_2, tls_maximum_protocol_version: TLSv1_3}
             alpn_protocols: [h2]
             tls_certificate_sds_secret_configs:
               - name: xds-client-cert

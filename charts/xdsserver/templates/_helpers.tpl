@@ -85,6 +85,9 @@ enrollment:
   namespaceLabel:
     key: {{ .Values.mesh.enrollment.namespaceLabel.key | quote }}
     value: {{ .Values.mesh.enrollment.namespaceLabel.value | quote }}
+  {{- if kindIs "slice" .Values.mesh.enrollment.excludedNamespaces }}
+  excludedNamespaces: {{ .Values.mesh.enrollment.excludedNamespaces | toJson }}
+  {{- end }}
 connectTimeout: {{ .Values.mesh.connectTimeout | quote }}
 outboundTrafficPolicy: {{ .Values.mesh.outboundTrafficPolicy | quote }}
 {{- end }}

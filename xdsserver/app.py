@@ -1,0 +1,372 @@
+"""Composition root: source -> model/index -> translate -> snapshot cache -> ADS + debug HTTP.
+
+Only this module knows all stages. A change in the inputs is debounced (quiet period and a
+maximum delay), rebuilt all-or-nothing, translated per node, and handed to the cache, which
+works out per node and type what actually changed; the ADS server pushes only that. Invalid
+input is logged and ignored: the last good configuration keeps being served.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from google.protobuf import json_format
+from google.protobuf.message import Message
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from .model import Flavor, MeshConfig, Model
+from .model.index import MeshIndex
+from .pipeline import CaCerts
+from .sources import SourceObject
+from .sources.objects import InputErrors, build_model
+from .translate import NodeResources, TranslationError, translate
+from .xds.cache import SnapshotCache, UnsafeSnapshot
+from .xds.metrics import XdsMetrics
+from .xds.server import AdsServer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Debounce:
+    quiet: float = 0.1  # istiod: 100 ms
+    max_delay: float = 10.0  # istiod: 10 s
+
+
+class ManifestSource:
+    """The manifest files as a source: a content signature polled on a short interval.
+
+    Polling (not inotify) works for files edited in place, replaced atomically, or mounted from a
+    ConfigMap (symlink swaps), and needs no extra dependency; the signature is cheap (stat only)."""
+
+    def __init__(self, path: Path, interval: float = 0.2) -> None:
+        self.path = path
+        self.interval = interval
+
+    def signature(self) -> tuple[Any, ...]:
+        from .sources.manifests import SUFFIXES
+
+        if self.path.is_file():
+            files = [self.path]
+        elif self.path.is_dir():
+            files = sorted(p for p in self.path.rglob("*") if p.suffix in SUFFIXES)
+        else:
+            return ("missing",)
+        sig = []
+        for f in files:
+            try:
+                st = f.stat()
+            except OSError:
+                continue
+            sig.append((str(f), st.st_mtime_ns, st.st_size, st.st_ino))
+        return tuple(sig)
+
+    def objects(self) -> list[SourceObject]:
+        from .sources.manifests import read_objects
+
+        return read_objects(self.path)
+
+
+@dataclass
+class State:
+    """The last good inputs and outputs, swapped as a whole."""
+
+    model: Model | None = None
+    index: MeshIndex | None = None
+    nodes: dict[str, NodeResources] = field(default_factory=dict)
+    loaded_at: float = 0.0
+    generation: int = 0
+    last_error: str = ""
+
+
+class AppMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.translate_time = Histogram(
+            "xdsserver_translate_seconds", "Time to rebuild the model and translate every node.", registry=registry,
+            buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
+        self.input_errors = Counter("xdsserver_input_rejected", "Input states rejected as invalid (last good kept).", registry=registry)
+        self.reloads = Counter("xdsserver_reloads", "Input states translated and published.", registry=registry)
+        self.debounce_time = Histogram(
+            "pilot_debounce_time", "Delay between the first change event and the push it caused.", registry=registry,
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+        )
+        self.nodes = Gauge("xdsserver_nodes", "Nodes with a snapshot.", registry=registry)
+        self.unsafe = Counter("xdsserver_unsafe_snapshots_refused", "Snapshots refused because they would wipe a ztunnel.", registry=registry)
+
+
+class ControlPlane:
+    """Owns the pipeline state; the ADS server and debug HTTP read from it."""
+
+    def __init__(
+        self,
+        *,
+        load_objects: Callable[[], list[SourceObject]],
+        certs: CaCerts,
+        flavor: Flavor = Flavor.ENVOY,
+        mesh: MeshConfig | None = None,
+        strict: bool = True,
+        registry: CollectorRegistry | None = None,
+        delta_only: bool = False,
+        authorize: Any = None,
+        test_hooks: bool = False,
+    ) -> None:
+        self.load_objects = load_objects
+        self.certs = certs
+        self.flavor = flavor
+        self.mesh = mesh
+        self.strict = strict
+        self.registry = registry or CollectorRegistry()
+        self.xds_metrics = XdsMetrics(self.registry)
+        self.metrics = AppMetrics(self.registry)
+        self.cache = SnapshotCache(self.xds_metrics)
+        self.server = AdsServer(self.cache, metrics=self.xds_metrics, delta_only=delta_only, authorize=authorize)
+        self.state = State()
+        self.test_hooks = test_hooks
+        # test-only: node -> type_url -> name -> message, layered over the translation
+        self.injected: dict[str, dict[str, dict[str, Message]]] = {}
+        self._lock = asyncio.Lock()
+
+    # -- pipeline -------------------------------------------------------------------------------
+    def rebuild(self) -> bool:
+        """Load, validate, translate and publish. False (and nothing changed) on bad input."""
+        t0 = time.perf_counter()
+        try:
+            objects = self.load_objects()
+            model = build_model(objects, self.mesh, strict=self.strict)
+            index = MeshIndex(model)
+            nodes = {n: translate(index.node_view(n), self.flavor, self.certs) for n in index.node_names}
+        except InputErrors as exc:
+            self._reject(f"input rejected, still serving the last good configuration:\n{exc}")
+            return False
+        except TranslationError as exc:
+            self._reject(f"translation failed reference checks, still serving the last good configuration: {exc}")
+            return False
+        snaps = {n: self._serialize(n, res) for n, res in nodes.items()}
+        try:
+            changes = self.cache.set_snapshots(snaps)
+        except UnsafeSnapshot as exc:
+            self.metrics.unsafe.inc()
+            self._reject(f"refused: {exc}")
+            return False
+        for gone in set(self.state.nodes) - set(nodes):
+            self.cache.remove_node(gone)
+        self.state = State(model, index, nodes, time.time(), self.state.generation + 1, "")
+        self.metrics.translate_time.observe(time.perf_counter() - t0)
+        self.metrics.reloads.inc()
+        self.metrics.nodes.set(len(nodes))
+        changed = {n: sorted(c.types) for n, c in changes.items() if c}
+        log.info("published generation %d: %d nodes, changed %s (%.1f ms)", self.state.generation, len(nodes),
+                 changed or "nothing", (time.perf_counter() - t0) * 1000)
+        if not self.cache.ready:
+            self.cache.mark_ready()
+        return True
+
+    def _reject(self, message: str) -> None:
+        self.metrics.input_errors.inc()
+        self.state.last_error = message
+        log.error("%s", message)
+
+    def _serialize(self, node: str, res: NodeResources) -> dict[str, list[tuple[str, bytes]]]:
+        out: dict[str, list[tuple[str, bytes]]] = {}
+        injected = self.injected.get(node, {})
+        for url, items in res.named().items():
+            merged = dict(items)
+            merged.update(injected.get(url, {}))
+            out[url] = [(name, msg.SerializeToString(deterministic=True)) for name, msg in merged.items()]
+        for url, extra in injected.items():
+            if url not in out:
+                out[url] = [(n, m.SerializeToString(deterministic=True)) for n, m in extra.items()]
+        return out
+
+    def republish(self) -> None:
+        """Re-serialize the current translation (after a test-hook injection changes)."""
+        snaps = {n: self._serialize(n, res) for n, res in self.state.nodes.items()}
+        self.cache.set_snapshots(snaps)
+
+    # -- test hooks -----------------------------------------------------------------------------
+    def inject(self, node: str, type_url: str, resource_json: dict[str, Any]) -> str:
+        from google.protobuf import symbol_database
+
+        cls = symbol_database.Default().GetSymbol(type_url.split("/", 1)[1])
+        msg = json_format.ParseDict(resource_json, cls())
+        name = getattr(msg, "name", "") or getattr(msg, "cluster_name", "")
+        self.injected.setdefault(node, {}).setdefault(type_url, {})[name] = msg
+        self.republish()
+        return name
+
+    def clear_injected(self) -> None:
+        self.injected.clear()
+        self.republish()
+
+    # -- views for debug ------------------------------------------------------------------------
+    def versions(self, node: str) -> dict[tuple[str, str], str]:
+        snap = self.cache.get(node)
+        if snap is None:
+            return {}
+        return {(t, name): r.version for t in snap.type_urls for name, r in snap.resources(t).items()}
+
+
+# ---------------------------------------------------------------------------------------------
+class Runner:
+    """Debounced reload loop driven by a source's change signal."""
+
+    def __init__(self, cp: ControlPlane, debounce: Debounce) -> None:
+        self.cp = cp
+        self.debounce = debounce
+        self.changed = asyncio.Event()
+        self.first_event: float | None = None
+
+    def notify(self) -> None:
+        if self.first_event is None:
+            self.first_event = time.monotonic()
+        self.changed.set()
+
+    async def run(self) -> None:
+        while True:
+            await self.changed.wait()
+            start = self.first_event or time.monotonic()
+            # quiet period: wait until no new change for `quiet`, but never past `max_delay`
+            while True:
+                self.changed.clear()
+                remaining = self.debounce.max_delay - (time.monotonic() - start)
+                if remaining <= 0:
+                    break
+                try:
+                    await asyncio.wait_for(self.changed.wait(), timeout=min(self.debounce.quiet, remaining))
+                except asyncio.TimeoutError:
+                    break
+            self.first_event = None
+            self.changed.clear()
+            self.cp.metrics.debounce_time.observe(time.monotonic() - start)
+            self.cp.rebuild()
+
+
+async def watch_manifests(src: ManifestSource, runner: Runner) -> None:
+    last = src.signature()
+    while True:
+        await asyncio.sleep(src.interval)  # polling period of the watcher, not synchronization
+        sig = src.signature()
+        if sig != last:
+            last = sig
+            runner.notify()
+
+
+async def rotate_certificates(cp: ControlPlane, runner: Runner, check_every: float = 60.0) -> None:
+    ca = cp.certs.ca
+    while True:
+        await asyncio.sleep(check_every)
+        if ca.rotate_due():
+            log.info("workload certificates past half-life: re-issuing")
+            runner.notify()
+
+
+def _parse_hostport(value: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def make_certs(args: Any, trust_domain: str) -> CaCerts:
+    from .ca import CertificateAuthority
+
+    if getattr(args, "ca_secret_dir", None):
+        d = Path(args.ca_secret_dir)
+        ca = CertificateAuthority.from_pem(
+            (d / "root-cert.pem").read_text(), (d / "root-key.pem").read_text(), trust_domain=trust_domain,
+            cache_dir=Path(args.ca_dir) / "workloads" if getattr(args, "ca_dir", None) else None,
+        )
+    else:
+        ca = CertificateAuthority.load_or_create(getattr(args, "ca_dir", None), trust_domain=trust_domain)
+    return CaCerts(ca)
+
+
+async def serve(args: Any, *, started: Callable[[ControlPlane], None] | None = None) -> None:
+    from .cli import bundled_example
+    from .debug.http import start_debug
+    from .sources.manifests import load_mesh_config
+    from .xds.server import start_server
+
+    mesh = load_mesh_config(args.mesh_config) if getattr(args, "mesh_config", None) else None
+    registry = CollectorRegistry()
+    tasks: list[asyncio.Task[Any]] = []
+    kube_source = None
+    if getattr(args, "source", "manifests") == "kubernetes":
+        from .sources.kube import KubeSource, api_client_from_env
+
+        api = await api_client_from_env(getattr(args, "kubeconfig", None))
+        holder: dict[str, Any] = {}
+        kube_source = KubeSource(api, on_change=lambda: holder["runner"].notify())
+        load: Callable[[], list[SourceObject]] = kube_source.objects
+        strict = False
+    else:
+        path = Path(args.manifests) if getattr(args, "manifests", None) else bundled_example()
+        msrc = ManifestSource(path)
+        load, strict = msrc.objects, True
+    certs = make_certs(args, (mesh or MeshConfig()).trust_domain)
+    cp = ControlPlane(
+        load_objects=load, certs=certs, flavor=Flavor(getattr(args, "flavor", "envoy")), mesh=mesh, strict=strict,
+        registry=registry, delta_only=getattr(args, "delta_only", False), test_hooks=getattr(args, "test_hooks", False),
+    )
+    runner = Runner(cp, Debounce(getattr(args, "debounce_quiet", 0.1), getattr(args, "debounce_max", 10.0)))
+    if kube_source is not None:
+        holder["runner"] = runner
+        tasks.append(asyncio.create_task(kube_source.run(), name="kube-source"))
+        await kube_source.synced.wait()
+        cp.rebuild()
+    else:
+        if not cp.rebuild():
+            log.error("initial input is invalid; streams are refused (UNAVAILABLE) until it is fixed")
+        tasks.append(asyncio.create_task(watch_manifests(msrc, runner), name="manifest-watch"))
+    tasks.append(asyncio.create_task(runner.run(), name="debounce"))
+    tasks.append(asyncio.create_task(rotate_certificates(cp, runner), name="cert-rotation"))
+
+    xds_address = getattr(args, "xds_address", None)
+    xds_uds = getattr(args, "xds_uds", None)
+    if not xds_address and not xds_uds:
+        xds_address = "127.0.0.1:15010"
+    if xds_uds and os.path.exists(xds_uds):
+        os.unlink(xds_uds)  # a stale socket from a crashed run
+    grpc_server = await start_server(cp.server, address=xds_address, uds=xds_uds)
+    debug_runner = await start_debug(cp, getattr(args, "debug_address", "127.0.0.1:15014"))
+    log.info("xDS on %s, debug HTTP on %s", xds_uds or xds_address, getattr(args, "debug_address", "127.0.0.1:15014"))
+    if started:
+        started(cp)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):
+            pass
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down")
+        for t in tasks:
+            t.cancel()
+        await grpc_server.stop(grace=1.0)
+        await debug_runner.cleanup()
+        if xds_uds and os.path.exists(xds_uds):
+            os.unlink(xds_uds)
+
+
+def run_serve(args: Any) -> int:
+    try:
+        asyncio.run(serve(args))
+    except InputErrors as exc:
+        log.error("%s", exc)
+        return 2
+    return 0
+
+
+def fingerprint(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]

@@ -1,0 +1,418 @@
+"""grpc.aio ADS servicer (SotW and delta): a thin reader task and push loop per stream.
+
+All protocol decisions are made by the pure state machines in `stream.py`; this module only
+identifies the node, feeds requests and snapshot changes to them in arrival order, writes the
+responses they return, and keeps status, NACK records, counters and metrics.
+
+Register with `start_server(...)` or `AdsServer.add_to_server(server)`: responses are then written
+as pre-encoded bytes. The generated `add_AggregatedDiscoveryServiceServicer_to_server` also works,
+through a slower path that re-parses each response into a message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import inspect
+import itertools
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from envoy.config.core.v3 import base_pb2
+from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+
+from .cache import Snapshot, SnapshotCache, SnapshotChange
+from .metrics import XdsMetrics
+from .stream import (
+    CHANGE,
+    REMOVAL,
+    DeltaResponse,
+    DeltaStream,
+    NackRecord,
+    NonceSource,
+    RequestOutcome,
+    SotwResponse,
+    SotwStream,
+)
+from .types import PUSH_ORDER, short
+
+log = logging.getLogger(__name__)
+
+__all__ = ["AdsServer", "NODE_NAME_KEY", "node_name_of", "start_server"]
+
+NODE_NAME_KEY = "NODE_NAME"
+SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
+MAX_RECEIVE_BYTES = 64 * 1024 * 1024
+
+_CHANGED = object()
+_EOF = object()
+
+Authorize = Callable[[base_pb2.Node, grpc.aio.ServicerContext], "str | None | Awaitable[str | None]"]
+
+
+def node_name_of(node: base_pb2.Node) -> str:
+    """The ztunnel's Kubernetes node name from `node.metadata["NODE_NAME"]`, or ""."""
+    if not node.HasField("metadata"):
+        return ""
+    value = node.metadata.fields.get(NODE_NAME_KEY)
+    return value.string_value if value is not None else ""
+
+
+def _node_key(node: base_pb2.Node) -> tuple[str, str]:
+    return (node.id, node_name_of(node))
+
+
+@dataclass(eq=False)
+class _Conn:
+    id: int
+    node: str
+    node_id: str
+    node_key: tuple[str, str]
+    mode: str
+    peer: str
+    machine: SotwStream | DeltaStream
+    snapshot: Snapshot | None
+    opened: float
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    change_pending: bool = False
+    last_send: dict[str, float] = field(default_factory=dict)
+    pending_ack: dict[str, tuple[str, float]] = field(default_factory=dict)  # type -> (nonce, change time)
+    unknown_logged: set[str] = field(default_factory=set)
+
+
+class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
+    """Aggregated Discovery Service over a `SnapshotCache`.
+
+    `authorize(node, context) -> node_name` may raise or abort (e.g. PERMISSION_DENIED) and may be
+    async; by default the node name is trusted from `node.metadata["NODE_NAME"]`.
+    """
+
+    def __init__(
+        self,
+        cache: SnapshotCache,
+        *,
+        metrics: XdsMetrics | None = None,
+        authorize: Authorize | None = None,
+        delta_only: bool = False,
+        clock: Callable[[], float] = time.monotonic,
+        types: tuple[str, ...] = PUSH_ORDER,
+    ):
+        self.cache = cache
+        self.metrics = metrics
+        self._authorize = authorize
+        self.delta_only = delta_only
+        self._clock = clock
+        self.types = types
+        self._nonces = NonceSource(secrets.token_hex(3) + "-")
+        self._ids = itertools.count(1)
+        self._conns: dict[int, _Conn] = {}
+        self._nacks: dict[tuple[str, str], dict[str, Any]] = {}
+        self._raw = False  # True once registered through add_to_server (bytes serializer)
+        # responses sent, by (short type, reason: request | change | removal)
+        self.counters: collections.Counter[tuple[str, str]] = collections.Counter()
+        # protocol events: stale_nonce, nack, ack, unknown_type, resume, streams_opened, streams_refused
+        self.events: collections.Counter[str] = collections.Counter()
+
+    # -- registration ----------------------------------------------------------------------------
+    def add_to_server(self, server: grpc.aio.Server) -> None:
+        """Register both ADS RPCs, writing responses as pre-encoded bytes."""
+        self._raw = True
+        handlers = {
+            "StreamAggregatedResources": grpc.stream_stream_rpc_method_handler(
+                self.StreamAggregatedResources,
+                request_deserializer=discovery_pb2.DiscoveryRequest.FromString,
+                response_serializer=_as_bytes,
+            ),
+            "DeltaAggregatedResources": grpc.stream_stream_rpc_method_handler(
+                self.DeltaAggregatedResources,
+                request_deserializer=discovery_pb2.DeltaDiscoveryRequest.FromString,
+                response_serializer=_as_bytes,
+            ),
+        }
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+
+    # -- RPCs ------------------------------------------------------------------------------------
+    async def StreamAggregatedResources(self, request_iterator, context):  # noqa: N802 (gRPC name)
+        if self.delta_only:
+            self.events["streams_refused"] += 1
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this server serves delta xDS only (DeltaAggregatedResources)")
+        async for out in self._serve(request_iterator, context, "sotw"):
+            yield out if self._raw else discovery_pb2.DiscoveryResponse.FromString(out)
+
+    async def DeltaAggregatedResources(self, request_iterator, context):  # noqa: N802 (gRPC name)
+        async for out in self._serve(request_iterator, context, "delta"):
+            yield out if self._raw else discovery_pb2.DeltaDiscoveryResponse.FromString(out)
+
+    # -- the stream loop -------------------------------------------------------------------------
+    async def _serve(self, request_iterator, context, mode: str):
+        if not self.cache.ready:
+            self.events["streams_refused"] += 1
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "xDS server not ready: configuration source not loaded yet")
+        requests = request_iterator.__aiter__()
+        try:
+            first = await requests.__anext__()
+        except StopAsyncIteration:
+            return
+        node = await self._identify(first, context)
+        snap = self.cache.get(node)
+        machine = SotwStream(self._nonces, self.types) if mode == "sotw" else DeltaStream(self._nonces, self.types)
+        conn = _Conn(
+            id=next(self._ids), node=node, node_id=first.node.id, node_key=_node_key(first.node), mode=mode,
+            peer=context.peer() or "", machine=machine, snapshot=snap, opened=self._clock(),
+        )
+        self._conns[conn.id] = conn
+        self.events["streams_opened"] += 1
+        if self.metrics:
+            self.metrics.connected.labels(mode).inc()
+        log.info("xDS %s stream %d opened: node %r (id %r) from %s", mode, conn.id, node, conn.node_id, conn.peer)
+        loop = asyncio.get_running_loop()
+        loop_thread = threading.get_ident()
+
+        def changed() -> None:
+            if not conn.change_pending:
+                conn.change_pending = True
+                conn.queue.put_nowait(_CHANGED)
+
+        def on_change(_change: SnapshotChange) -> None:
+            if threading.get_ident() == loop_thread:
+                changed()
+            else:
+                loop.call_soon_threadsafe(changed)
+
+        unsubscribe = self.cache.subscribe(node, on_change)
+        reader = asyncio.create_task(self._read(requests, conn.queue), name=f"xds-reader-{conn.id}")
+        try:
+            item: Any = first
+            while item is not _EOF:
+                if item is _CHANGED:
+                    conn.change_pending = False
+                    snap = self.cache.get(node)
+                    if snap is not None:  # a removed node keeps its last state: no push
+                        conn.snapshot = snap
+                        started = self._clock()
+                        for resp in machine.on_snapshot(snap):
+                            async for out in self._send(conn, resp):
+                                yield out
+                        if self.metrics:
+                            self.metrics.push_time.labels("all").observe(self._clock() - started)
+                else:
+                    await self._check(item, conn, context)
+                    conn.snapshot = self.cache.get(node) or conn.snapshot
+                    outcome = machine.on_request(item, conn.snapshot)
+                    self._account(conn, item, outcome)
+                    for resp in outcome.responses:
+                        async for out in self._send(conn, resp):
+                            yield out
+                item = await conn.queue.get()
+        finally:
+            unsubscribe()
+            reader.cancel()
+            self._conns.pop(conn.id, None)
+            if self.metrics:
+                self.metrics.connected.labels(mode).dec()
+            log.info("xDS %s stream %d closed: node %r", mode, conn.id, node)
+
+    @staticmethod
+    async def _read(requests, queue: asyncio.Queue) -> None:
+        try:
+            async for req in requests:
+                queue.put_nowait(req)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # the client went away; the loop ends on _EOF
+            log.debug("xDS stream read ended: %r", e)
+        finally:
+            queue.put_nowait(_EOF)
+
+    async def _identify(self, first, context) -> str:
+        if not first.HasField("node"):
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the first request of an ADS stream must carry `node`")
+        node_id = first.node.id
+        if self._authorize is not None:
+            name = self._authorize(first.node, context)
+            if inspect.isawaitable(name):
+                name = await name
+            if not name:
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"node {node_id!r} is not authorized")
+        else:
+            name = node_name_of(first.node)
+            if not name:
+                await context.abort(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"node {node_id!r}: metadata {NODE_NAME_KEY!r} is missing or empty; cannot tell which node's config to serve",
+                )
+        if self.cache.get(name) is None:
+            self.events["streams_refused"] += 1
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"node {name!r} (id {node_id!r}) is unknown to this server")
+        return name
+
+    async def _check(self, req, conn: _Conn, context) -> None:
+        if not req.type_url:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"stream {conn.id} (node {conn.node!r}): request without type_url (required on ADS)"
+            )
+        if req.HasField("node") and _node_key(req.node) != conn.node_key:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"stream {conn.id}: node changed mid-stream from {conn.node_key!r} to {_node_key(req.node)!r}",
+            )
+
+    def _account(self, conn: _Conn, req, outcome: RequestOutcome) -> None:
+        t = req.type_url
+        label = short(t).lower()
+        kind = outcome.kind
+        if kind == "unknown":
+            self.events["unknown_type"] += 1
+            if self.metrics:
+                self.metrics.unknown_type.inc()
+            if t not in conn.unknown_logged and len(conn.unknown_logged) < 16:
+                conn.unknown_logged.add(t)
+                log.warning("xDS stream %d (node %r): ignoring request for unserved type %r", conn.id, conn.node, t)
+            return
+        if kind in ("stale",):
+            self.events["stale_nonce"] += 1
+            if self.metrics:
+                self.metrics.expired_nonce.labels(label).inc()
+        if kind == "resume":
+            self.events["resume"] += 1
+        if outcome.nack is not None:
+            self._record_nack(conn, outcome.nack)
+        if outcome.acked_nonce is not None:
+            self.events["ack"] += 1
+            rec = self._nacks.get((conn.node, t))
+            if rec is not None and rec["nonce"] != outcome.acked_nonce:  # a later response was accepted
+                rec["active"] = False
+            pending = conn.pending_ack.get(t)
+            if pending is not None and pending[0] == outcome.acked_nonce:
+                del conn.pending_ack[t]
+                if self.metrics:
+                    self.metrics.convergence.observe(max(0.0, self._clock() - pending[1]))
+
+    def _record_nack(self, conn: _Conn, nack: NackRecord) -> None:
+        self.events["nack"] += 1
+        if self.metrics:
+            self.metrics.rejects.labels(short(nack.type_url).lower()).inc()
+        key = (conn.node, nack.type_url)
+        prev = self._nacks.get(key)
+        self._nacks[key] = {
+            "node": conn.node,
+            "type": short(nack.type_url),
+            "type_url": nack.type_url,
+            "stream": conn.id,
+            "version": nack.version,
+            "nonce": nack.nonce,
+            "accepted_version": nack.accepted_version,
+            "code": nack.code,
+            "message": nack.message,
+            "resources": list(nack.resources),
+            "count": (prev["count"] + 1) if prev else 1,
+            "active": True,
+        }
+        log.warning(
+            "xDS NACK from node %r for %s version %s: %s", conn.node, short(nack.type_url), nack.version, nack.message
+        )
+
+    async def _send(self, conn: _Conn, resp: SotwResponse | DeltaResponse):
+        t = resp.type_url
+        label = short(t).lower()
+        data = resp.encode()
+        now = self._clock()
+        self.counters[(short(t), resp.reason)] += 1
+        conn.last_send[t] = now
+        if resp.reason in (CHANGE, REMOVAL):
+            changed_at = self.cache.changed_at(conn.node)
+            if changed_at is not None:
+                conn.pending_ack[t] = (resp.nonce, changed_at)
+        if self.metrics:
+            self.metrics.pushes.labels(label).inc()
+            self.metrics.config_size.labels(label).observe(len(data))
+        yield data
+        if self.metrics:
+            self.metrics.send_time.observe(self._clock() - now)
+
+    # -- introspection ---------------------------------------------------------------------------
+    def sync_status(self) -> list[dict]:
+        """Per connected stream and type: versions, nonces, ACK/NACK state, age of the last send."""
+        now = self._clock()
+        out = []
+        for cid in sorted(self._conns):
+            conn = self._conns[cid]
+            for t in _ordered(conn.machine.states):
+                st = conn.machine.states[t]
+                last = conn.last_send.get(t)
+                out.append(
+                    {
+                        "node": conn.node,
+                        "node_id": conn.node_id,
+                        "stream": conn.id,
+                        "mode": conn.mode,
+                        "type": short(t),
+                        "type_url": t,
+                        "since_send": None if last is None else round(now - last, 3),
+                        **st.status(),
+                    }
+                )
+        return out
+
+    def nacks(self) -> list[dict]:
+        """Recorded NACKs, the latest per node and type; `active` until a later ACK of that type."""
+        return [dict(self._nacks[k]) for k in sorted(self._nacks)]
+
+    def connections(self) -> list[dict]:
+        now = self._clock()
+        return [
+            {"stream": c.id, "node": c.node, "node_id": c.node_id, "mode": c.mode, "peer": c.peer, "age": round(now - c.opened, 3)}
+            for c in (self._conns[i] for i in sorted(self._conns))
+        ]
+
+    def pushes(self, type_short: str | None = None, reason: str | None = None) -> int:
+        """Responses sent, filtered by short type ("EDS") and/or reason ("request", "change", "removal")."""
+        return sum(
+            n for (t, r), n in self.counters.items() if (type_short is None or t == type_short) and (reason is None or r == reason)
+        )
+
+
+def _ordered(types) -> list[str]:
+    present = set(types)
+    return [t for t in PUSH_ORDER if t in present] + sorted(present.difference(PUSH_ORDER))
+
+
+def _as_bytes(msg) -> bytes:
+    return msg if isinstance(msg, bytes) else msg.SerializeToString()
+
+
+async def start_server(
+    servicer: AdsServer,
+    *,
+    address: str | None = None,
+    uds: str | None = None,
+    credentials: grpc.ServerCredentials | None = None,
+    options: tuple[tuple[str, Any], ...] = (),
+) -> grpc.aio.Server:
+    """Start a grpc.aio server for `servicer` on a TCP `address` ("127.0.0.1:0") and/or a unix socket.
+
+    The bound TCP port is available as `server.xds_port` (useful with port 0).
+    """
+    if not address and not uds:
+        raise ValueError("start_server needs an address or a uds path")
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_RECEIVE_BYTES), *options])
+    servicer.add_to_server(server)
+    port = None
+    if address:
+        port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+        if not port:
+            raise OSError(f"cannot bind xDS server to {address!r}")
+    if uds:
+        target = f"unix:{uds}"
+        ok = server.add_secure_port(target, credentials) if credentials else server.add_insecure_port(target)
+        if not ok:
+            raise OSError(f"cannot bind xDS server to unix socket {uds!r}")
+    await server.start()
+    server.xds_port = port  # type: ignore[attr-defined]
+    return server
