@@ -216,6 +216,37 @@ def test_sotw_eds_answered_in_full_after_cds_change(cache, sotw):
     assert sotw.on_request(sreq(ENDPOINT, ["c1", "c2"], nonce=r.nonce, version=r.version_info), snap).responses == []
 
 
+def test_sotw_eds_change_right_after_cds_change_is_sent_in_full(cache, sotw):
+    snap = snapshot_of(cache, {CLUSTER: {"c1": 0, "c2": 0}, ENDPOINT: {"c1": 0, "c2": 0}})
+    only(sotw.on_request(sreq(CLUSTER), snap).responses)
+    only(sotw.on_request(sreq(ENDPOINT, ["c1", "c2"]), snap).responses)
+    snap = snapshot_of(cache, {CLUSTER: {"c1": 1, "c2": 0}, ENDPOINT: {"c1": 0, "c2": 1}})
+    push = sotw.on_snapshot(snap)
+    assert [(r.type_url, r.names) for r in push] == [(CLUSTER, ("c1", "c2")), (ENDPOINT, ("c1", "c2"))]
+    # the warming need is met: a later EDS request that looks like an ACK gets nothing
+    assert sotw.on_request(sreq(ENDPOINT, ["c1", "c2"], nonce=push[1].nonce), snap).responses == []
+
+
+def test_delta_eds_resent_after_cds_change(cache, delta):
+    """Envoy (delta) keeps a changed cluster warming until a fresh CLA arrives and does not ask."""
+    snap = snapshot_of(cache, {CLUSTER: {"c1": 0}, ENDPOINT: {"c1": 0, "x": 0}})
+    r = only(delta.on_request(dreq(CLUSTER), snap).responses)
+    delta.on_request(dreq(CLUSTER, nonce=r.nonce), snap)
+    r = only(delta.on_request(dreq(ENDPOINT, ["c1"]), snap).responses)
+    delta.on_request(dreq(ENDPOINT, nonce=r.nonce), snap)
+    snap = snapshot_of(cache, {CLUSTER: {"c1": 1}, ENDPOINT: {"c1": 0, "x": 1}})
+    push = delta.on_snapshot(snap)
+    assert [(p.type_url, p.names) for p in push] == [(CLUSTER, ("c1",)), (ENDPOINT, ("c1",))]
+    # an endpoint-only change is not widened
+    snap = snapshot_of(cache, {CLUSTER: {"c1": 1}, ENDPOINT: {"c1": 1, "x": 1}})
+    assert [(p.type_url, p.names) for p in delta.on_snapshot(snap)] == [(ENDPOINT, ("c1",))]
+    # a removal-only CDS change does not resend EDS
+    snap = snapshot_of(cache, {CLUSTER: {"c1": 1, "c2": 0}, ENDPOINT: {"c1": 1}})
+    delta.on_snapshot(snap)
+    snap = snapshot_of(cache, {CLUSTER: {"c1": 1}, ENDPOINT: {"c1": 1}})
+    assert [(p.type_url, p.removed) for p in delta.on_snapshot(snap)] == [(CLUSTER, ("c2",))]
+
+
 def test_sotw_push_order_and_removals_last(cache, sotw):
     snap = snapshot_of(cache, {CLUSTER: {"old": 0}, ENDPOINT: {"old": 0}, SECRET: {"s": 0}, LISTENER: {"l": 0}})
     for t, names in ((CLUSTER, []), (ENDPOINT, ["old", "new"]), (SECRET, ["s"]), (LISTENER, [])):
@@ -366,8 +397,12 @@ def test_delta_initial_resource_versions(cache):
     d = DeltaStream(NonceSource("x-"))
     r = only(d.on_request(dreq(CLUSTER, initial={"a": va, "b": vb}), snap).responses)
     assert r.names == () and r.removed == ()
-    # EDS still answered for warming
+    # EDS held at the current version: a resumed stream's clusters are warm, nothing is re-sent
     r = only(d.on_request(dreq(ENDPOINT, ["a"], initial={"a": snap.get(ENDPOINT, "a").version}), snap).responses)
+    assert r.names == () and r.removed == ()
+    # ... but an outdated one is
+    d2 = DeltaStream(NonceSource("w-"))
+    r = only(d2.on_request(dreq(ENDPOINT, ["a"], initial={"a": "0000"}), snap).responses)
     assert r.names == ("a",)
     # one outdated, one gone
     d = DeltaStream(NonceSource("y-"))

@@ -312,9 +312,16 @@ async def serve(args: Any, *, started: Callable[[ControlPlane], None] | None = N
         msrc = ManifestSource(path)
         load, strict = msrc.objects, True
     certs = make_certs(args, (mesh or MeshConfig()).trust_domain)
+    # -- node authentication (nodeauth.py): TLS streams must prove their node ------------------
+    authorize = None
+    if getattr(args, "xds_tls_address", None):
+        from .nodeauth import make_authorizer
+
+        authorize = make_authorizer(certs.ca, args)
     cp = ControlPlane(
         load_objects=load, certs=certs, flavor=Flavor(getattr(args, "flavor", "envoy")), mesh=mesh, strict=strict,
         registry=registry, delta_only=getattr(args, "delta_only", False), test_hooks=getattr(args, "test_hooks", False),
+        authorize=authorize,
     )
     runner = Runner(cp, Debounce(getattr(args, "debounce_quiet", 0.1), getattr(args, "debounce_max", 10.0)))
     if kube_source is not None:
@@ -336,6 +343,11 @@ async def serve(args: Any, *, started: Callable[[ControlPlane], None] | None = N
     if xds_uds and os.path.exists(xds_uds):
         os.unlink(xds_uds)  # a stale socket from a crashed run
     grpc_server = await start_server(cp.server, address=xds_address, uds=xds_uds)
+    tls_xds = None
+    if getattr(args, "xds_tls_address", None):  # node authentication (nodeauth.py)
+        from .nodeauth import start_tls_xds
+
+        tls_xds = await start_tls_xds(cp, args)
     debug_runner = await start_debug(cp, getattr(args, "debug_address", "127.0.0.1:15014"))
     log.info("xDS on %s, debug HTTP on %s", xds_uds or xds_address, getattr(args, "debug_address", "127.0.0.1:15014"))
     if started:
@@ -354,6 +366,8 @@ async def serve(args: Any, *, started: Callable[[ControlPlane], None] | None = N
         for t in tasks:
             t.cancel()
         await grpc_server.stop(grace=1.0)
+        if tls_xds is not None:
+            await tls_xds.stop(grace=1.0)
         await debug_runner.cleanup()
         if xds_uds and os.path.exists(xds_uds):
             os.unlink(xds_uds)

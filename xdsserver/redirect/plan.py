@@ -33,6 +33,7 @@ ZT_OUTBOUND_ADDR = "192.168.127.2/30"
 # Routing tables (node: 100 inbound/istioin, 101 outbound/istioout, 102 connmark path; ztunnel: 100 local).
 TABLE_INBOUND, TABLE_OUTBOUND, TABLE_CONNMARK = 100, 101, 102
 ZT_TABLE_LOCAL = 100
+ZT_LOOPBACK_RULE = 20004
 
 
 class PlanError(ValueError):
@@ -132,7 +133,8 @@ class IpRule:
 
     def show(self) -> str:
         """As ``ip rule show`` prints it."""
-        return " ".join([f"{self.priority}:", "from all", *self.selector, *self.action])
+        sel = list(self.selector) if self.selector[:1] == ("from",) else ["from", "all", *self.selector]
+        return " ".join([f"{self.priority}:", *sel, *self.action])
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,6 +281,10 @@ def ztunnel_routing() -> tuple[tuple[IpRule, ...], tuple[Route, ...]]:
     rules = (
         IpRule(20000, ("fwmark", mm(P.MARK_TPROXY, P.MARK_TPROXY_MASK)), ("lookup", str(ZT_TABLE_LOCAL))),
         IpRule(20003, ("fwmark", mm(P.MARK_ZTUNNEL_RETURN, P.MARK_TPROXY_MASK)), ("lookup", str(ZT_TABLE_LOCAL))),
+        # Same-node HBONE: the nat OUTPUT REDIRECT makes :15008 answer from 127.0.0.1 to the spoofed
+        # client pod IP; without this the SYN-ACK has no valid route (loopback source on eth0:
+        # IpOutNoRoutes) and the tunnel times out (UF,URX). Not in the seeds; found in the lab.
+        IpRule(ZT_LOOPBACK_RULE, ("from", "127.0.0.0/8"), ("lookup", str(ZT_TABLE_LOCAL))),
     )
     return rules, (Route(ZT_TABLE_LOCAL, ("local", "default", "dev", "lo", "scope", "host")),)
 

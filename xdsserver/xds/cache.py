@@ -199,7 +199,9 @@ class SnapshotCache:
 
     def set_snapshots(self, snaps: Mapping[str, ResourceSet], *, allow_empty: bool = False) -> dict[str, SnapshotChange]:
         """Replace several nodes' resources atomically: all are validated before any is applied."""
-        built = {node: self._build(node, snaps[node], allow_empty) for node in sorted(snaps)}
+        # the same bytes object on many nodes is hashed once; the memo keeps it alive, so ids stay unique
+        memo: dict[tuple[str, str, int], tuple[bytes, Resource]] = {}
+        built = {node: self._build(node, snaps[node], allow_empty, memo) for node in sorted(snaps)}
         changes: dict[str, SnapshotChange] = {}
         now = self._clock()
         for node, snap in built.items():
@@ -219,7 +221,9 @@ class SnapshotCache:
         self._snapshots.pop(node, None)
         self._changed_at.pop(node, None)
 
-    def _build(self, node: str, resources: ResourceSet, allow_empty: bool) -> Snapshot:
+    def _build(
+        self, node: str, resources: ResourceSet, allow_empty: bool, memo: dict[tuple[str, str, int], tuple[bytes, Resource]]
+    ) -> Snapshot:
         if not isinstance(node, str) or not node:
             raise ValueError(f"snapshot node name must be a non-empty string, got {node!r}")
         typed: dict[str, dict[str, Resource]] = {}
@@ -235,7 +239,14 @@ class SnapshotCache:
                     raise ValueError(f"node {node!r}, {short(type_url)} {name!r}: body must be bytes, got {type(body).__name__}")
                 if name in by_name:
                     raise ValueError(f"node {node!r}, {short(type_url)}: duplicate resource name {name!r}")
-                by_name[name] = self._intern(type_url, name, body)
+                key = (type_url, name, id(body))
+                hit = memo.get(key)
+                if hit is not None and hit[0] is body:
+                    res = hit[1]
+                else:
+                    res = self._intern(type_url, name, body)
+                    memo[key] = (body, res)
+                by_name[name] = res
             if by_name:
                 typed[type_url] = by_name
         old = self._snapshots.get(node)

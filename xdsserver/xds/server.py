@@ -118,6 +118,8 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         self.counters: collections.Counter[tuple[str, str]] = collections.Counter()
         # protocol events: stale_nonce, nack, ack, unknown_type, resume, streams_opened, streams_refused
         self.events: collections.Counter[str] = collections.Counter()
+        # resources carried by those responses, by (short type, mode): resume must add none
+        self.resources_sent: collections.Counter[tuple[str, str]] = collections.Counter()
 
     # -- registration ----------------------------------------------------------------------------
     def add_to_server(self, server: grpc.aio.Server) -> None:
@@ -190,10 +192,12 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         try:
             item: Any = first
             while item is not _EOF:
-                if item is _CHANGED:
+                if item is _CHANGED or conn.change_pending:
+                    # a pending change is pushed (in push order) before any later request is answered,
+                    # so a request never gets new content ahead of the types it depends on
                     conn.change_pending = False
                     snap = self.cache.get(node)
-                    if snap is not None:  # a removed node keeps its last state: no push
+                    if snap is not None and snap is not conn.snapshot:  # removed node: keep last state, no push
                         conn.snapshot = snap
                         started = self._clock()
                         for resp in machine.on_snapshot(snap):
@@ -201,9 +205,8 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
                                 yield out
                         if self.metrics:
                             self.metrics.push_time.labels("all").observe(self._clock() - started)
-                else:
+                if item is not _CHANGED:
                     await self._check(item, conn, context)
-                    conn.snapshot = self.cache.get(node) or conn.snapshot
                     outcome = machine.on_request(item, conn.snapshot)
                     self._account(conn, item, outcome)
                     for resp in outcome.responses:
@@ -324,6 +327,7 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         data = resp.encode()
         now = self._clock()
         self.counters[(short(t), resp.reason)] += 1
+        self.resources_sent[(short(t), conn.mode)] += len(resp.names)
         conn.last_send[t] = now
         if resp.reason in (CHANGE, REMOVAL):
             changed_at = self.cache.changed_at(conn.node)

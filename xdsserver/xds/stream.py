@@ -19,6 +19,10 @@ Delta (§6): subscription changes applied even with a stale nonce; every subscri
 missing names in `removed_resources`; unsubscribe-while-wildcard; `initial_resource_versions`.
 Server pushes (`on_snapshot`) return additions/updates in PUSH_ORDER followed by responses whose
 only effect is removal, in reverse PUSH_ORDER.
+
+Callers pass `on_request` the snapshot last given to `on_snapshot` (or the stream's initial one):
+a newer snapshot must be pushed first, or a request could receive new content for its type ahead
+of the types it depends on.
 """
 
 from __future__ import annotations
@@ -472,12 +476,15 @@ class DeltaTypeState:
         send: dict[str, Resource] = {}
         removed: set[str] = set()
         if first and self.type_url == ENDPOINT:
-            send.update(target)  # warming: EDS answered in full after (re)connect (§5, §8)
+            # A resumed delta stream holds warm clusters: only assignments whose version differs
+            # from what the client holds are sent (a fresh client holds nothing: all of them).
+            # Warming after a CDS change is covered by the EDS follow-up of every CDS push.
+            send.update({n: r for n, r in target.items() if self.known.get(n) != r.version})
         for n in explicit:  # always answered (RemoveThenAdd), unless held at this version on reconnect
             r = target.get(n)
             if r is None:
                 removed.add(n)
-            elif not (first and self.known.get(n) == r.version) or self.type_url == ENDPOINT:
+            elif not (first and self.known.get(n) == r.version):
                 send[n] = r
         if newly_wild:
             for n, r in target.items():
@@ -499,7 +506,8 @@ class DeltaTypeState:
             out.responses = self._emit(snap, send, removed, REQUEST)
         return out
 
-    def on_snapshot(self, snap: Snapshot) -> tuple[list[DeltaResponse], list[DeltaResponse]]:
+    def on_snapshot(self, snap: Snapshot, *, resend: bool = False) -> tuple[list[DeltaResponse], list[DeltaResponse]]:
+        """Responses for a new snapshot: (updates, removals). `resend`: send every held resource too."""
         if not self.started:
             return [], []
         target = self.target(snap)
@@ -508,7 +516,7 @@ class DeltaTypeState:
             return [], []
         send: dict[str, Resource] = {}
         for n, r in target.items():
-            if self.known.get(n) != r.version:
+            if resend or self.known.get(n) != r.version:
                 if (n, r.version) in self.rejected:
                     self.stats["quarantined"] += 1
                 else:
@@ -548,7 +556,13 @@ class DeltaTypeState:
 
 
 class DeltaStream:
-    """All types of one delta ADS stream."""
+    """All types of one delta ADS stream.
+
+    After a CDS response carrying clusters, every subscribed EDS resource is sent again right
+    behind it: Envoy 1.40 (delta) keeps a changed cluster warming until a fresh
+    ClusterLoadAssignment arrives, and sends no EDS request of its own since its EDS interest
+    did not change (verified: a 15 s initial_fetch_timeout stall otherwise).
+    """
 
     def __init__(self, nonces: Callable[[], str], types: Iterable[str] = PUSH_ORDER):
         self._nonces = nonces
@@ -561,13 +575,20 @@ class DeltaStream:
         st = self.states.get(req.type_url)
         if st is None:
             st = self.states[req.type_url] = DeltaTypeState(req.type_url, self._nonces)
-        return st.on_request(req, snap)
+        out = st.on_request(req, snap)
+        eds = self.states.get(ENDPOINT)
+        if req.type_url == CLUSTER and eds is not None and snap is not None and any(r.resources for r in out.responses):
+            m, r = eds.on_snapshot(snap, resend=True)
+            out.responses += m + r
+        return out
 
     def on_snapshot(self, snap: Snapshot) -> list[DeltaResponse]:
         main: list[DeltaResponse] = []
         removals: list[list[DeltaResponse]] = []
+        cds_sent = False
         for t in _ordered(self.states):
-            m, r = self.states[t].on_snapshot(snap)
+            m, r = self.states[t].on_snapshot(snap, resend=t == ENDPOINT and cds_sent)
+            cds_sent = cds_sent or (t == CLUSTER and any(x.resources for x in m))
             main += m
             removals.append(r)
         for r in reversed(removals):

@@ -41,10 +41,5 @@ def content_version(pairs: Iterable[tuple[str, str]]) -> str:
 
     Derived from content only, so it is stable across restarts and replicas (xds-protocol §8).
     """
-    h = hashlib.sha256()
-    for name, version in sorted(pairs):
-        h.update(name.encode())
-        h.update(b"\0")
-        h.update(version.encode())
-        h.update(b"\n")
-    return h.hexdigest()[:16]
+    text = "".join(f"{name}\0{version}\n" for name, version in sorted(pairs))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -1,0 +1,57 @@
+"""HTTP from inside a lab namespace without spawning processes: the socket is created in the
+pod's network namespace (:func:`ns_socket`), so the connection really leaves from that pod."""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+from dataclasses import dataclass
+
+from .netns import ns_connect
+
+
+class NsHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, netns: str, host: str, port: int, timeout: float = 10.0) -> None:
+        super().__init__(host, port, timeout=timeout)
+        self.netns = netns
+
+    def connect(self) -> None:
+        self.sock = ns_connect(self.netns, self.host, self.port, self.timeout)
+
+
+@dataclass
+class Response:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> dict:
+        return json.loads(self.body)
+
+
+def request(netns: str, host: str, port: int, path: str = "/", *, method: str = "GET", body: bytes | None = None,
+            timeout: float = 10.0) -> Response:
+    conn = NsHTTPConnection(netns, host, port, timeout)
+    try:
+        conn.request(method, path, body=body, headers={"Host": f"{host}:{port}"})
+        resp = conn.getresponse()
+        data = resp.read()
+        return Response(resp.status, {k.lower(): v for k, v in resp.getheaders()}, data)
+    finally:
+        conn.close()
+
+
+def download_sha256(netns: str, host: str, port: int, path: str, timeout: float = 30.0) -> tuple[int, str, str]:
+    """Stream a body; returns (length, sha256 of what arrived, X-Sha256 the server announced)."""
+    conn = NsHTTPConnection(netns, host, port, timeout)
+    try:
+        conn.request("GET", path, headers={"Host": f"{host}:{port}"})
+        resp = conn.getresponse()
+        h, n = hashlib.sha256(), 0
+        while chunk := resp.read(1 << 16):
+            h.update(chunk)
+            n += len(chunk)
+        return n, h.hexdigest(), resp.getheader("X-Sha256", "")
+    finally:
+        conn.close()

