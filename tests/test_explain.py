@@ -220,8 +220,6 @@ def test_cli_unknown_node_is_an_error() -> None:
     assert r.returncode == 2 and "unknown node 'nope'" in r.stderr and "ambient-worker2" in r.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="cli.py cmd_explain/explain.py: a malformed --src/--dst raises ValueError from "
-                   "ipaddress and the CLI dies with a traceback (exit 1) instead of a usage error (exit 2)")
 @pytest.mark.parametrize("src,dst", [("foo", "10.96.183.192:9080"), ("10.244.2.3", "10.96.183.192")], ids=["bad-src", "dst-without-port"])
 def test_cli_malformed_address_is_a_usage_error(src: str, dst: str) -> None:
     r = _cli("--manifests", str(GOLDEN / "bookinfo" / "manifests"), "--node", "ambient-worker2", "--src", src, "--dst", dst)

@@ -525,8 +525,6 @@ def test_ipv6(tmp_path: Path, flavor: Flavor) -> None:
         assert spelled not in text
 
 
-@pytest.mark.xfail(strict=True, reason="translate/inbound.py _connect_hcm guards only wl.pod.ips[:1]: a dual-stack pod's "
-                   "chain matches its IPv6 prefix but the CONNECT route 404s every [ipv6]:port destination")
 def test_dual_stack_pod_inbound_accepts_both_addresses(tmp_path: Path) -> None:
     docs = [ns_obj("default"), pod_obj("ds", ["10.244.1.9", "fd00:10:244:1::9"], "n1", "ds"),
             svc_obj("ds", ["10.96.0.9", "fd00:10:96::9"], "ds", HTTP)]

@@ -51,7 +51,11 @@ def cmd_explain(args: argparse.Namespace) -> int:
     if args.node not in cluster.nodes:
         print(f"error: unknown node {args.node!r}; known: {', '.join(cluster.nodes)}", file=sys.stderr)
         return 2
-    ex = explain(cluster.nodes, args.node, args.src, args.dst)
+    try:
+        ex = explain(cluster.nodes, args.node, args.src, args.dst)
+    except ValueError as exc:
+        print(f"error: --src must be an IP and --dst IP:PORT ([v6]:PORT): {exc}", file=sys.stderr)
+        return 2
     print(json.dumps(ex.to_dict(), indent=2) if args.json else ex.text())
     return 0
 

@@ -9,7 +9,6 @@ whole input, so a bad edit never half-applies (the caller keeps serving the last
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
 from dataclasses import dataclass
@@ -250,9 +249,18 @@ def build_model_lenient(objects: Iterable[SourceObject], mesh: MeshConfig | None
                 by_ip[ip] = (so, pod)
     pods = [sp for sp in pods if id(sp[0]) not in dup_bad]
 
-    services: list[tuple[SourceObject, Service]] = [(so, _service(so.obj)) for so in good["Service"]]
+    services: list[tuple[SourceObject, Service]] = []
+    for so in good["Service"]:
+        port_errors = _service_port_errors(so)
+        errors.extend(port_errors)
+        if not port_errors:
+            services.append((so, _service(so.obj)))
     slices_by_svc: dict[str, list[SourceObject]] = {}
     for so in good["EndpointSlice"]:
+        addr_errors = _slice_address_errors(so)
+        if addr_errors:
+            errors.extend(addr_errors)
+            continue
         meta = _meta(so.obj)
         svc_name = (meta.get("labels") or {}).get(SERVICE_NAME_LABEL)
         if not svc_name:
@@ -306,6 +314,36 @@ def build_model_lenient(objects: Iterable[SourceObject], mesh: MeshConfig | None
     return model, errors
 
 
+def _service_port_errors(so: SourceObject) -> list[InputError]:
+    """Kubernetes requires every port of a multi-port Service to carry a unique name; without it
+    two ports' endpoints would share one (service, port name) key."""
+    ports = (so.obj.get("spec") or {}).get("ports") or []
+    if len(ports) < 2:
+        return []
+    errs, seen = [], set()
+    for i, p in enumerate(ports):
+        name = p.get("name", "")
+        if not name:
+            errs.append(InputError(so.origin, so.ref, f"spec.ports[{i}].name", "is required when a Service has several ports"))
+        elif name in seen:
+            errs.append(InputError(so.origin, so.ref, f"spec.ports[{i}].name", f"duplicate port name {name!r}"))
+        seen.add(name)
+    return errs
+
+
+def _slice_address_errors(so: SourceObject) -> list[InputError]:
+    if so.obj.get("addressType") == "FQDN":
+        return []
+    errs = []
+    for i, ep in enumerate(so.obj.get("endpoints") or []):
+        for j, addr in enumerate(ep.get("addresses") or []):
+            try:
+                canonical_ip(addr)
+            except ValueError:
+                errs.append(InputError(so.origin, so.ref, f"endpoints[{i}].addresses[{j}]", f"{addr!r} is not an IP address"))
+    return errs
+
+
 def _endpoints_from_slice(sl: SourceObject, svc: Service, out: dict[tuple[str, str], list[Endpoint]]) -> None:
     o = sl.obj
     if o.get("addressType") == "FQDN":
@@ -320,14 +358,5 @@ def _endpoints_from_slice(sl: SourceObject, svc: Service, out: dict[tuple[str, s
             ref = ep.get("targetRef") or {}
             pod_key = f"{ref.get('namespace', svc.namespace)}/{ref['name']}" if ref.get("kind") == "Pod" and ref.get("name") else ""
             for addr in ep["addresses"]:
-                try:
-                    ip = canonical_ip(addr)
-                except ValueError:
-                    log.warning("%s: %s: skipping endpoint address %r: not an IP", sl.origin, sl.ref, addr)
-                    continue
-                eps.append(Endpoint(ip, int(port["port"]), ready, ep.get("nodeName", ""), pod_key))
+                eps.append(Endpoint(canonical_ip(addr), int(port["port"]), ready, ep.get("nodeName", ""), pod_key))
 
-
-def ip_sort_key(ip: str) -> tuple[int, int]:
-    a = ipaddress.ip_address(ip)
-    return (a.version, int(a))

@@ -22,10 +22,15 @@ from . import blocks, names
 HCM = hcm_pb2.HttpConnectionManager
 
 
-def destination_guard(ip: str) -> route_components_pb2.HeaderMatcher:
-    """``x-envoy-original-dst-host`` must be exactly ``<ip>:<port>`` (a repeated header, joined
-    with commas, fails the anchored regex too)."""
-    host = f"\\[{re.escape(ip)}\\]" if is_ipv6(ip) else re.escape(ip)
+def _host_pattern(ip: str) -> str:
+    return f"\\[{re.escape(ip)}\\]" if is_ipv6(ip) else re.escape(ip)
+
+
+def destination_guard(ips: tuple[str, ...]) -> route_components_pb2.HeaderMatcher:
+    """``x-envoy-original-dst-host`` must be exactly ``<ip>:<port>`` for one of the pod's own
+    addresses (a repeated header, joined with commas, fails the anchored regex too)."""
+    hosts = [_host_pattern(ip) for ip in ips]
+    host = hosts[0] if len(hosts) == 1 else "(" + "|".join(hosts) + ")"
     return route_components_pb2.HeaderMatcher(
         name=names.ORIGINAL_DST_HEADER,
         string_match=string_pb2.StringMatcher(safe_regex=regex_pb2.RegexMatcher(regex=f"^{host}:[0-9]{{1,5}}$")),
@@ -35,7 +40,7 @@ def destination_guard(ip: str) -> route_components_pb2.HeaderMatcher:
 def _connect_hcm(wl: Workload, flavor: Flavor) -> listener_components_pb2.Filter:
     route = route_components_pb2.Route(
         match=route_components_pb2.RouteMatch(
-            connect_matcher=route_components_pb2.RouteMatch.ConnectMatcher(), headers=[destination_guard(ip) for ip in wl.pod.ips[:1]]
+            connect_matcher=route_components_pb2.RouteMatch.ConnectMatcher(), headers=[destination_guard(wl.pod.ips)]
         ),
         route=route_components_pb2.RouteAction(
             cluster=names.VIRTUAL_INBOUND,

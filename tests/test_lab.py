@@ -1,0 +1,409 @@
+"""End to end: real packets through two Envoy ztunnels configured only by ``xdsserver serve``.
+
+Each scenario brings one lab up once (class fixture), runs its checks, and tears it down. The
+lab only creates namespaces named ``xdstest-*``; the module asserts that the root namespace's
+links, addresses, rules, routes, iptables and ipsets are identical before and after.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+pytestmark = [
+    pytest.mark.netns,
+    pytest.mark.envoy,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces, iptables, TPROXY)"),
+]
+
+from xdsserver.explain import explain  # noqa: E402
+from xdsserver.lab.client import download_sha256, request  # noqa: E402
+from xdsserver.lab.lab import Lab, owned_netns  # noqa: E402
+from xdsserver.lab.netns import list_netns, run  # noqa: E402
+from xdsserver.pipeline import build_cluster  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+PREFIX = "xdstest"
+TOOLS = ("ip", "iptables", "iptables-save", "iptables-restore", "ipset", "sysctl")
+
+
+# -- root namespace guard ----------------------------------------------------------------------
+def root_snapshot() -> dict[str, str]:
+    cmds = {
+        "links": ["ip", "-d", "link", "show"],
+        "addrs": ["ip", "addr", "show"],
+        "rules4": ["ip", "-4", "rule", "show"],
+        "rules6": ["ip", "-6", "rule", "show"],
+        "routes4": ["ip", "-4", "route", "show", "table", "all"],
+        "routes6": ["ip", "-6", "route", "show", "table", "all"],
+        "iptables": ["iptables-save"],
+        "ipsets": ["ipset", "list", "-n"],
+    }
+    out = {}
+    for name, argv in cmds.items():
+        text = run(None, argv, check=False)
+        if name == "iptables":  # drop timestamps and packet counters
+            text = "\n".join(re.sub(r"\[\d+:\d+\]", "", l) for l in text.splitlines() if not l.startswith("#"))
+        out[name] = text
+    return out
+
+
+@pytest.fixture(scope="module", autouse=True)
+def root_namespace_untouched():
+    missing = [t for t in TOOLS if shutil.which(t) is None]
+    assert not missing, f"missing tools {missing}: run scripts/setup-lab (as root)"
+    Lab(prefix=PREFIX).down()  # a stale lab from a crashed run
+    before = root_snapshot()
+    netns_before = [ns for ns in list_netns() if not ns.startswith(f"{PREFIX}-")]
+    yield
+    assert owned_netns(PREFIX) == []
+    assert [ns for ns in list_netns() if not ns.startswith(f"{PREFIX}-")] == netns_before
+    after = root_snapshot()
+    for key in before:
+        assert after[key] == before[key], f"root namespace {key} changed"
+
+
+def bring_up(request_, scenario: str, tmp_path_factory) -> Lab:
+    src = ROOT / "golden" / scenario / "manifests"
+    dst = tmp_path_factory.mktemp(scenario) / "manifests"
+    shutil.copytree(src, dst)
+    lab = Lab(dst, prefix=PREFIX, log=lambda m: print(m, file=sys.stderr))
+    request_.addfinalizer(lambda: check_down(lab))
+    lab.up(timeout=90)
+    return lab
+
+
+def check_down(lab: Lab) -> None:
+    procs = list(lab.procs.values())
+    lab.down()
+    assert owned_netns(PREFIX) == []
+    assert not [p for p in procs if p.alive()], "lab processes left running"
+    assert not lab.state_dir.exists()
+
+
+# -- helpers ---------------------------------------------------------------------------------
+def get(lab: Lab, pod: str, host: str, port: int, path: str = "/") -> dict:
+    r = request(lab.pod_netns(pod), host, port, path, timeout=10)
+    assert r.status == 200, r
+    return r.json()
+
+
+def peer_ip(answer: dict) -> str:
+    return answer["peer"].rsplit(":", 1)[0]
+
+
+def log_lines(lab: Lab, node: str) -> list[list[str]]:
+    out = []
+    for line in lab.access_log(node).splitlines():
+        try:
+            out.append(shlex.split(line))
+        except ValueError:
+            continue
+    return out
+
+
+# Access-log fields (blocks.ISTIO_LOG_FORMAT + PEER_LOG_SUFFIX), after shlex splitting.
+F_FLAGS, F_AUTHORITY, F_UPSTREAM_HOST, F_UPSTREAM_CLUSTER, F_UP_LOCAL, F_DOWN_LOCAL, F_DOWN_REMOTE = 3, 14, 15, 16, 17, 18, 19
+
+
+def field(tokens: list[str], name: str) -> str:
+    return next((t.split("=", 1)[1] for t in tokens if t.startswith(name + "=")), "")
+
+
+def prefix_of(tokens: list[str]) -> str:
+    i = next(i for i, t in enumerate(tokens) if t.startswith("tls="))
+    return " ".join(tokens[i + 1 :])
+
+
+def wait_for_line(lab: Lab, node: str, pred, timeout: float = 5.0) -> list[str]:
+    deadline = time.monotonic() + timeout
+    while True:
+        hits = [t for t in log_lines(lab, node) if len(t) > F_DOWN_REMOTE and pred(t)]
+        if hits:
+            return hits[-1]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no matching access log line on {node}:\n" + lab.access_log(node)[-3000:])
+        time.sleep(0.05)
+
+
+def counter(lab: Lab, ns: str, table: str, chain: str, needle: str) -> int:
+    """Packet counter of the first rule in ``chain`` whose ``iptables -S`` form contains ``needle``."""
+    out = run(ns, ["iptables", "-t", table, "-S", chain, "-v"])
+    for line in out.splitlines():
+        if line.startswith("-A ") and needle in line:
+            m = re.search(r"-c (\d+) (\d+)", line)
+            assert m, line
+            return int(m.group(1))
+    raise AssertionError(f"no rule with {needle!r} in {table}/{chain}:\n{out}")
+
+
+def explain_for(lab: Lab, node: str, src: str, dst: str):
+    return explain(build_cluster(lab.manifests).nodes, node, src, dst)
+
+
+def check_mesh_connection(lab: Lab, client: str, src_node: str, src_ip: str, dst: str, answer: dict) -> None:
+    """The lab's observation of one tunnelled connection agrees with `xdsserver explain`."""
+    ex = explain_for(lab, src_node, src_ip, dst)
+    assert ex.verdict == "tunnel", ex.text()
+    served = answer["local"]
+    ep = next((e for e in ex.endpoints if e.destination == served), None)
+    assert ep is not None, f"{served} is not an endpoint explain lists: {ex.text()}"
+    assert peer_ip(answer) == src_ip  # the server sees the client pod, not a ztunnel
+    inbound = next(i for i in ex.inbound if i.final_destination == served)
+    # Source ztunnel: the HBONE connection went to explain's tunnel address, checking explain's server identity.
+    out = wait_for_line(lab, src_node, lambda t: t[F_UPSTREAM_HOST] == ep.tunnel_address
+                        and field(t, "upstream_peer") == ep.server_identity and t[F_UP_LOCAL].startswith(src_ip + ":"))
+    assert out[F_FLAGS] == "-"
+    # Destination ztunnel: HBONE terminated for explain's destination, client identity over TLS 1.3.
+    line = wait_for_line(lab, inbound.node, lambda t: prefix_of(t) == "inbound hcm" and t[F_AUTHORITY] == served
+                         and t[F_DOWN_REMOTE].startswith(src_ip + ":"))
+    assert field(line, "peer") == ex.client_identity
+    assert field(line, "tls") == "TLSv1.3"
+    assert line[F_DOWN_LOCAL] == ep.tunnel_address  # TPROXY (or the 15088 REDIRECT) kept the original destination
+    assert line[F_UPSTREAM_HOST] == served
+
+
+# ---------------------------------------------------------------------------------------------
+class TestClientServer:
+    """Seed 003: client 10.244.1.4 (ambient-worker) -> server 10.244.2.5:8080 (ambient-worker2)."""
+
+    @pytest.fixture(scope="class")
+    def lab(self, request, tmp_path_factory):
+        return bring_up(request, "client-server", tmp_path_factory)
+
+    def test_pod_ip_through_both_ztunnels(self, lab):
+        answer = get(lab, "client", "10.244.2.5", 8080)
+        assert answer["pod"] == "ambient/server-f44ffdf6f-dqgm2"
+        check_mesh_connection(lab, "client", "ambient-worker", "10.244.1.4", "10.244.2.5:8080", answer)
+
+    def test_service_vip(self, lab):
+        answer = get(lab, "client", "10.96.0.105", 9080)
+        assert answer["local"] == "10.244.2.5:8080"
+        check_mesh_connection(lab, "client", "ambient-worker", "10.244.1.4", "10.96.0.105:9080", answer)
+        # the ztunnel saw the VIP itself: kube-proxy's DNAT was bypassed for the captured pod
+        wait_for_line(lab, "ambient-worker", lambda t: t[F_DOWN_LOCAL] == "10.96.0.105:9080" and t[F_DOWN_REMOTE].startswith("10.244.1.4:"))
+
+    def test_hbone_is_tls13_in_stats(self, lab):
+        get(lab, "client", "10.244.2.5", 8080)
+        for node, scope in (("ambient-worker", "cluster.outbound_pod_tunnel_clus_"), ("ambient-worker2", "listener.0.0.0.0_15008.")):
+            stats = dict(l.rsplit(": ", 1) for l in lab.envoy_admin(node, "/stats?filter=ssl").splitlines() if ": " in l)
+            mine = {k: int(v) for k, v in stats.items() if k.startswith(scope) and v.isdigit()}
+            tls13 = sum(v for k, v in mine.items() if k.endswith("ssl.versions.TLSv1.3"))
+            others = sum(v for k, v in mine.items() if ".ssl.versions." in k and not k.endswith("TLSv1.3"))
+            assert tls13 > 0 and others == 0, (node, mine)
+
+    def test_only_the_syn_takes_the_tunnels(self, lab):
+        node_ns = lab.topo.node("ambient-worker").netns
+        zt_ns = lab.ztunnel_netns("ambient-worker")
+        veth = [p for p in lab.topo.pods if p.key == lab.topo.node("ambient-worker").ztunnel][0].veth
+        server_node_ns = lab.topo.node("ambient-worker2").netns
+        before = (
+            counter(lab, zt_ns, "mangle", "PREROUTING", "-i pistioout"),
+            counter(lab, node_ns, "mangle", "ztunnel-PREROUTING", "--match-set ztunnel-pods-ips src"),
+            counter(lab, node_ns, "mangle", "ztunnel-PREROUTING", f"! -i {veth} -m connmark"),
+            counter(lab, server_node_ns, "mangle", "ztunnel-PREROUTING", "-m connmark --mark 0x210/0x210"),
+        )
+        k, size = 4, 300_000
+        ns = lab.pod_netns("client")
+        for i in range(k):
+            n, got, announced = download_sha256(ns, "10.244.2.5", 8080, f"/bytes/{size}?seed=syn{i}")
+            assert n == size and got == announced
+        after = (
+            counter(lab, zt_ns, "mangle", "PREROUTING", "-i pistioout"),
+            counter(lab, node_ns, "mangle", "ztunnel-PREROUTING", "--match-set ztunnel-pods-ips src"),
+            counter(lab, node_ns, "mangle", "ztunnel-PREROUTING", f"! -i {veth} -m connmark"),
+            counter(lab, server_node_ns, "mangle", "ztunnel-PREROUTING", "-m connmark --mark 0x210/0x210"),
+        )
+        d = [a - b for a, b in zip(after, before)]
+        assert d[0] == k, f"packets decapsulated on pistioout: {d[0]} for {k} connections (only SYNs may cross)"
+        assert d[1] == k, f"0x100 capture marks: {d[1]} for {k} connections"
+        # every later packet rides the connmark path (0x40 -> table 102 -> ztunnel veth) on both nodes
+        assert d[2] >= 3 * k and d[3] >= size * k // 1500 // 2, d
+
+    def test_passthrough_to_a_pod_outside_the_mesh(self, lab):
+        answer = get(lab, "client", "10.244.2.2", 8080)
+        assert answer["pod"] == "default/legacy-server-58d6c7b8f-n2kq7"
+        assert peer_ip(answer) == "10.244.1.4"
+        ex = explain_for(lab, "ambient-worker", "10.244.1.4", "10.244.2.2:8080")
+        assert ex.verdict == "passthrough", ex.text()
+        line = wait_for_line(lab, "ambient-worker", lambda t: t[F_UPSTREAM_HOST] == "10.244.2.2:8080")
+        assert line[F_UPSTREAM_CLUSTER] == ex.cluster
+
+    def test_non_enrolled_pod_is_not_redirected(self, lab):
+        node_ns = lab.topo.node("ambient-worker").netns
+        assert "10.244.1.5" not in run(node_ns, ["ipset", "list", "ztunnel-pods-ips"])
+        zt_ns = lab.ztunnel_netns("ambient-worker")
+        before = counter(lab, zt_ns, "mangle", "PREROUTING", "-i pistioout")
+        answer = get(lab, "legacy-5b7f8c9d6", "10.96.0.105", 9080)  # kube-proxy DNAT, then inbound capture
+        assert answer["local"] == "10.244.2.5:8080" and peer_ip(answer) == "10.244.1.5"
+        assert counter(lab, zt_ns, "mangle", "PREROUTING", "-i pistioout") == before
+        assert not [t for t in log_lines(lab, "ambient-worker") if len(t) > F_DOWN_REMOTE and t[F_DOWN_REMOTE].startswith("10.244.1.5:")]
+        line = wait_for_line(lab, "ambient-worker2", lambda t: t[F_DOWN_REMOTE].startswith("10.244.1.5:"))
+        assert prefix_of(line) == "capture inbound listener plaintext"
+
+    def test_20mb_download_and_8mb_upload_intact(self, lab):
+        ns = lab.pod_netns("client")
+        n, got, announced = download_sha256(ns, "10.96.0.105", 9080, f"/bytes/{20 * 2**20}?seed=big", timeout=60)
+        assert n == 20 * 2**20
+        assert got == announced == hashlib.sha256(random.Random("big").randbytes(n)).hexdigest()
+        body = random.Random("up").randbytes(8 * 2**20)
+        r = request(ns, "10.96.0.105", 9080, "/sha256", method="POST", body=body, timeout=60)
+        assert r.json() == {"pod": "ambient/server-f44ffdf6f-dqgm2", "sha256": hashlib.sha256(body).hexdigest(), "length": len(body)}
+
+    def test_50_parallel_connections(self, lab):
+        ns = lab.pod_netns("client")
+
+        def one(_: int) -> str:
+            r = request(ns, "10.96.0.105", 9080, "/", timeout=20)
+            assert r.status == 200
+            return r.json()["peer"]
+
+        with ThreadPoolExecutor(max_workers=50) as pool:
+            peers = list(pool.map(one, range(50)))
+        assert len(peers) == 50 and len(set(peers)) == 50
+        assert {p.rsplit(":", 1)[0] for p in peers} == {"10.244.1.4"}
+
+
+class TestSleepHttpbin:
+    """Seed 002: sleep 10.244.2.8 (ambient-worker2) -> httpbin VIP 10.96.0.105:8000 -> 10.244.1.7:80."""
+
+    @pytest.fixture(scope="class")
+    def lab(self, request, tmp_path_factory):
+        return bring_up(request, "sleep-httpbin", tmp_path_factory)
+
+    def test_sleep_to_httpbin_service(self, lab):
+        answer = get(lab, "sleep", "10.96.0.105", 8000)
+        assert answer["pod"] == "default/httpbin-65975d4c6f-9xv7n" and answer["local"] == "10.244.1.7:80"
+        check_mesh_connection(lab, "sleep", "ambient-worker2", "10.244.2.8", "10.96.0.105:8000", answer)
+
+    def test_legacy_namespace_pod_same_node_is_captured_inbound_only(self, lab):
+        answer = get(lab, "curl", "10.96.0.105", 8000)
+        assert answer["local"] == "10.244.1.7:80" and peer_ip(answer) == "10.244.1.2"
+        line = wait_for_line(lab, "ambient-worker", lambda t: t[F_DOWN_REMOTE].startswith("10.244.1.2:"))
+        assert prefix_of(line) == "capture inbound listener plaintext"
+
+
+class TestBookinfo:
+    """Seed 001 via the CLI: productpage 10.244.2.3 -> reviews (one pod remote, two on its own node)."""
+
+    @pytest.fixture(scope="class")
+    def lab(self, request, tmp_path_factory):
+        dst = tmp_path_factory.mktemp("bookinfo") / "manifests"
+        shutil.copytree(ROOT / "golden" / "bookinfo" / "manifests", dst)
+        cli = [sys.executable, "-m", "xdsserver", "lab"]
+
+        def down() -> None:
+            procs = list(Lab.load(PREFIX).procs.values()) if (Lab(prefix=PREFIX).state_file.exists()) else []
+            out = subprocess.run([*cli, "down", "--prefix", PREFIX], capture_output=True, text=True, timeout=60)
+            assert out.returncode == 0, out.stderr
+            assert owned_netns(PREFIX) == [] and not [p for p in procs if p.alive()]
+
+        request.addfinalizer(down)
+        out = subprocess.run([*cli, "up", "--prefix", PREFIX, "--manifests", str(dst)], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "ip netns exec" in out.stdout
+        return Lab.load(PREFIX)
+
+    def test_readme_example_with_curl_and_lab_exec(self, lab):
+        if shutil.which("curl") is None:
+            pytest.fail("curl missing: run scripts/setup-lab")
+        ns = lab.pod_netns("productpage")
+        out = subprocess.run(["ip", "netns", "exec", ns, "curl", "-s", "-m", "10", "http://10.96.183.192:9080/"],
+                             capture_output=True, text=True, timeout=20)
+        assert out.returncode == 0 and '"pod": "default/reviews-' in out.stdout
+        out = subprocess.run([sys.executable, "-m", "xdsserver", "lab", "exec", "--prefix", PREFIX, "productpage", "--",
+                              "curl", "-s", "-m", "10", "http://10.244.2.23:9080/"], capture_output=True, text=True, timeout=20)
+        assert out.returncode == 0 and '"peer": "10.244.2.3:' in out.stdout, out.stderr
+
+    def test_same_node_pod_ip(self, lab):
+        answer = get(lab, "productpage", "10.244.2.23", 9080)
+        assert answer["pod"] == "default/reviews-v2-c9f46564b-vt78n"
+        ex = explain_for(lab, "ambient-worker2", "10.244.2.3", "10.244.2.23:9080")
+        assert ex.endpoints[0].tunnel_address == "10.244.2.23:15088"
+        check_mesh_connection(lab, "productpage", "ambient-worker2", "10.244.2.3", "10.244.2.23:9080", answer)
+
+    def test_service_reaches_every_endpoint_explain_lists(self, lab):
+        ex = explain_for(lab, "ambient-worker2", "10.244.2.3", "10.96.183.192:9080")
+        want = {e.destination for e in ex.endpoints}
+        assert want == {"10.244.1.23:9080", "10.244.2.22:9080", "10.244.2.23:9080"}
+        seen: dict[str, dict] = {}
+        for _ in range(60):
+            a = get(lab, "productpage", "10.96.183.192", 9080)
+            seen.setdefault(a["local"], a)
+            if set(seen) == want:
+                break
+        assert set(seen) == want
+        for a in seen.values():
+            check_mesh_connection(lab, "productpage", "ambient-worker2", "10.244.2.3", "10.96.183.192:9080", a)
+
+    def test_pod_added_then_removed_at_run_time(self, lab):
+        manifests = lab.manifests / "bookinfo.yaml"
+        original = manifests.read_text()
+        v4 = NEW_POD
+        manifests.write_text(original + v4)
+        assert lab.sync()["added"] == ["default/reviews-v4-5c5d7f8b9-zx4qp"]
+        assert "10.244.1.24" in run(lab.topo.node("ambient-worker").netns, ["ipset", "list", "ztunnel-pods-ips"])
+        hit = None
+        deadline = time.monotonic() + 15
+        while hit is None and time.monotonic() < deadline:
+            a = get(lab, "productpage", "10.96.183.192", 9080)
+            if a["local"] == "10.244.1.24:9080":
+                hit = a
+        assert hit is not None, "the new pod never received a connection through its Service"
+        check_mesh_connection(lab, "productpage", "ambient-worker2", "10.244.2.3", "10.96.183.192:9080", hit)
+
+        manifests.write_text(original)
+        deadline = time.monotonic() + 15
+        while "10.244.1.24" in lab.envoy_admin("ambient-worker2", "/clusters") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "10.244.1.24" not in lab.envoy_admin("ambient-worker2", "/clusters")
+        served_before = lab.pod_log("default/reviews-v4-5c5d7f8b9-zx4qp").count("request ")
+        for _ in range(30):  # the pod still runs, but gets no new connections
+            assert get(lab, "productpage", "10.96.183.192", 9080)["local"] != "10.244.1.24:9080"
+        assert lab.pod_log("default/reviews-v4-5c5d7f8b9-zx4qp").count("request ") == served_before
+        assert lab.sync()["removed"] == ["default/reviews-v4-5c5d7f8b9-zx4qp"]
+        assert "10.244.1.24" not in run(lab.topo.node("ambient-worker").netns, ["ipset", "list", "ztunnel-pods-ips"])
+        assert not [ns for ns in list_netns() if "reviews-v4" in ns]
+
+
+NEW_POD = """
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: reviews-v4-5c5d7f8b9-zx4qp
+  namespace: default
+  uid: b1000000-0000-4000-8000-0000000000f4
+  labels:
+    app: reviews
+    version: v4
+  creationTimestamp: '2022-10-02T00:00:00Z'
+spec:
+  nodeName: ambient-worker
+  serviceAccountName: bookinfo-reviews
+  containers:
+  - name: reviews
+    image: example/app
+    ports:
+    - containerPort: 9080
+      protocol: TCP
+status:
+  phase: Running
+  podIP: 10.244.1.24
+  podIPs:
+  - ip: 10.244.1.24
+  conditions:
+  - type: Ready
+    status: 'True'
+"""
