@@ -92,7 +92,7 @@ class Proc:
 class Serve:
     """``xdsserver serve`` on loopback with a private CA dir."""
 
-    def __init__(self, workdir: Path, manifests: Path, *, extra: list[str] | None = None,
+    def __init__(self, workdir: Path, manifests: Path | None, *, extra: list[str] | None = None,
                  xds_port: int | None = None, debug_port: int | None = None) -> None:
         self.workdir, self.manifests = workdir, manifests
         self.xds_port = xds_port or free_port()
@@ -107,7 +107,7 @@ class Serve:
 
     def start(self) -> "Serve":
         self.starts += 1
-        argv = [sys.executable, "-m", "xdsserver", "serve", "--manifests", str(self.manifests),
+        argv = [sys.executable, "-m", "xdsserver", "serve", *(["--manifests", str(self.manifests)] if self.manifests else []),
                 "--xds-address", f"127.0.0.1:{self.xds_port}", "--debug-address", f"127.0.0.1:{self.debug_port}",
                 "--ca-dir", str(self.workdir / "ca"), "--debounce-quiet", "0.05", "--test-hooks", *self.extra]
         self.proc = Proc(argv, self.workdir / f"serve-{self.starts}.log")

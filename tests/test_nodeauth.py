@@ -155,10 +155,16 @@ def _mtls_channel(cluster: Cluster, creds: Path | None = None, *, key: bytes | N
                                    options=[("grpc.ssl_target_name_override", SERVER_NAME)])
 
 
+# Every identity in the cluster: SDS answers only the requested names it has for the node, so
+# asking for all of them shows exactly which keys a node can get.
+ALL_SECRETS = ["ROOTCA", *(sa_id(n) for n in ("sleep", "reviews", "httpbin", "ratings", "details")),
+               ZTUNNEL_ID]
+
+
 async def _secrets(channel: grpc.aio.Channel, node_name: str) -> dict[str, Any]:
-    """The Secrets node `node_name` is sent over `channel` (SotW wildcard request)."""
+    """The Secrets node `node_name` is sent over `channel` when it asks for every identity."""
     async with SotwClient("unused", node_name, channel=channel) as c:
-        await c.request(SECRET)
+        await c.request(SECRET, ALL_SECRETS)
         resp = await c.recv(SECRET, timeout=10)
     from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 
@@ -172,7 +178,7 @@ async def _secrets(channel: grpc.aio.Channel, node_name: str) -> dict[str, Any]:
 
 async def _refused(channel: grpc.aio.Channel, node_name: str) -> tuple[grpc.StatusCode | None, str]:
     async with SotwClient("unused", node_name, channel=channel) as c:
-        await c.request(SECRET)
+        await c.request(SECRET, ALL_SECRETS)
         closed = await c.wait_closed(timeout=10)
         assert not c.received, "a refused stream must not receive anything"
         return closed.code, closed.details or ""

@@ -213,7 +213,7 @@ class ControlPlane:
         snap = self.cache.get(node)
         if snap is None:
             return {}
-        return {(t, name): r.version for t in snap.type_urls for name, r in snap.resources(t).items()}
+        return {(t, name): r.version for t in snap.type_urls() for name, r in snap.resources(t).items()}
 
 
 # ---------------------------------------------------------------------------------------------
