@@ -41,8 +41,7 @@ NAMESPACE = "istio-system"
 CASES: dict[str, dict[str, Any]] = {
     "default": {},
     "replicas3-pdb": {"replicas": 3},
-    "existing-ca": {"ca": {"existingSecret": "corp-root-ca"}},
-    "xdsserver-owned-ca": {"ca": {"generate": False}},
+    "existing-ca": {"ca": {"existingSecret": "corp-root-ca", "existingRootConfigMap": "corp-root-cert"}},
     "custom-images": {
         "image": {"repository": "registry.example.com/mesh/xdsserver", "tag": "1.2.3", "pullPolicy": "Always"},
         "ztunnel": {"image": {"repository": "mirror.example.com/envoy", "tag": "v1.40.1"}},
@@ -147,6 +146,7 @@ def test_default_inventory(chart: Any) -> None:
         ("ClusterRole", "xdsserver"),
         ("ClusterRoleBinding", "xdsserver"),
         ("ConfigMap", "xdsserver-mesh"),
+        ("ConfigMap", "xdsserver-root-cert"),
         ("ConfigMap", "ztunnel-bootstrap"),
         ("DaemonSet", "ztunnel"),
         ("Deployment", "xdsserver"),
@@ -171,7 +171,10 @@ def test_release_name_prefixes_control_plane_and_bootstrap_follows(chart: Any) -
     ds = one(docs, "DaemonSet", "ztunnel")
     for name in ("node-credentials-init", "node-credentials"):
         c = container(ds["spec"]["template"]["spec"], name, init=name.endswith("-init"))
-        assert c["args"][c["args"].index("--server") + 1] == "mesh-xdsserver.mesh-system.svc:15012"
+        assert c["args"][c["args"].index("--server") + 1] == "mesh-xdsserver.mesh-system.svc:15013"
+    args = container(one(docs, "Deployment")["spec"]["template"]["spec"], "xdsserver")["args"]
+    assert args[args.index("--xds-tls-san") + 1] == "mesh-xdsserver.mesh-system.svc"  # the name ztunnels check
+    assert args[args.index("--ztunnel-service-account") + 1] == "mesh-system/ztunnel"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,6 +198,7 @@ BAD_VALUES: list[tuple[dict[str, Any], str]] = [
     ({"image": {"pullPolicy": "Sometimes"}}, "/image/pullPolicy"),
     ({"resources": {"requests": {"cpu": "lots"}}}, "/resources/requests/cpu"),
     ({"ca": {"existingSecret": "Not_A_Name"}}, "/ca/existingSecret"),
+    ({"ca": {"existingRootConfigMap": "Not_A_Name"}}, "/ca/existingRootConfigMap"),
 ]
 
 
@@ -260,7 +264,9 @@ def test_control_plane_deployment_follows_the_cli_contract(chart: Any) -> None:
     assert c["command"] == ["xdsserver"]
     assert c["args"] == [
         "serve", "--source", "kubernetes",
-        "--xds-address", "0.0.0.0:15010", "--xds-tls-address", "0.0.0.0:15012",
+        "--xds-address", "127.0.0.1:15010", "--xds-tls-address", "0.0.0.0:15012",
+        "--node-credentials-address", "0.0.0.0:15013", "--xds-tls-san", "xdsserver.istio-system.svc",
+        "--ztunnel-service-account", "istio-system/ztunnel",
         "--debug-address", "0.0.0.0:15014",
         "--ca-dir", "/var/run/xdsserver/ca", "--mesh-config", "/etc/xdsserver/mesh.yaml",
         "--ca-secret-dir", "/etc/xdsserver/cacerts",
@@ -275,7 +281,7 @@ def test_control_plane_deployment_follows_the_cli_contract(chart: Any) -> None:
 
     svc = one(docs, "Service")
     assert [(p["name"], p["port"], p["appProtocol"]) for p in svc["spec"]["ports"]] == [
-        ("grpc-xds", 15010, "grpc"), ("grpc-xds-tls", 15012, "grpc"), ("http-debug", 15014, "http")]
+        ("grpc-xds-tls", 15012, "grpc"), ("grpc-node-creds", 15013, "grpc"), ("http-debug", 15014, "http")]
     assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
     assert {p["name"] for p in c["ports"]} == {p["targetPort"] for p in svc["spec"]["ports"]}
 
@@ -321,21 +327,33 @@ def test_replicas_get_a_pdb(chart: Any) -> None:
                 if d["kind"] == "PodDisruptionBudget"]
 
 
+def _ztunnel_root_configmap(docs: list[dict[str, Any]]) -> str:
+    pod = one(docs, "DaemonSet")["spec"]["template"]["spec"]
+    (vol,) = [v for v in pod["volumes"] if v["name"] == "xds-root"]
+    return vol["configMap"]["name"]
+
+
 def test_ca_modes(chart: Any) -> None:
-    # existing Secret: mounted, nothing generated
-    docs = render(chart, {"ca": {"existingSecret": "corp-root-ca"}})
-    assert not [d for d in docs if d["kind"] == "Secret"]
+    # existing Secret: mounted, nothing generated; the ztunnels use the user's root ConfigMap
+    docs = render(chart, CASES["existing-ca"])
+    assert not [d for d in docs if d["kind"] in ("Secret", "ConfigMap") and "root" in d["metadata"]["name"]]
     pod = one(docs, "Deployment")["spec"]["template"]["spec"]
     (vol,) = [v for v in pod["volumes"] if v["name"] == "config"]
     assert [s["secret"]["name"] for s in vol["projected"]["sources"] if "secret" in s] == ["corp-root-ca"]
     assert "--ca-secret-dir" in container(pod, "xdsserver")["args"]
-    # xdsserver-owned: no Secret, no --ca-secret-dir
-    docs = render(chart, {"ca": {"generate": False}})
-    assert not [d for d in docs if d["kind"] == "Secret"]
-    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
-    assert "--ca-secret-dir" not in container(pod, "xdsserver")["args"]
-    # generated: a usable CA whose key matches, kept on uninstall
-    secret = one(render(chart), "Secret", "xdsserver-cacerts")
+    assert _ztunnel_root_configmap(docs) == "corp-root-cert"
+    with pytest.raises(helm.HelmError, match="ca.existingSecret needs ca.existingRootConfigMap"):
+        chart.render(values={"ca": {"existingSecret": "corp-root-ca"}}, name=RELEASE, namespace=NAMESPACE)
+    # a root minted inside the control-plane pod could never reach the ztunnels: refused
+    with pytest.raises(helm.HelmError, match="ca.generate=false needs ca.existingSecret"):
+        chart.render(values={"ca": {"generate": False}}, name=RELEASE, namespace=NAMESPACE)
+    # generated: a usable CA whose key matches, kept on uninstall; its certificate alone in a
+    # ConfigMap for the ztunnels
+    docs = render(chart)
+    secret = one(docs, "Secret", "xdsserver-cacerts")
+    root_cm = one(docs, "ConfigMap", "xdsserver-root-cert")
+    assert _ztunnel_root_configmap(docs) == "xdsserver-root-cert"
+    assert root_cm["data"] == {"root-cert.pem": base64.b64decode(secret["data"]["root-cert.pem"]).decode().strip() + "\n"}
     assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
     cert = x509.load_pem_x509_certificate(base64.b64decode(secret["data"]["root-cert.pem"]))
     key = serialization.load_pem_private_key(base64.b64decode(secret["data"]["root-key.pem"]), None)
@@ -399,9 +417,9 @@ def test_ztunnel_daemonset(chart: Any) -> None:
     for c in [*pod["initContainers"], *pod["containers"]]:
         assert {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in c["env"]} == downward, c["name"]
 
-    creds = ["node-credentials", "--server", "xdsserver.istio-system.svc:15012",
+    creds = ["node-credentials", "--server", "xdsserver.istio-system.svc:15013",
              "--token-file", "/var/run/secrets/tokens/xds-token", "--node", "$(NODE_NAME)",
-             "--out", "/var/run/ztunnel/creds"]
+             "--out", "/var/run/ztunnel/creds", "--ca-file", "/var/run/ztunnel/xds-root/root-cert.pem"]
     init = container(pod, "node-credentials-init", init=True)
     side = container(pod, "node-credentials")
     assert init["args"] == creds and side["args"] == [*creds, "--renew"]
@@ -409,7 +427,12 @@ def test_ztunnel_daemonset(chart: Any) -> None:
         assert c["image"] == "registry.example.com/mesh/xdsserver:1.2.3"
         assert c["securityContext"]["runAsNonRoot"] is True
         assert c["securityContext"]["capabilities"] == {"drop": ["ALL"]}
-        assert {m["mountPath"] for m in c["volumeMounts"]} == {"/var/run/ztunnel/creds", "/var/run/secrets/tokens"}
+        assert {m["mountPath"] for m in c["volumeMounts"]} == {"/var/run/ztunnel/creds", "/var/run/secrets/tokens",
+                                                               "/var/run/ztunnel/xds-root"}
+    # The CA Secret (root key) is never referenced by the DaemonSet: every node's kubelet could read it.
+    assert not [v for v in pod["volumes"] if "secret" in v or any("secret" in s for s in v.get("projected", {}).get("sources", []))]
+    (root,) = [v for v in pod["volumes"] if v["name"] == "xds-root"]
+    assert root["configMap"] == {"name": "xdsserver-root-cert", "items": [{"key": "root-cert.pem", "path": "root-cert.pem"}]}
     # Envoy reads the credentials, never the token.
     assert {m["mountPath"]: m.get("readOnly", False) for m in envoy["volumeMounts"]} == {
         "/etc/ztunnel": True, "/var/run/ztunnel/creds": True, "/tmp": False}

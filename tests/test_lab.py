@@ -366,9 +366,10 @@ class TestBookinfo:
     def test_pod_added_then_removed_at_run_time(self, lab):
         manifests = lab.manifests / "bookinfo.yaml"
         original = manifests.read_text()
-        v4 = NEW_POD
-        manifests.write_text(original + v4)
+        # Like Kubernetes: the pod starts (wired by the node agent) before it becomes Ready (an endpoint).
+        manifests.write_text(original + NEW_POD.replace("status: 'True'", "status: 'False'"))
         assert lab.sync()["added"] == ["default/reviews-v4-5c5d7f8b9-zx4qp"]
+        manifests.write_text(original + NEW_POD)
         assert "10.244.1.24" in run(lab.topo.node("ambient-worker").netns, ["ipset", "list", "ztunnel-pods-ips"])
         hit = None
         deadline = time.monotonic() + 15
@@ -380,10 +381,16 @@ class TestBookinfo:
         check_mesh_connection(lab, "productpage", "ambient-worker2", "10.244.2.3", "10.96.183.192:9080", hit)
 
         manifests.write_text(original)
+
+        def reviews_hosts() -> set[str]:  # endpoints of the reviews service cluster (EDS) on the client's ztunnel
+            lines = lab.envoy_admin("ambient-worker2", "/clusters").splitlines()
+            return {l.split("::")[1] for l in lines if "sa/bookinfo-productpage_to_http_reviews.default" in l and "::cx_total::" in l}
+
         deadline = time.monotonic() + 15
-        while "10.244.1.24" in lab.envoy_admin("ambient-worker2", "/clusters") and time.monotonic() < deadline:
+        while any("10.244.1.24" in h for h in reviews_hosts()) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert "10.244.1.24" not in lab.envoy_admin("ambient-worker2", "/clusters")
+        hosts = reviews_hosts()
+        assert len(hosts) == 3 and not any("10.244.1.24" in h for h in hosts), hosts
         served_before = lab.pod_log("default/reviews-v4-5c5d7f8b9-zx4qp").count("request ")
         for _ in range(30):  # the pod still runs, but gets no new connections
             assert get(lab, "productpage", "10.96.183.192", 9080)["local"] != "10.244.1.24:9080"

@@ -178,7 +178,10 @@ async def _secrets(channel: grpc.aio.Channel, node_name: str) -> dict[str, Any]:
 
 async def _refused(channel: grpc.aio.Channel, node_name: str) -> tuple[grpc.StatusCode | None, str]:
     async with SotwClient("unused", node_name, channel=channel) as c:
-        await c.request(SECRET, ALL_SECRETS)
+        try:
+            await c.request(SECRET, ALL_SECRETS)
+        except grpc.aio.AioRpcError as exc:  # the connection itself failed (TLS handshake)
+            return exc.code(), exc.details() or ""
         closed = await c.wait_closed(timeout=10)
         assert not c.received, "a refused stream must not receive anything"
         return closed.code, closed.details or ""
@@ -356,6 +359,12 @@ def test_envoy_over_mtls_gets_exactly_its_node_identities(cluster: Cluster, cred
         assert envoy.alive()
     finally:
         envoy.stop()
+        for kind, name in (("Pod", "ratings-0"), ("Pod", "details-0"), ("ServiceAccount", "ratings"),
+                           ("ServiceAccount", "details")):
+            try:
+                cluster.kube.delete(kind, name, "default")
+            except KeyError:
+                pass
 
 
 # ---------------------------------------------------------------------------------------------

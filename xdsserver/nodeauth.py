@@ -51,7 +51,7 @@ from .xds.server import node_name_of, start_server
 log = logging.getLogger(__name__)
 
 SERVICE = ISSUE_METHOD.split("/")[1]  # "xdsserver.v1.NodeCredentials"
-POD_WAIT_S = 5.0
+POD_WAIT_S = 3.0
 """How long Issue waits for a just-created ztunnel pod to reach the source cache."""
 
 EXTRA_POD_NAME = "authentication.kubernetes.io/pod-name"

@@ -137,7 +137,7 @@ def cmd_lab_exec(args: argparse.Namespace) -> int:
         lab = Lab.load(args.prefix, args.state_dir)
         ns = lab.pod_netns(args.pod) if not args.node else lab.topo.node(args.pod).netns
     except (LabError, KeyError, StopIteration) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
         return 2
     os.execvp("ip", ["ip", "netns", "exec", ns, *cmd])
     return 127  # not reached

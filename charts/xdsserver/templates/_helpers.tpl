@@ -73,6 +73,15 @@ app.kubernetes.io/component: ztunnel
 {{- end }}
 {{- end }}
 
+{{/* ConfigMap with root-cert.pem only: the ztunnels' trust anchor for xdsserver. */}}
+{{- define "xdsserver.rootCertConfigMapName" -}}
+{{- if .Values.ca.existingSecret }}
+{{- .Values.ca.existingRootConfigMap }}
+{{- else }}
+{{- printf "%s-root-cert" (include "xdsserver.fullname" .) }}
+{{- end }}
+{{- end }}
+
 {{- define "xdsserver.ztunnel.configMapName" -}}
 {{- printf "%s-bootstrap" .Values.ztunnel.name }}
 {{- end }}
@@ -96,6 +105,12 @@ outboundTrafficPolicy: {{ .Values.mesh.outboundTrafficPolicy | quote }}
 {{- define "xdsserver.validate" -}}
 {{- if and (gt (int .Values.replicas) 1) (not (include "xdsserver.caSecretName" .)) }}
 {{- fail "ca: replicas > 1 needs a shared root: set ca.existingSecret or ca.generate=true (with ca.generate=false every replica would mint its own root)" }}
+{{- end }}
+{{- if not (include "xdsserver.caSecretName" .) }}
+{{- fail "ca: ca.generate=false needs ca.existingSecret: the ztunnels must know the root certificate before they first contact xdsserver, and a root minted inside the control-plane pod cannot reach them" }}
+{{- end }}
+{{- if and .Values.ca.existingSecret (not .Values.ca.existingRootConfigMap) }}
+{{- fail "ca: ca.existingSecret needs ca.existingRootConfigMap: a ConfigMap with key root-cert.pem (the same root certificate, without its key) that the ztunnels mount; they must never mount the CA Secret" }}
 {{- end }}
 {{- end }}
 
