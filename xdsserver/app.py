@@ -324,18 +324,9 @@ async def serve(args: Any, *, started: Callable[[ControlPlane], None] | None = N
         authorize=authorize,
     )
     runner = Runner(cp, Debounce(getattr(args, "debounce_quiet", 0.1), getattr(args, "debounce_max", 10.0)))
-    if kube_source is not None:
-        holder["runner"] = runner
-        tasks.append(asyncio.create_task(kube_source.run(), name="kube-source"))
-        await kube_source.synced.wait()
-        cp.rebuild()
-    else:
-        if not cp.rebuild():
-            log.error("initial input is invalid; streams are refused (UNAVAILABLE) until it is fixed")
-        tasks.append(asyncio.create_task(watch_manifests(msrc, runner), name="manifest-watch"))
-    tasks.append(asyncio.create_task(runner.run(), name="debounce"))
-    tasks.append(asyncio.create_task(rotate_certificates(cp, runner), name="cert-rotation"))
 
+    # Servers first: streams are refused (UNAVAILABLE) and /ready is 503 until the first good
+    # load, but /healthz answers while informers sync, so a liveness probe does not kill us.
     xds_address = getattr(args, "xds_address", None)
     xds_uds = getattr(args, "xds_uds", None)
     if not xds_address and not xds_uds:
@@ -348,10 +339,26 @@ async def serve(args: Any, *, started: Callable[[ControlPlane], None] | None = N
         from .nodeauth import start_tls_xds
 
         tls_xds = await start_tls_xds(cp, args)
-    debug_runner = await start_debug(cp, getattr(args, "debug_address", "127.0.0.1:15014"))
-    log.info("xDS on %s, debug HTTP on %s", xds_uds or xds_address, getattr(args, "debug_address", "127.0.0.1:15014"))
-    if started:
-        started(cp)
+    debug_address = getattr(args, "debug_address", "127.0.0.1:15014")
+    debug_runner = await start_debug(cp, debug_address)
+    log.info("xDS on %s, debug HTTP on %s", xds_uds or xds_address, debug_address)
+
+    async def initial_load() -> None:
+        if kube_source is not None:
+            holder["runner"] = runner
+            tasks.append(asyncio.create_task(kube_source.run(), name="kube-source"))
+            await kube_source.synced.wait()
+            cp.rebuild()
+        else:
+            if not cp.rebuild():
+                log.error("initial input is invalid; streams are refused (UNAVAILABLE) until it is fixed")
+            tasks.append(asyncio.create_task(watch_manifests(msrc, runner), name="manifest-watch"))
+        tasks.append(asyncio.create_task(runner.run(), name="debounce"))
+        tasks.append(asyncio.create_task(rotate_certificates(cp, runner), name="cert-rotation"))
+        if started:
+            started(cp)
+
+    tasks.append(asyncio.create_task(initial_load(), name="initial-load"))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -365,10 +372,13 @@ async def serve(args: Any, *, started: Callable[[ControlPlane], None] | None = N
         log.info("shutting down")
         for t in tasks:
             t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         await grpc_server.stop(grace=1.0)
         if tls_xds is not None:
             await tls_xds.stop(grace=1.0)
         await debug_runner.cleanup()
+        if kube_source is not None:
+            await api.close()
         if xds_uds and os.path.exists(xds_uds):
             os.unlink(xds_uds)
 
