@@ -125,26 +125,14 @@ async def fetch(server: str, *, token: str, node: str, root_pem: bytes, server_n
 
 def _write(path: Path, text: str) -> bool:
     """Atomically replace `path` (tmp + fsync + rename); False if it already had this content."""
+    from .ca.certs import write_atomic
+
     try:
         if path.read_text() == text:
             return False
     except OSError:
         pass
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
-    try:
-        os.fchmod(fd, FILE_MODE)
-        with os.fdopen(fd, "w", encoding="ascii") as f:
-            fd = -1
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if fd >= 0:
-            os.close(fd)
-        tmp.unlink(missing_ok=True)
-        raise
+    write_atomic(path, text, mode=FILE_MODE)
     return True
 
 
