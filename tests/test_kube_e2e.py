@@ -142,7 +142,9 @@ def test_envoy_follows_the_kubernetes_api(kube: ThreadedStandIn, tmp_path: Path)
         assert serve.alive() and _ready(debug) != 200
         kube.call(lambda a: setattr(a, "token", TOKEN))
         poll(lambda: _ready(debug) == 200, what="/ready after the initial lists", timeout=20)
-        assert all(kube.call(lambda a, k=k: a.watch_requests(k)) for k in ("Pod", "Service", "Namespace"))
+        # after the lists, each kind opens its watch (asynchronously: poll, do not assume)
+        poll(lambda: all(kube.call(lambda a, k=k: a.watch_requests(k)) for k in ("Pod", "Service", "Namespace")),
+             what="watches opened after the initial lists", timeout=20)
 
         envoy = Envoy(tmp_path, "node-1", xds_port)
         z = Ztunnel(envoy)

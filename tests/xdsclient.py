@@ -143,7 +143,13 @@ class _AdsClient:
             self._sent_node = True
         self.sent.append(req)
         async with self._lock:
-            await self._call.write(req)
+            try:
+                await self._call.write(req)
+            except (grpc.aio.AioRpcError, asyncio.InvalidStateError, grpc.aio.UsageError):
+                # The server already ended the stream (e.g. refused it before reading this
+                # request); the reader records how, for wait_closed()/recv() to report.
+                if self._reader is not None:
+                    await asyncio.wait([self._reader], timeout=DEFAULT_TIMEOUT)
 
     # -- reading ---------------------------------------------------------------------------------
     async def recv(self, type_url: str | None = None, timeout: float = DEFAULT_TIMEOUT):
