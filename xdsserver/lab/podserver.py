@@ -30,8 +30,8 @@ def pattern(n: int, seed: str) -> bytes:
 
 
 class Handler(BaseHTTPRequestHandler):
-    # HTTP/1.1 keep-alive: the client closes first. A server that closes first loses the tail of
-    # its answer on the ztunnel's service (internal listener) path; see the lab README notes.
+    # HTTP/1.1 keep-alive for 1.1 clients (the client closes first); HTTP/1.0 clients get a
+    # server-closes-first connection, which tests the ztunnel's close handling.
     protocol_version = "HTTP/1.1"
     server_version = "xds-lab-pod/1"
     pod = "?"

@@ -19,6 +19,15 @@ bootstrap_extensions:
   - name: envoy.bootstrap.internal_listener
     typed_config:
       "@type": type.googleapis.com/envoy.extensions.bootstrap.internal_listener.v3.InternalListener
+layered_runtime:
+  layers:
+  - name: ztunnel
+    static_layer:
+      # Envoy 1.40 treats the close of an internal-listener connection as an upstream reset and
+      # abort-resets the client, dropping buffered response bytes (flag UR); see templates/bootstrap.yaml.
+      envoy.reloadable_features.propagate_upstream_rst_through_tunneled_tcp_proxy: false
+  - name: admin
+    admin_layer: {}
 dynamic_resources:
   ads_config:
     api_type: {{ .Values.ztunnel.xdsApiType }}
