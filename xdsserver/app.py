@@ -9,7 +9,6 @@ input is logged and ignored: the last good configuration keeps being served.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import os
 import signal
@@ -391,6 +390,3 @@ def run_serve(args: Any) -> int:
         return 2
     return 0
 
-
-def fingerprint(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()[:16]

@@ -11,7 +11,7 @@ import copy
 import json
 from typing import Any, Iterable
 
-from google.protobuf import json_format, timestamp_pb2
+from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from envoy.admin.v3 import config_dump_pb2, config_dump_shared_pb2 as shared
@@ -46,7 +46,6 @@ def build_config_dump(res: NodeResources, versions: dict[tuple[str, str], str] |
     def ver(i: int, name: str) -> str:
         return versions.get((urls[i], name), "")
 
-    now = timestamp_pb2.Timestamp()
     clusters = shared.ClustersConfigDump(
         dynamic_active_clusters=[
             shared.ClustersConfigDump.DynamicCluster(version_info=ver(1, c.name), cluster=pack(c)) for c in res.clusters
@@ -73,7 +72,6 @@ def build_config_dump(res: NodeResources, versions: dict[tuple[str, str], str] |
             for s in res.secrets
         ]
     )
-    del now
     return config_dump_pb2.ConfigDump(configs=[pack(clusters), pack(endpoints), pack(listeners), pack(secrets)])
 
 

@@ -15,7 +15,7 @@ from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 
-from ..model import Flavor
+from ..model import Flavor, Identity
 from ..model.index import NodeView, ServiceTarget
 from . import names, refcheck
 from .clusters import build_fixed_clusters, build_service_cluster
@@ -66,7 +66,7 @@ def translate(view: NodeView, flavor: Flavor, certs: CertProvider, *, check: boo
     ]
     listeners += [build_outbound_tunnel_lis(ident, flavor) for ident in view.local_identities]
 
-    service_clusters: dict[str, tuple[object, ServiceTarget]] = {}
+    service_clusters: dict[str, tuple[Identity, ServiceTarget]] = {}
     for ident in view.local_identities:
         for t in view.targets:
             service_clusters.setdefault(names.service_cluster(ident, t.port.name, t.hostname), (ident, t))
@@ -76,7 +76,7 @@ def translate(view: NodeView, flavor: Flavor, certs: CertProvider, *, check: boo
         clusters += [group[i] for group in tunnel]
     clusters += build_fixed_clusters(mesh)
 
-    endpoints = [build_cla(name, ident, t, view.node_name) for name, (ident, t) in service_clusters.items()]  # type: ignore[arg-type]
+    endpoints = [build_cla(name, ident, t, view.node_name) for name, (ident, t) in service_clusters.items()]
     secrets = [build_workload_secret(ident, certs.workload(ident)) for ident in view.local_identities]
     secrets.append(build_root_secret(certs.root_pem()))
 

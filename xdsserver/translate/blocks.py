@@ -30,7 +30,7 @@ from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2, tl
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.type.matcher.v3 import string_pb2
 
-from ..model import Flavor, MeshConfig, ports
+from ..model import Flavor, MeshConfig, ports, prefix_len
 from . import names
 
 ISTIO_LOG_FORMAT = (
@@ -138,8 +138,6 @@ def set_filter_state(object_key: str, value: str, *, shared_once: bool = False) 
 
 
 def cidr(ip: str) -> address_pb2.CidrRange:
-    from ..model import prefix_len
-
     return address_pb2.CidrRange(address_prefix=ip, prefix_len=wrappers_pb2.UInt32Value(value=prefix_len(ip)))
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from google.protobuf import wrappers_pb2
 
 from xds.core.v3 import extension_pb2
+from envoy.config.core.v3 import config_source_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.extensions.matching.common_inputs.network.v3 import network_inputs_pb2
 from xds.type.matcher.v3 import matcher_pb2
@@ -152,8 +153,6 @@ def build_ztunnel_outbound(view: NodeView, flavor: Flavor) -> listener_pb2.Liste
     lis.use_original_dst.value = True
     lis.transparent.value = True
     if flavor is Flavor.ISTIO_2022:
-        from envoy.config.core.v3 import config_source_pb2
-
         lis.listener_filters.append(
             listener_components_pb2.ListenerFilter(
                 name="envoy.filters.listener.workload_metadata",
