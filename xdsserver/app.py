@@ -13,7 +13,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,8 +26,14 @@ from .model import Flavor, MeshConfig, Model
 from .model.index import MeshIndex
 from .pipeline import CaCerts
 from .sources import SourceObject
+from .translate import type_url
+from envoy.config.cluster.v3.cluster_pb2 import Cluster
+from envoy.config.endpoint.v3.endpoint_pb2 import ClusterLoadAssignment
+from envoy.config.listener.v3.listener_pb2 import Listener
+from envoy.extensions.transport_sockets.tls.v3.secret_pb2 import Secret
 from .sources.objects import InputErrors, build_model
-from .translate import NodeResources, TranslationError, translate
+from .incremental import IncrementalTranslator, ResourceSet
+from .translate import NodeResources, TranslationError
 from .xds.cache import SnapshotCache, UnsafeSnapshot
 from .xds.metrics import XdsMetrics
 from .xds.server import AdsServer
@@ -75,13 +81,41 @@ class ManifestSource:
         return read_objects(self.path)
 
 
+class LazyNodes(Mapping[str, NodeResources]):
+    """Each node's published resources as messages, parsed from the bytes on first use.
+
+    The pipeline keeps only serialized resources (built once, shared across nodes); the debug
+    endpoints and ``explain`` want messages, and only for the nodes someone asks about."""
+
+    def __init__(self, snaps: Mapping[str, ResourceSet], flavor: Flavor) -> None:
+        self._snaps, self._flavor = snaps, flavor
+        self._parsed: dict[str, NodeResources] = {}
+
+    def __getitem__(self, node: str) -> NodeResources:
+        if node not in self._parsed:
+            rs = self._snaps[node]  # KeyError for unknown nodes, as a Mapping should
+
+            def parse(cls: type[Message]) -> tuple[Any, ...]:
+                return tuple(cls.FromString(body) for _, body in rs.get(type_url(cls()), []))
+
+            self._parsed[node] = NodeResources(node, self._flavor, parse(Listener), parse(Cluster),
+                                               parse(ClusterLoadAssignment), parse(Secret))
+        return self._parsed[node]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._snaps)
+
+    def __len__(self) -> int:
+        return len(self._snaps)
+
+
 @dataclass
 class State:
     """The last good inputs and outputs, swapped as a whole."""
 
     model: Model | None = None
     index: MeshIndex | None = None
-    nodes: dict[str, NodeResources] = field(default_factory=dict)
+    nodes: Mapping[str, NodeResources] = field(default_factory=dict)
     loaded_at: float = 0.0
     generation: int = 0
     last_error: str = ""
@@ -130,6 +164,8 @@ class ControlPlane:
         self.cache = SnapshotCache(self.xds_metrics)
         self.server = AdsServer(self.cache, metrics=self.xds_metrics, delta_only=delta_only, authorize=authorize)
         self.state = State()
+        self.translator = IncrementalTranslator(flavor, certs)
+        self.snaps: dict[str, ResourceSet] = {}  # every node's last good serialized resources
         self.test_hooks = test_hooks
         # test-only: node -> type_url -> name -> message, layered over the translation
         self.injected: dict[str, dict[str, dict[str, Message]]] = {}
@@ -137,35 +173,43 @@ class ControlPlane:
 
     # -- pipeline -------------------------------------------------------------------------------
     def rebuild(self) -> bool:
-        """Load, validate, translate and publish. False (and nothing changed) on bad input."""
+        """Load, validate, translate and publish. False (and nothing changed) on bad input.
+
+        Translation is incremental: nodes whose inputs did not change are not translated and not
+        handed to the cache; endpoint-only changes rebuild only the affected assignments."""
         t0 = time.perf_counter()
         try:
             objects = self.load_objects()
             model = build_model(objects, self.mesh, strict=self.strict)
             index = MeshIndex(model)
-            nodes = {n: translate(index.node_view(n), self.flavor, self.certs) for n in index.node_names}
+            snaps = self.translator.snapshots(index)
         except InputErrors as exc:
             self._reject(f"input rejected, still serving the last good configuration:\n{exc}")
             return False
         except TranslationError as exc:
             self._reject(f"translation failed reference checks, still serving the last good configuration: {exc}")
             return False
-        snaps = {n: self._serialize(n, res) for n, res in nodes.items()}
+        stats = self.translator.stats
+        publish = {n: self._with_injected(n, snaps[n]) for n in {*stats.changed_nodes, *self.injected} if n in snaps}
         try:
-            changes = self.cache.set_snapshots(snaps)
+            changes = self.cache.set_snapshots(publish)
         except UnsafeSnapshot as exc:
+            for n in publish:  # the cache kept the old state: translate these from scratch next time
+                self.translator.forget(n)
             self.metrics.unsafe.inc()
             self._reject(f"refused: {exc}")
             return False
-        for gone in set(self.state.nodes) - set(nodes):
+        for gone in stats.removed:
             self.cache.remove_node(gone)
-        self.state = State(model, index, nodes, time.time(), self.state.generation + 1, "")
+        self.snaps = snaps
+        self.state = State(model, index, LazyNodes(snaps, self.flavor), time.time(), self.state.generation + 1, "")
         self.metrics.translate_time.observe(time.perf_counter() - t0)
         self.metrics.reloads.inc()
-        self.metrics.nodes.set(len(nodes))
+        self.metrics.nodes.set(len(snaps))
         changed = {n: sorted(c.types) for n, c in changes.items() if c}
-        log.info("published generation %d: %d nodes, changed %s (%.1f ms)", self.state.generation, len(nodes),
-                 changed or "nothing", (time.perf_counter() - t0) * 1000)
+        log.info("published generation %d: %d nodes (%d translated, %d patched), changed %s (%.1f ms)",
+                 self.state.generation, len(snaps), len(stats.full), len(stats.patched), changed or "nothing",
+                 (time.perf_counter() - t0) * 1000)
         if not self.cache.ready:
             self.cache.mark_ready()
         return True
@@ -175,22 +219,20 @@ class ControlPlane:
         self.state.last_error = message
         log.error("%s", message)
 
-    def _serialize(self, node: str, res: NodeResources) -> dict[str, list[tuple[str, bytes]]]:
-        out: dict[str, list[tuple[str, bytes]]] = {}
-        injected = self.injected.get(node, {})
-        for url, items in res.named().items():
-            merged = dict(items)
-            merged.update(injected.get(url, {}))
-            out[url] = [(name, msg.SerializeToString(deterministic=True)) for name, msg in merged.items()]
+    def _with_injected(self, node: str, rs: ResourceSet) -> ResourceSet:
+        injected = self.injected.get(node)
+        if not injected:
+            return rs
+        out = {url: list(items) for url, items in rs.items()}
         for url, extra in injected.items():
-            if url not in out:
-                out[url] = [(n, m.SerializeToString(deterministic=True)) for n, m in extra.items()]
+            merged = dict(out.get(url, []))
+            merged.update((n, m.SerializeToString(deterministic=True)) for n, m in extra.items())
+            out[url] = list(merged.items())
         return out
 
     def republish(self) -> None:
-        """Re-serialize the current translation (after a test-hook injection changes)."""
-        snaps = {n: self._serialize(n, res) for n, res in self.state.nodes.items()}
-        self.cache.set_snapshots(snaps)
+        """Re-publish the current translation (after a test-hook injection changes)."""
+        self.cache.set_snapshots({n: self._with_injected(n, rs) for n, rs in self.snaps.items()})
 
     # -- test hooks -----------------------------------------------------------------------------
     def inject(self, node: str, type_url: str, resource_json: dict[str, Any]) -> str:

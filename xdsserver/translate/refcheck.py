@@ -80,7 +80,7 @@ def check(
     cla_names, secrets = set(endpoint_names), set(secret_names)
     problems: list[str] = []
     for lis in listeners:
-        chains = [fc.name for fc in lis.filter_chains]
+        chains = {fc.name for fc in lis.filter_chains}  # a set: one lookup per matcher action
         if lis.HasField("filter_chain_matcher"):
             for action in _matcher_actions(lis.filter_chain_matcher):
                 if action not in chains:

@@ -141,9 +141,6 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
 
     # -- RPCs ------------------------------------------------------------------------------------
     async def StreamAggregatedResources(self, request_iterator, context):  # noqa: N802 (gRPC name)
-        if self.delta_only:
-            self.events["streams_refused"] += 1
-            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this server serves delta xDS only (DeltaAggregatedResources)")
         async for out in self._serve(request_iterator, context, "sotw"):
             yield out if self._raw else discovery_pb2.DiscoveryResponse.FromString(out)
 
@@ -153,14 +150,19 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
 
     # -- the stream loop -------------------------------------------------------------------------
     async def _serve(self, request_iterator, context, mode: str):
-        if not self.cache.ready:
-            self.events["streams_refused"] += 1
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "xDS server not ready: configuration source not loaded yet")
         requests = request_iterator.__aiter__()
         try:
             first = await requests.__anext__()
         except StopAsyncIteration:
             return
+        # Refusals come after the first request is read: a status sent while the client is still
+        # writing races its write, and gRPC core may then report INTERNAL instead of our status.
+        if mode == "sotw" and self.delta_only:
+            self.events["streams_refused"] += 1
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this server serves delta xDS only (DeltaAggregatedResources)")
+        if not self.cache.ready:
+            self.events["streams_refused"] += 1
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "xDS server not ready: configuration source not loaded yet")
         node = await self._identify(first, context)
         snap = self.cache.get(node)
         machine = SotwStream(self._nonces, self.types) if mode == "sotw" else DeltaStream(self._nonces, self.types)

@@ -1,0 +1,230 @@
+"""Load harness: M simulated ztunnels (+ one real Envoy) on one in-process server.
+
+The control plane is the real :class:`xdsserver.app.ControlPlane` with an ADS server that only
+adds timestamps (send and ACK per stream and nonce); the clients run in a child process
+(:mod:`bench.clients`) so the server's RSS is measured alone. For each event the clock starts when
+the debounced rebuild starts (what the issue's "after the debounce" means) and stops at the last
+ACK of the last response each affected stream received.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from xdsserver.app import ControlPlane, State
+from xdsserver.incremental import IncrementalTranslator
+from xdsserver.model.index import MeshIndex
+from xdsserver.sources.objects import InputErrors, build_model
+from xdsserver.sources import SourceObject
+from xdsserver.xds.server import AdsServer, start_server
+
+from . import cluster as bc
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+
+
+class TimedAds(AdsServer):
+    """AdsServer recording when each response was sent and ACKed (server clock)."""
+
+    def __init__(self, *a: Any, **kw: Any) -> None:
+        super().__init__(*a, **kw)
+        self.sends: list[tuple[float, int, str, str, int]] = []  # (time, stream, type, nonce, bytes)
+        self.acks: dict[tuple[int, str, str], float] = {}
+
+    async def _send(self, conn, resp):  # type: ignore[override]
+        async for data in super()._send(conn, resp):
+            self.sends.append((self._clock(), conn.id, resp.type_url, resp.nonce, len(data)))
+            yield data
+
+    def _account(self, conn, req, outcome) -> None:  # type: ignore[override]
+        super()._account(conn, req, outcome)
+        if outcome.acked_nonce is not None:
+            self.acks[(conn.id, req.type_url, outcome.acked_nonce)] = self._clock()
+
+
+class IncrementalControlPlane(ControlPlane):
+    """ControlPlane whose rebuild goes through :class:`IncrementalTranslator` and hands the cache
+    only the nodes that changed (what app.py would do with the incremental layer wired in)."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.inc = IncrementalTranslator(self.flavor, self.certs)
+
+    def rebuild(self) -> bool:
+        t0 = time.perf_counter()
+        try:
+            model = build_model(self.load_objects(), self.mesh, strict=self.strict)
+        except InputErrors as exc:
+            self._reject(str(exc))
+            return False
+        index = MeshIndex(model)
+        snaps = self.inc.snapshots(index)
+        changed = {n: snaps[n] for n in [*self.inc.stats.full, *self.inc.stats.patched]}
+        self.cache.set_snapshots(changed)
+        for gone in self.inc.stats.removed:
+            self.cache.remove_node(gone)
+        self.state = State(model, index, {}, time.time(), self.state.generation + 1, "")
+        self.metrics.translate_time.observe(time.perf_counter() - t0)
+        if not self.cache.ready:
+            self.cache.mark_ready()
+        return True
+
+
+def rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _pct(xs: list[float], p: float) -> float:
+    if not xs:
+        return 0.0
+    xs = sorted(xs)
+    k = min(len(xs) - 1, max(0, round(p / 100 * (len(xs) - 1))))
+    return xs[k]
+
+
+async def _quiescent(ads: TimedAds, since: float, timeout: float) -> dict[int, float] | None:
+    """Stream -> time of the last ACK for responses sent after `since`; None on timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        last: dict[tuple[int, str], tuple[str, float]] = {}
+        for t, sid, typ, nonce, _ in ads.sends:
+            if t >= since:
+                last[(sid, typ)] = (nonce, t)
+        done: dict[int, float] = {}
+        ok = True
+        for (sid, typ), (nonce, _) in last.items():
+            at = ads.acks.get((sid, typ, nonce))
+            if at is None:
+                ok = False
+                break
+            done[sid] = max(done.get(sid, 0.0), at)
+        pending = any(c.change_pending or not c.queue.empty() for c in ads._conns.values())
+        if ok and not pending:
+            seen = len(ads.sends)
+            await asyncio.sleep(0.05)  # grace for a push already scheduled; then re-check
+            if len(ads.sends) == seen:
+                return done
+            continue
+        await asyncio.sleep(0.01)  # polling period, bounded by the deadline
+    return None
+
+
+def _acked_versions(ads: AdsServer, node: str) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for row in ads.sync_status():
+        if row["node"] == node and row["mode"] == "sotw":
+            out.setdefault(row["type"], set()).add(str(row["acked_version"]))
+    return out
+
+
+async def run_load(scale: bc.Scale, certs: Any, m: int, *, with_envoy: bool, pipeline: str = "today",
+                   events: tuple[str, ...] | None = None, log: Any = print) -> dict[str, Any]:
+    """``pipeline``: "today" (ControlPlane.rebuild: every node translated) or "incremental"."""
+    objs = bc.objects_for(scale)
+    state = {"objs": objs}
+    cls = IncrementalControlPlane if pipeline == "incremental" else ControlPlane
+    cp = cls(load_objects=lambda: [SourceObject("synth", o) for o in state["objs"]], certs=certs)
+    cp.server = TimedAds(cp.cache, metrics=cp.xds_metrics)
+    t0 = time.perf_counter()
+    assert cp.rebuild()
+    initial_rebuild = time.perf_counter() - t0
+    grpc_server = await start_server(cp.server, address="127.0.0.1:0")
+    target = f"127.0.0.1:{grpc_server.xds_port}"
+    nodes = list(cp.state.index.node_names)
+    specs = [f"{nodes[i % len(nodes)]}:{'sotw' if i % 2 == 0 else 'delta'}" for i in range(m)]
+    envoy = None
+    tmp = tempfile.TemporaryDirectory(prefix="bench-envoy-")
+    rss0 = rss_bytes()
+    proc = subprocess.Popen([sys.executable, "-m", "bench.clients", target, *specs], cwd=REPO, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    result: dict[str, Any] = {"m": m, "pipeline": pipeline, "nodes": len(nodes), "initial_rebuild_ms": round(initial_rebuild * 1000, 1)}
+    try:
+        loop = asyncio.get_running_loop()
+        line = await asyncio.wait_for(loop.run_in_executor(None, proc.stdout.readline), 300)
+        if line.strip() != "ready":
+            raise RuntimeError(f"clients failed: {line!r}")
+        await _quiescent(cp.server, 0.0, 60)
+        rss1 = rss_bytes()
+        result["rss_before_bytes"] = rss0
+        result["rss_connected_bytes"] = rss1
+        result["rss_per_ztunnel_bytes"] = max(0, rss1 - rss0) // m
+        if with_envoy:
+            from harness import Envoy
+
+            envoy = Envoy(Path(tmp.name), nodes[0], grpc_server.xds_port)
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                vers = _acked_versions(cp.server, nodes[0])
+                if len(vers) >= 4 and all(len(v) == 1 and "None" not in v for v in vers.values()):
+                    break
+                await asyncio.sleep(0.1)  # polling period, bounded
+        results: dict[str, Any] = {}
+        for name, event in bc.EVENTS.items():
+            if events is not None and name not in events:
+                continue
+            new_objs, what = event(objs, cp.state.index)
+            rows = []
+            for rep in range(scale.load_repeats):
+                for phase, o in (("apply", new_objs), ("revert", objs)):
+                    state["objs"] = o
+                    start = cp.server._clock()
+                    n_sends = len(cp.server.sends)
+                    t0 = time.perf_counter()
+                    assert cp.rebuild()
+                    rebuild = time.perf_counter() - t0
+                    done = await _quiescent(cp.server, start, 60)
+                    if done is None:
+                        raise RuntimeError(f"{name}: streams did not converge within 60 s")
+                    if phase == "apply":
+                        sends = cp.server.sends[n_sends:]
+                        published = start + rebuild
+                        rows.append({"rebuild_s": rebuild, "lat": [t - start for t in done.values()],
+                                     "after_publish": [t - published for t in done.values()],
+                                     "pushes": len(sends), "bytes": sum(s[4] for s in sends), "streams": len(done)})
+            lat = [x for r in rows for x in r["lat"]]
+            lat_pub = [x for r in rows for x in r["after_publish"]]
+            ev = {
+                "what": what,
+                "repeats": len(rows),
+                "rebuild_ms_median": round(statistics.median(r["rebuild_s"] for r in rows) * 1000, 1),
+                "affected_streams": rows[0]["streams"],
+                "pushes_per_event": rows[0]["pushes"],
+                "bytes_per_event": rows[0]["bytes"],
+                "ack_ms_p50": round(_pct(lat, 50) * 1000, 1),
+                "ack_ms_p99": round(_pct(lat, 99) * 1000, 1),
+                "ack_ms_max": round(max(lat) * 1000, 1) if lat else 0.0,
+                "push_to_ack_ms_p99": round(_pct(lat_pub, 99) * 1000, 1),
+            }
+            if envoy is not None:
+                vers = _acked_versions(cp.server, nodes[0])
+                ev["envoy_same_versions"] = all(len(v) == 1 for v in vers.values()) and len(vers) >= 4
+            results[name] = ev
+            log(f"  load {pipeline} M={m} {name}: {ev['affected_streams']} streams, p99 {ev['ack_ms_p99']} ms, {ev['pushes_per_event']} pushes")
+        result["events"] = results
+        result["by_type_pushes"] = {f"{t}/{r}": n for (t, r), n in sorted(cp.server.counters.items())}
+        if envoy is not None:
+            result["envoy"] = {"node": nodes[0], "alive": envoy.proc.alive(), "nacks": len(cp.server.nacks())}
+    finally:
+        if envoy is not None:
+            envoy.stop()
+        if proc.stdin:
+            proc.stdin.close()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+        await grpc_server.stop(grace=0.5)
+        tmp.cleanup()
+    return result
