@@ -7,16 +7,17 @@ cluster without its CLA or secret only shows up as warming forever, so we check 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 from google.protobuf import any_pb2, symbol_database, wrappers_pb2
 from google.protobuf.message import Message
 
 from envoy.config.cluster.v3 import cluster_pb2
-from envoy.config.core.v3 import address_pb2
 from envoy.config.listener.v3 import listener_pb2
-from envoy.config.route.v3 import route_components_pb2
+from envoy.config.endpoint.v3 import endpoint_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
-from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
+from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 from xds.type.matcher.v3 import matcher_pb2
 
 _db = symbol_database.Default()
@@ -62,9 +63,43 @@ def walk(msg: Message) -> Iterator[Message]:
 
 
 def _matcher_actions(m: matcher_pb2.Matcher) -> Iterator[str]:
-    for node in walk(m):
-        if isinstance(node, wrappers_pb2.StringValue):
-            yield node.value
+    """Every action name of a matcher tree (or list), by direct recursion over its own fields."""
+    stack = [m]
+    while stack:
+        node = stack.pop()
+        ons: list[matcher_pb2.Matcher.OnMatch] = []
+        if node.HasField("matcher_tree"):
+            tree = node.matcher_tree
+            if tree.HasField("exact_match_map"):
+                ons.extend(tree.exact_match_map.map.values())
+            if tree.HasField("prefix_match_map"):
+                ons.extend(tree.prefix_match_map.map.values())
+        elif node.HasField("matcher_list"):
+            ons.extend(fm.on_match for fm in node.matcher_list.matchers)
+        if node.HasField("on_no_match"):
+            ons.append(node.on_no_match)
+        for on in ons:
+            if on.HasField("matcher"):
+                stack.append(on.matcher)
+            elif on.HasField("action") and on.action.typed_config.Is(wrappers_pb2.StringValue.DESCRIPTOR):
+                yield wrappers_pb2.StringValue.FromString(on.action.typed_config.value).value
+
+
+def _sds_names(ts: Any) -> Iterator[str]:
+    """Secret names a TLS transport socket references (both directions, every SDS slot)."""
+    cfg = ts.typed_config
+    if cfg.Is(tls_pb2.UpstreamTlsContext.DESCRIPTOR):
+        common = tls_pb2.UpstreamTlsContext.FromString(cfg.value).common_tls_context
+    elif cfg.Is(tls_pb2.DownstreamTlsContext.DESCRIPTOR):
+        common = tls_pb2.DownstreamTlsContext.FromString(cfg.value).common_tls_context
+    else:
+        return
+    for ref in common.tls_certificate_sds_secret_configs:
+        yield ref.name
+    if common.HasField("validation_context_sds_secret_config"):
+        yield common.validation_context_sds_secret_config.name
+    if common.HasField("combined_validation_context"):
+        yield common.combined_validation_context.validation_context_sds_secret_config.name
 
 
 def check(
@@ -73,10 +108,12 @@ def check(
     endpoint_names: Iterable[str],
     secret_names: Iterable[str],
 ) -> list[str]:
-    """Return one message per dangling reference (empty list: consistent)."""
+    """Return one message per dangling reference (empty list: consistent).
+
+    Looks only where references live (matcher actions, tcp_proxy and route clusters, TLS secret
+    slots, EDS names) instead of walking every field: the walk was most of translation time."""
     listeners, clusters = list(listeners), list(clusters)
     cluster_names = {c.name for c in clusters}
-    listener_names = {lis.name for lis in listeners}
     cla_names, secrets = set(endpoint_names), set(secret_names)
     problems: list[str] = []
     for lis in listeners:
@@ -85,26 +122,39 @@ def check(
             for action in _matcher_actions(lis.filter_chain_matcher):
                 if action not in chains:
                     problems.append(f"listener {lis.name}: matcher action names missing filter chain {action!r}")
-        for node in walk(lis):
-            if isinstance(node, tcp_proxy_pb2.TcpProxy) and node.cluster not in cluster_names:
-                problems.append(f"listener {lis.name}: tcp_proxy {node.stat_prefix!r} names missing cluster {node.cluster!r}")
-            elif isinstance(node, route_components_pb2.RouteAction) and node.cluster not in cluster_names:
-                problems.append(f"listener {lis.name}: route names missing cluster {node.cluster!r}")
-            elif isinstance(node, secret_pb2.SdsSecretConfig) and node.name not in secrets:
-                problems.append(f"listener {lis.name}: missing secret {node.name!r}")
+        all_chains = list(lis.filter_chains) + ([lis.default_filter_chain] if lis.HasField("default_filter_chain") else [])
+        for fc in all_chains:
+            if fc.HasField("transport_socket"):
+                problems += [f"listener {lis.name}: missing secret {n!r}" for n in _sds_names(fc.transport_socket) if n not in secrets]
+            for f in fc.filters:
+                cfg = f.typed_config
+                if cfg.Is(tcp_proxy_pb2.TcpProxy.DESCRIPTOR):
+                    tp = tcp_proxy_pb2.TcpProxy.FromString(cfg.value)
+                    targets = [tp.cluster] if tp.cluster else [w.name for w in tp.weighted_clusters.clusters]
+                    problems += [f"listener {lis.name}: tcp_proxy {tp.stat_prefix!r} names missing cluster {c!r}"
+                                 for c in targets if c not in cluster_names]
+                elif cfg.Is(hcm_pb2.HttpConnectionManager.DESCRIPTOR):
+                    hcm = hcm_pb2.HttpConnectionManager.FromString(cfg.value)
+                    for vh in hcm.route_config.virtual_hosts:
+                        for route in vh.routes:
+                            if route.HasField("route") and route.route.cluster and route.route.cluster not in cluster_names:
+                                problems.append(f"listener {lis.name}: route names missing cluster {route.route.cluster!r}")
     for c in clusters:
         if c.type == cluster_pb2.Cluster.EDS and (c.eds_cluster_config.service_name or c.name) not in cla_names:
             problems.append(f"cluster {c.name}: no ClusterLoadAssignment")
-        for node in walk(c):
-            if isinstance(node, secret_pb2.SdsSecretConfig) and node.name not in secrets:
-                problems.append(f"cluster {c.name}: missing secret {node.name!r}")
+        sockets = ([c.transport_socket] if c.HasField("transport_socket") else []) + [m.transport_socket for m in c.transport_socket_matches]
+        for ts in sockets:
+            problems += [f"cluster {c.name}: missing secret {n!r}" for n in _sds_names(ts) if n not in secrets]
     return problems
 
 
-def check_endpoints(claims: Iterable[Message], listener_names: set[str]) -> list[str]:
+def check_endpoints(claims: Iterable[endpoint_pb2.ClusterLoadAssignment], listener_names: set[str]) -> list[str]:
     problems = []
     for cla in claims:
-        for node in walk(cla):
-            if isinstance(node, address_pb2.EnvoyInternalAddress) and node.server_listener_name not in listener_names:
-                problems.append(f"endpoints {cla.cluster_name}: internal address names missing listener {node.server_listener_name!r}")  # type: ignore[attr-defined]
+        for group in cla.endpoints:
+            for lbe in group.lb_endpoints:
+                addr = lbe.endpoint.address
+                if addr.HasField("envoy_internal_address") and addr.envoy_internal_address.server_listener_name not in listener_names:
+                    problems.append(f"endpoints {cla.cluster_name}: internal address names missing listener "
+                                    f"{addr.envoy_internal_address.server_listener_name!r}")
     return problems
