@@ -18,10 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from xdsserver.app import ControlPlane, State
-from xdsserver.incremental import IncrementalTranslator
-from xdsserver.model.index import MeshIndex
-from xdsserver.sources.objects import InputErrors, build_model
+from xdsserver.app import ControlPlane
 from xdsserver.sources import SourceObject
 from xdsserver.xds.server import AdsServer, start_server
 
@@ -50,32 +47,14 @@ class TimedAds(AdsServer):
             self.acks[(conn.id, req.type_url, outcome.acked_nonce)] = self._clock()
 
 
-class IncrementalControlPlane(ControlPlane):
-    """ControlPlane whose rebuild goes through :class:`IncrementalTranslator` and hands the cache
-    only the nodes that changed (what app.py would do with the incremental layer wired in)."""
-
-    def __init__(self, **kw: Any) -> None:
-        super().__init__(**kw)
-        self.inc = IncrementalTranslator(self.flavor, self.certs)
+class FullRebuildControlPlane(ControlPlane):
+    """Baseline for comparison: every rebuild translates every node from scratch (the pipeline
+    before the incremental layer was wired into :class:`ControlPlane`)."""
 
     def rebuild(self) -> bool:
-        t0 = time.perf_counter()
-        try:
-            model = build_model(self.load_objects(), self.mesh, strict=self.strict)
-        except InputErrors as exc:
-            self._reject(str(exc))
-            return False
-        index = MeshIndex(model)
-        snaps = self.inc.snapshots(index)
-        changed = {n: snaps[n] for n in [*self.inc.stats.full, *self.inc.stats.patched]}
-        self.cache.set_snapshots(changed)
-        for gone in self.inc.stats.removed:
-            self.cache.remove_node(gone)
-        self.state = State(model, index, {}, time.time(), self.state.generation + 1, "")
-        self.metrics.translate_time.observe(time.perf_counter() - t0)
-        if not self.cache.ready:
-            self.cache.mark_ready()
-        return True
+        for node in list(self.snaps):
+            self.translator.forget(node)
+        return super().rebuild()
 
 
 def rss_bytes() -> int:
@@ -130,10 +109,11 @@ def _acked_versions(ads: AdsServer, node: str) -> dict[str, set[str]]:
 
 async def run_load(scale: bc.Scale, certs: Any, m: int, *, with_envoy: bool, pipeline: str = "today",
                    events: tuple[str, ...] | None = None, log: Any = print) -> dict[str, Any]:
-    """``pipeline``: "today" (ControlPlane.rebuild: every node translated) or "incremental"."""
+    """``pipeline``: "today" (the full-rebuild baseline: every node translated) or "incremental"
+    (the server's :class:`ControlPlane`)."""
     objs = bc.objects_for(scale)
     state = {"objs": objs}
-    cls = IncrementalControlPlane if pipeline == "incremental" else ControlPlane
+    cls = ControlPlane if pipeline == "incremental" else FullRebuildControlPlane
     cp = cls(load_objects=lambda: [SourceObject("synth", o) for o in state["objs"]], certs=certs)
     cp.server = TimedAds(cp.cache, metrics=cp.xds_metrics)
     t0 = time.perf_counter()

@@ -6,7 +6,7 @@ import gc
 import time
 from typing import Any
 
-from xdsserver.incremental import EDS, IncrementalTranslator, ResourceSet, serialize
+from xdsserver.incremental import IncrementalTranslator, ResourceSet, serialize
 from xdsserver.model import Flavor, Identity
 from xdsserver.model.index import MeshIndex, NodeView
 from xdsserver.translate import names, refcheck, translate
@@ -14,7 +14,7 @@ from xdsserver.translate.clusters import build_service_cluster
 from xdsserver.translate.endpoints import build_cla
 from xdsserver.translate.tunnel import build_outbound_tunnel_lis
 from xdsserver.xds.cache import SnapshotCache, SnapshotChange
-from xdsserver.xds.types import CLUSTER, ENDPOINT, LISTENER, SECRET, short
+from xdsserver.xds.types import CLUSTER, ENDPOINT, LISTENER, short
 
 from . import cluster as bc
 

@@ -170,7 +170,7 @@ def section(dump: dict[str, Any], short: str) -> list[dict[str, Any]]:
            "secrets": "SecretsConfigDump"}[short]
     for cfg in dump["configs"]:
         if cfg["@type"].endswith(key):
-            return next(v for k, v in cfg.items() if k.startswith("dynamic_"))
+            return next((v for k, v in cfg.items() if k.startswith("dynamic_")), [])  # [] until Envoy has some
     return []
 
 

@@ -23,8 +23,7 @@ from typing import Any
 
 import pytest
 
-from harness import Envoy, Proc, env_without_proxy, free_port, http_get, http_json, poll
-from harness import section as _harness_section
+from harness import Envoy, Proc, env_without_proxy, free_port, http_get, http_json, poll, section
 from kubeapi_thread import ThreadedStandIn, namespace, node, pod, service, service_account
 
 pytestmark = pytest.mark.envoy
@@ -35,13 +34,6 @@ TD = "cluster.local"
 TOKEN = "standin-admin-token"
 
 
-
-def section(dump: dict[str, Any], short: str) -> list[dict[str, Any]]:
-    """harness.section, but [] while Envoy has no dynamic entries of that kind yet."""
-    try:
-        return _harness_section(dump, short)
-    except StopIteration:
-        return []
 
 def sa_id(name: str, ns: str = "default") -> str:
     return f"spiffe://{TD}/ns/{ns}/sa/{name}"

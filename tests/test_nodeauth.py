@@ -31,8 +31,7 @@ import grpc
 import pytest
 from cryptography import x509
 
-from harness import Proc, env_without_proxy, free_port, http_get, http_json, poll
-from harness import section as _harness_section
+from harness import Proc, env_without_proxy, free_port, http_get, http_json, poll, section
 from kubeapi_thread import ThreadedStandIn, namespace, node, pod, service, service_account, ztunnel_pod
 from xdsclient import SotwClient
 from xdsserver.ca import CertificateAuthority, node_from_peer_cert, peer_uris
@@ -47,13 +46,6 @@ SERVER_NAME = "xdsserver"
 ENV = env_without_proxy()
 
 
-
-def section(dump: dict[str, Any], short: str) -> list[dict[str, Any]]:
-    """harness.section, but [] while Envoy has no dynamic entries of that kind yet."""
-    try:
-        return _harness_section(dump, short)
-    except StopIteration:
-        return []
 
 def sa_id(name: str, ns: str = "default") -> str:
     return f"spiffe://{TD}/ns/{ns}/sa/{name}"

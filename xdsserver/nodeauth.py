@@ -39,10 +39,10 @@ from typing import Any, Protocol
 
 import grpc
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from google.protobuf import json_format, struct_pb2
 
 from .ca import CertificateAuthority, node_from_peer_cert, peer_uris, workload_id
+from .ca.authority import issued_by
 from .ca.spiffe import validate_node_name
 from .nodecreds import AUDIENCE, DEFAULT_NODE_CERT_TTL, DEFAULT_SANS, DEFAULT_ZTUNNEL_SA, ISSUE_METHOD, add_serve_arguments
 from .sources import SourceObject
@@ -156,7 +156,7 @@ class NodeAuthorizer:
             leaf = x509.load_pem_x509_certificate(peer_pem)
         except ValueError:
             return grpc.StatusCode.UNAUTHENTICATED, "the client certificate cannot be parsed"
-        if not any(_issued_by(leaf, issuer) for issuer in self._issuers):
+        if not any(issued_by(leaf, issuer) for issuer in self._issuers):
             return grpc.StatusCode.PERMISSION_DENIED, "the client certificate was not issued by this xdsserver's CA"
         now = datetime.now(timezone.utc)
         if not leaf.not_valid_before_utc <= now <= leaf.not_valid_after_utc:
@@ -188,14 +188,6 @@ class NodeAuthorizer:
             log.warning("refused xDS stream from %s (node id %r, NODE_NAME %r): %s", context.peer(), node.id, claimed, reason)
             await context.abort(code, reason)
         return claimed
-
-
-def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
-    try:
-        cert.verify_directly_issued_by(issuer)
-    except (ValueError, TypeError, InvalidSignature):
-        return False
-    return True
 
 
 def _ztunnel_spiffe(ca: CertificateAuthority, args: Any) -> str:

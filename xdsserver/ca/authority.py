@@ -75,7 +75,8 @@ def _is_ca(cert: x509.Certificate) -> bool:
         return False
 
 
-def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+def issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    """Whether ``issuer``'s key signed ``cert`` (no chain building, no time checks)."""
     try:
         cert.verify_directly_issued_by(issuer)
     except (ValueError, TypeError, InvalidSignature):
@@ -441,7 +442,7 @@ class CertificateAuthority:
         parse_workload_id(uris[0], trust_domain=self._trust_domain)
         if path.name != _cache_file_name(uris[0]):
             raise ValueError(f"file name does not match its SPIFFE ID {uris[0]}")
-        if not _issued_by(leaf, self._signing_cert):
+        if not issued_by(leaf, self._signing_cert):
             raise ValueError("not issued by the current CA (root changed?)")
         if _spki(key.public_key()) != _spki(leaf.public_key()):
             raise ValueError("private key does not match the certificate")
@@ -539,12 +540,12 @@ def _parse_signing(
         root = signing
     path = [signing, *chain] if root == signing else [signing, *chain, root]
     for child, parent in zip(path, path[1:]):
-        if not _issued_by(child, parent):
+        if not issued_by(child, parent):
             raise ValueError(
                 f"{cert_source}: certificate {child.subject.rfc4514_string()!r} is not signed by "
                 f"{parent.subject.rfc4514_string()!r}"
             )
-    if not _issued_by(root, root):
+    if not issued_by(root, root):
         raise ValueError(
             f"{cert_source}: no self-signed root; pass the trust anchor as root_pem "
             f"(last certificate is {root.subject.rfc4514_string()!r})"
