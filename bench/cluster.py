@@ -10,7 +10,7 @@ from typing import Any
 from xdsserver import synth
 from xdsserver.model.index import MeshIndex
 from xdsserver.sources import SourceObject
-from xdsserver.sources.objects import build_model
+from xdsserver.sources.objects import ValidationMemo, build_model
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,7 @@ class Scale:
 
 SCALES = {
     "small": Scale("small", 10, 300, 100),
-    "large": Scale("large", 100, 10_000, 1_000, sample_nodes=1, run_load=False, identity_sample=4),
+    "large": Scale("large", 100, 10_000, 1_000, identity_sample=4),
 }
 
 
@@ -39,8 +39,11 @@ def objects_for(scale: Scale) -> list[dict[str, Any]]:
     return [o for name in synth.FILES for o in files[name]]
 
 
-def index_of(objs: list[dict[str, Any]]) -> MeshIndex:
-    return MeshIndex(build_model([SourceObject("synth", o) for o in objs]))
+def index_of(objs: list[dict[str, Any]], memo: ValidationMemo | None = None) -> MeshIndex:
+    """Model + index, with the lookups translation needs computed here (they are model work)."""
+    index = MeshIndex(build_model([SourceObject("synth", o) for o in objs], memo=memo))
+    index.targets, index.workloads_by_node  # noqa: B018 (cached properties)
+    return index
 
 
 # -- events: each returns (new objects, a description) and leaves the input untouched --------------

@@ -84,7 +84,7 @@ def run_scale(scale: bc.Scale, *, load: bool, load_m: tuple[int, ...] | None, en
     rs = one.pop("_rs")
     out["one_node"] = one
     log(f"[{scale.name}] one node {node}: {one['total_ms']} ms, {one['bytes']} bytes")
-    out["bytes_2022"] = tr.layout_2022(index, node, rs, scale.identity_sample)
+    out["bytes_2022"] = tr.layout_2022(index, node, rs, scale.identity_sample, certs)
     log(f"[{scale.name}] bytes vs 2022: ratio {out['bytes_2022']['ratio']}")
     del rs
     out["all_nodes"] = tr.all_nodes(index, certs, scale.sample_nodes, one)

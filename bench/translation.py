@@ -9,7 +9,7 @@ from typing import Any
 from xdsserver.incremental import IncrementalTranslator, ResourceSet, serialize
 from xdsserver.model import Flavor, Identity
 from xdsserver.model.index import MeshIndex, NodeView
-from xdsserver.translate import names, refcheck, translate
+from xdsserver.translate import names, refcheck, service_clusters, translate
 from xdsserver.translate.clusters import build_service_cluster
 from xdsserver.translate.endpoints import build_cla
 from xdsserver.translate.tunnel import build_outbound_tunnel_lis
@@ -106,15 +106,13 @@ def unexplained(old: MeshIndex, new: MeshIndex, node: str, change: SnapshotChang
     local_shape = _wl_shapes(old, node) != _wl_shapes(new, node)
     view = new.node_view(node)
     old_backends = {(t.service.key, t.port.name): t.backends for t in old.targets}
-    cla_ok = set()
-    for ident in view.local_identities:
-        for t in view.targets:
-            if old_backends.get((t.service.key, t.port.name)) != t.backends:
-                cla_ok.add(names.service_cluster(ident, t.port.name, t.hostname))
+    cla_ok = {name for name, (_, i) in service_clusters(view, FLAVOR).items()
+              if old_backends.get((view.targets[i].service.key, view.targets[i].port.name)) != view.targets[i].backends}
     for t, names_ in change.changed.items():
         for name in sorted(names_):
-            if t == LISTENER:
-                ok = (name == names.ZTUNNEL_OUTBOUND and (global_shape or local_shape)) or (
+            if t == LISTENER:  # stage 1 holds local source IPs; stage 2 every destination
+                ok = (name == names.ZTUNNEL_OUTBOUND and local_shape) or (
+                    name == names.OUTBOUND_DISPATCH and global_shape) or (
                     name in (names.ZTUNNEL_INBOUND, names.ZTUNNEL_INBOUND_PLAINTEXT) and local_shape)
             elif t == ENDPOINT:
                 ok = name in cla_ok
@@ -153,10 +151,13 @@ def incremental(objs: list[dict[str, Any]], index: MeshIndex, certs: Any, sample
     base = inc.snapshots(index, nodes)
     out: dict[str, Any] = {"nodes_measured": len(nodes), "projected": len(nodes) < len(index.node_names), "events": {}}
     factor = len(index.node_names) / len(nodes)
+    warm = bc.ValidationMemo()
+    bc.index_of(objs, warm)  # the server's memo after the base state was loaded
     for name, event in bc.EVENTS.items():
         new_objs, what = event(objs, index)
+        memo = warm.copy()
         t0 = time.perf_counter()
-        new_index = bc.index_of(new_objs)
+        new_index = bc.index_of(new_objs, memo)
         t_model = time.perf_counter() - t0
         # incremental, from the base memo (a fresh copy of the memo per event)
         inc_e = IncrementalTranslator(FLAVOR, certs)
@@ -202,11 +203,14 @@ def _same(a: ResourceSet, b: ResourceSet) -> bool:
 
 
 # -- bytes vs the 2022 layout -------------------------------------------------------------------------
+LEGACY = Flavor.ISTIO_2022  # the 2022 generator's shape: identity x service cross products
+
+
 def _identity_extra(view: NodeView, ident: Identity) -> int:
     """What 2022 adds on this node for a non-local identity: its internal listener, one service
     cluster per TCP service port and that cluster's CLA (ztunnel-config.md §10: LDS 3 + I,
     CDS I*P + 3*I_local + 5, EDS I*P)."""
-    n = len(build_outbound_tunnel_lis(ident, FLAVOR).SerializeToString(deterministic=True))
+    n = len(build_outbound_tunnel_lis(ident, LEGACY).SerializeToString(deterministic=True))
     seen = set()
     for t in view.targets:
         name = names.service_cluster(ident, t.port.name, t.hostname)
@@ -214,29 +218,32 @@ def _identity_extra(view: NodeView, ident: Identity) -> int:
             continue
         seen.add(name)
         n += len(build_service_cluster(name).SerializeToString(deterministic=True))
-        n += len(build_cla(name, ident, t, view.node_name).SerializeToString(deterministic=True))
+        n += len(build_cla(name, names.outbound_tunnel_lis(ident), t, view.node_name).SerializeToString(deterministic=True))
     return n
 
 
-def layout_2022(index: MeshIndex, node: str, ours: ResourceSet, sample: int | None) -> dict[str, Any]:
+def layout_2022(index: MeshIndex, node: str, ours: ResourceSet, sample: int | None, certs: Any = None) -> dict[str, Any]:
     """Bytes of this node's config vs what the 2022 generator would send it, in the same run.
 
-    Method: 2022 = our resources (listeners, clusters, endpoints; SDS excluded on both sides as 2022
-    fetched certificates from the node agent) + for every identity that is *not* node-local, the
-    internal listener, service clusters and CLAs 2022 also emitted (D1). This equals translating a
-    NodeView whose ``local_identities`` is every identity and dropping the tunnel clusters and
-    secrets of the non-local ones. With ``sample`` the per-identity extra is measured on that many
-    non-local identities (evenly spread) and scaled to all of them (sizes differ only by the length
-    of the identity string)."""
+    Method: 2022 = this node translated in the ``istio-2022`` flavor (the 2022 shape: per source
+    identity x service port chains, clusters and CLAs, per (source, destination) pod chains), plus
+    for every identity that is *not* node-local the internal listener, service clusters and CLAs
+    2022 also emitted (D1 undone). SDS is excluded on both sides (2022 fetched certificates from the
+    node agent). With ``sample`` the per-identity extra is measured on that many non-local
+    identities (evenly spread) and scaled to all of them (sizes differ only by the length of the
+    identity string)."""
     view = index.node_view(node)
     local = set(view.local_identities)
     others = sorted({w.identity for w in index.workloads} - local)
     picked = others if sample is None or sample >= len(others) else [others[i * len(others) // sample] for i in range(sample)]
     t0 = time.perf_counter()
+    legacy = translate(view, LEGACY, certs, check=False)
+    legacy_local = sum(len(m.SerializeToString(deterministic=True)) for group in (legacy.listeners, legacy.clusters, legacy.endpoints) for m in group)
+    del legacy
     extra = sum(_identity_extra(view, i) for i in picked)
     extra_all = int(extra * len(others) / len(picked)) if picked else 0
     ours_b = sum(len(b) for t in (LISTENER, CLUSTER, ENDPOINT) for _, b in ours.get(t, []))
-    total_2022 = ours_b + extra_all
+    total_2022 = legacy_local + extra_all
     return {
         "node": node,
         "identities_cluster_wide": len(others) + len(local),
@@ -244,8 +251,10 @@ def layout_2022(index: MeshIndex, node: str, ours: ResourceSet, sample: int | No
         "identities_measured": len(picked),
         "projected": len(picked) < len(others),
         "ours_bytes": ours_b,
+        "bytes_2022_local_identities": legacy_local,
         "bytes_2022": total_2022,
         "ratio": round(ours_b / total_2022, 4) if total_2022 else None,
         "outbound_listener_bytes": len(next(b for n, b in ours[LISTENER] if n == names.ZTUNNEL_OUTBOUND)),
+        "dispatch_listener_bytes": len(next((b for n, b in ours[LISTENER] if n == names.OUTBOUND_DISPATCH), b"")),
         "ms": _ms(time.perf_counter() - t0),
     }

@@ -12,6 +12,7 @@ import pytest
 
 from xdsserver import cli
 from xdsserver.model import Flavor
+from xdsserver.translate import names
 
 REPO = Path(__file__).resolve().parent.parent
 GOLDEN = REPO / "golden"
@@ -115,4 +116,4 @@ def test_unknown_node_warns_and_emits_an_empty_node(capsys: pytest.CaptureFixtur
     out, err = capsys.readouterr()
     assert rc == 0
     assert "warning: node 'ambient-worker9' is not named by any Node or Pod" in err
-    assert "outbound_tunnel_lis_" not in out and '"ROOTCA"' in out
+    assert "outbound_tunnel_lis" not in out and names.OUTBOUND_DISPATCH not in out and '"ROOTCA"' in out

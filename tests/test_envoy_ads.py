@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from xdsserver.dump import normalize
+from xdsserver.translate import names
 
 from harness import Envoy, Serve, poll, section
 
@@ -86,17 +87,17 @@ def _pod(docs, name_prefix):
     return next(d for d in docs if d["kind"] == "Pod" and d["metadata"]["name"].startswith(name_prefix))
 
 
-def _cla(envoy: Envoy, cluster_suffix: str) -> list[str]:
+def _cla(envoy: Envoy, cluster_name: str) -> list[str]:
     for item in section(envoy.config_dump(), "endpoints"):
         cla = item["endpoint_config"]
-        if cla.get("cluster_name", "").endswith(cluster_suffix):
+        if cla.get("cluster_name", "") == cluster_name:
             eps = [lb["endpoint"]["address"] for g in cla.get("endpoints", []) for lb in g.get("lb_endpoints", [])]
             return sorted(a.get("envoy_internal_address", {}).get("endpoint_id") or
                           f"{a['socket_address']['address']}:{a['socket_address']['port_value']}" for a in eps)
     return []
 
 
-REVIEWS = "bookinfo-productpage_to_http_reviews.default.svc.cluster.local_outbound_internal"
+REVIEWS = names.service_port_cluster("http", "reviews.default.svc.cluster.local")  # shared by every local source identity
 
 
 def test_manifest_edits_reach_envoy_without_restart(workdir: Path, serve: Serve) -> None:
@@ -125,19 +126,21 @@ def test_manifest_edits_reach_envoy_without_restart(workdir: Path, serve: Serve)
         _edit(apps, add_pod)
         poll(lambda: "10.244.1.24:9080" in _cla(e, REVIEWS), what="new reviews pod in Envoy's EDS")
 
-        # 3. change a Service port: the outbound matcher follows (LDS)
+        # 3. change a Service port: the outbound matcher follows (LDS); in the stock layout the
+        # destination -> port map is stage 2's (ztunnel_outbound_dispatch)
+        def dispatch_has(port: str) -> bool:
+            for item in section(e.config_dump(), "listeners"):
+                if item["name"] == names.OUTBOUND_DISPATCH:
+                    return f'"{port}"' in json.dumps(item)
+            return False
+        assert dispatch_has("9080") and not dispatch_has("9081")
+
         def port(docs):
             svc = next(d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "reviews")
             svc["spec"]["ports"][0]["port"] = 9081
             return docs
         _edit(apps, port)
-
-        def listener_has_9081() -> bool:
-            for item in section(e.config_dump(), "listeners"):
-                if item["name"] == "ztunnel_outbound":
-                    return '"9081"' in json.dumps(item)
-            return False
-        poll(listener_has_9081, what="port 9081 in ztunnel_outbound")
+        poll(lambda: dispatch_has("9081"), what=f"port 9081 in {names.OUTBOUND_DISPATCH}")
 
         # 4. remove a pod: gone from EDS
         _edit(apps, lambda docs: [d for d in docs if not d["metadata"]["name"].startswith("reviews-v3")])
@@ -166,7 +169,7 @@ def test_invalid_edit_keeps_last_good(workdir: Path, serve: Serve) -> None:
         assert reg["generation"] == gen
         assert "broken.yaml" in reg["last_error"] and "Pod default/x" in reg["last_error"]
         assert versions == {r["type"]: r["acked_version"] for r in serve.get("/debug/syncz") if r["node"] == e.node}
-        assert len(e.listener_names()) == 5
+        assert len(e.listener_names()) == 3 + 2  # capture/inbound listeners + ztunnel_outbound_dispatch + outbound_tunnel_lis
     finally:
         e.stop()
 
@@ -213,7 +216,7 @@ def test_server_restart_keeps_envoy_config_and_resyncs(workdir: Path, serve: Ser
     try:
         poll(lambda: synced(serve, e.node), what="initial sync", timeout=30)
         n_listeners = len(e.listener_names())
-        assert n_listeners == 6
+        assert n_listeners == 3 + 2  # capture/inbound listeners + ztunnel_outbound_dispatch + outbound_tunnel_lis
         serve.stop()
         # while the control plane is down Envoy keeps serving its config
         poll(lambda: e.stats("control_plane.connected_state").get("control_plane.connected_state") == 0, what="Envoy notices")

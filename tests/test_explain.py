@@ -14,7 +14,8 @@ import pytest
 import yaml
 
 from xdsserver.explain import Explanation, explain
-from xdsserver.model import Flavor
+from xdsserver.model import Flavor, Identity
+from xdsserver.translate import names
 from xdsserver.pipeline import CaCerts, Cluster, build_cluster, ephemeral_certs
 
 GOLDEN = Path(__file__).resolve().parent.parent / "golden"
@@ -22,7 +23,15 @@ FLAVORS = list(Flavor)
 SA = "spiffe://cluster.local/ns/{}/sa/{}".format
 PRODUCTPAGE, REVIEWS = SA("default", "bookinfo-productpage"), SA("default", "bookinfo-reviews")
 CLIENT, SERVER = SA("ambient", "client"), SA("ambient", "server")
-REVIEWS_CHAIN = f"{PRODUCTPAGE}_to_http_reviews.default.svc.cluster.local_outbound_internal"
+REVIEWS_CHAIN = f"{PRODUCTPAGE}_to_http_reviews.default.svc.cluster.local_outbound_internal"  # istio-2022
+ID = {s: Identity("cluster.local", ns, sa) for s, (ns, sa) in {PRODUCTPAGE: ("default", "bookinfo-productpage"),
+      REVIEWS: ("default", "bookinfo-reviews"), CLIENT: ("ambient", "client"), SERVER: ("ambient", "server")}.items()}
+DISPATCH = names.OUTBOUND_DISPATCH
+
+
+def stage1_hop(src: str) -> str:
+    """Stock flavor: the hop from the source identity's chain on ztunnel_outbound to stage 2."""
+    return f"ztunnel_outbound chain {names.source_chain(ID[src])} -> cluster {DISPATCH} -> internal listener {DISPATCH}"
 
 
 @cache
@@ -46,9 +55,13 @@ def run(name: str, node: str, src: str, dst: str, flavor: Flavor = Flavor.ENVOY)
 def test_productpage_to_reviews_vip(flavor: Flavor) -> None:
     ex = run("bookinfo", "ambient-worker2", "10.244.2.3", "10.96.183.192:9080", flavor)
     assert ex.verdict == "tunnel", ex.text()
+    stock = flavor is Flavor.ENVOY
+    stage2 = f"{DISPATCH}: " if stock else ""
     assert ex.matched == ["port 9080 not listed -> on_no_match", "source-ip 10.244.2.3 matched",
-                          "ip 10.96.183.192 matched", "port 9080 matched"]
-    assert ex.chain == ex.cluster == REVIEWS_CHAIN
+                          f"{stage2}ip 10.96.183.192 matched", f"{stage2}port 9080 matched"]
+    assert ex.hops == ([stage1_hop(PRODUCTPAGE)] if stock else [])
+    service_cluster = names.service_port_cluster("http", "reviews.default.svc.cluster.local") if stock else REVIEWS_CHAIN
+    assert ex.chain == ex.cluster == service_cluster
     assert ex.client_identity == PRODUCTPAGE
     # the three reviews pods: 15008 to the other node, 15088 on the same node
     assert sorted((e.tunnel_address, e.destination, e.endpoint_id) for e in ex.endpoints) == [
@@ -57,10 +70,11 @@ def test_productpage_to_reviews_vip(flavor: Flavor) -> None:
         ("10.244.2.23:15088", "10.244.2.23:9080", "10.244.2.23:9080"),
     ]
     assert {e.server_identity for e in ex.endpoints} == {REVIEWS}
-    assert {e.internal_listener for e in ex.endpoints} == {f"outbound_tunnel_lis_{PRODUCTPAGE}"}
+    tunnel_listener = names.OUTBOUND_TUNNEL_LIS if stock else f"outbound_tunnel_lis_{PRODUCTPAGE}"
+    assert {e.internal_listener for e in ex.endpoints} == {tunnel_listener}
     assert not any(e.plain for e in ex.endpoints)
-    assert ex.tunnel_listener == f"outbound_tunnel_lis_{PRODUCTPAGE}"
-    assert ex.tunnel_cluster == f"outbound_tunnel_clus_{PRODUCTPAGE}"
+    assert ex.tunnel_listener == tunnel_listener
+    assert ex.tunnel_cluster == f"outbound_tunnel_clus_{PRODUCTPAGE}"  # stock: resolved from the source identity
     # the destination side, on each pod's own node
     assert sorted((ib.node, ib.chain, ib.final_destination) for ib in ex.inbound) == [
         ("ambient-worker", "inbound_10.244.1.23", "10.244.1.23:9080"),
@@ -73,7 +87,7 @@ def test_productpage_to_reviews_vip(flavor: Flavor) -> None:
         assert re.fullmatch(ib.destination_guard, ib.final_destination)
     text = ex.text()
     for needle in ("10.244.1.23:15008", "10.244.2.22:15088", "10.244.2.23:15088", f"client identity (client cert): {PRODUCTPAGE}",
-                   f"expected server {REVIEWS}", "verdict: tunnel"):
+                   f"expected server {REVIEWS}", "verdict: tunnel", *(f"via: {h}" for h in ex.hops)):
         assert needle in text
 
 
@@ -84,7 +98,13 @@ def test_productpage_to_reviews_vip(flavor: Flavor) -> None:
 def test_client_to_server_pod_ip(flavor: Flavor) -> None:
     ex = run("client-server", "ambient-worker", "10.244.1.4", "10.244.2.5:8080", flavor)
     assert ex.verdict == "tunnel", ex.text()
-    assert ex.chain == f"fc-outbound_pod_tunnel_clus_{CLIENT}_to_{SERVER}"
+    if flavor is Flavor.ENVOY:  # stage 2's chain per destination identity; the cluster is resolved per source
+        assert ex.hops == [stage1_hop(CLIENT)]
+        assert ex.matched[-1] == f"{DISPATCH}: ip 10.244.2.5 matched"
+        assert ex.chain == names.dst_pod_chain(ID[SERVER], same_node=False)
+    else:
+        assert ex.hops == []
+        assert ex.chain == f"fc-outbound_pod_tunnel_clus_{CLIENT}_to_{SERVER}"
     assert ex.cluster == ex.tunnel_cluster == f"outbound_pod_tunnel_clus_{CLIENT}"
     assert ex.client_identity == CLIENT and ex.expected_server_identity == SERVER
     [ep] = ex.endpoints
@@ -105,7 +125,10 @@ def test_client_to_server_vip() -> None:
 def test_same_node_pod_ip_uses_15088() -> None:
     ex = run("bookinfo", "ambient-worker2", "10.244.2.3", "10.244.2.22:9080")
     assert ex.verdict == "tunnel"
-    assert ex.chain == f"fc-outbound_pod_local_tunnel_clus_{PRODUCTPAGE}_to_{REVIEWS}"
+    assert ex.hops == [stage1_hop(PRODUCTPAGE)]
+    assert ex.chain == names.dst_pod_chain(ID[REVIEWS], same_node=True)
+    assert ex.cluster == ex.tunnel_cluster == names.outbound_pod_local_tunnel_clus(ID[PRODUCTPAGE])
+    assert ex.client_identity == PRODUCTPAGE and ex.expected_server_identity == REVIEWS
     assert [e.tunnel_address for e in ex.endpoints] == ["10.244.2.22:15088"]
     assert "same node" in ex.reason
     assert [(ib.node, ib.chain) for ib in ex.inbound] == [("ambient-worker2", "inbound_10.244.2.22")]
@@ -118,7 +141,9 @@ def test_destination_outside_the_mesh_passes_through() -> None:
     ex = run("bookinfo", "ambient-worker2", "10.244.2.3", "1.1.1.1:443")
     assert ex.verdict == "passthrough"
     assert ex.chain == "PassthroughFilterChain" and ex.cluster == "PassthroughCluster"
-    assert ex.matched[-2:] == ["ip 1.1.1.1 not listed, no on_no_match", "-> default_filter_chain"]
+    # a known source: decided by stage 2's default chain (ALLOW_ANY)
+    assert ex.hops == [stage1_hop(PRODUCTPAGE)]
+    assert ex.matched[-2:] == [f"{DISPATCH}: ip 1.1.1.1 not listed, no on_no_match", f"{DISPATCH}: -> default_filter_chain"]
     assert not ex.endpoints and not ex.inbound
 
 
@@ -133,6 +158,7 @@ def test_non_enrolled_source_passes_through() -> None:
     assert ex.verdict == "passthrough"
     assert ex.matched == ["port 9080 not listed -> on_no_match", "source-ip 10.244.1.5 not listed -> on_no_match"]
     assert ex.chain == "PassthroughFilterChain" and not ex.client_identity
+    assert ex.hops == []  # an unknown source never reaches stage 2
 
 
 def test_capture_port_is_blackholed() -> None:
@@ -140,6 +166,7 @@ def test_capture_port_is_blackholed() -> None:
     assert ex.verdict == "blackhole"
     assert ex.matched == ["port 15001 matched"]
     assert ex.chain == "blackhole outbound" and ex.cluster == "BlackHoleCluster"
+    assert ex.hops == []
 
 
 def _write(tmp_path: Path, docs: list[dict[str, Any]]) -> Path:
@@ -169,6 +196,7 @@ def test_registry_only_rejects_unknown_destination(tmp_path: Path) -> None:
                       Flavor.ENVOY, certs())
     ex = explain(c.nodes, "n1", "10.0.1.1", "1.1.1.1:443")
     assert ex.verdict == "rejected" and "no default chain" in ex.reason
+    assert ex.reason.startswith(f"{DISPATCH}: ")  # the known source got through stage 1; stage 2 refused
     assert explain(c.nodes, "n1", "10.0.1.1", "10.96.0.1:80").verdict == "tunnel"
     assert explain(c.nodes, "n1", "10.0.1.9", "1.1.1.1:443").verdict == "passthrough"  # unknown source
 

@@ -23,6 +23,9 @@ from typing import Any
 
 import pytest
 
+from xdsserver.model import Identity
+from xdsserver.translate import names
+
 from harness import Envoy, Proc, env_without_proxy, free_port, http_get, http_json, poll, section
 from kubeapi_thread import ThreadedStandIn, namespace, node, pod, service, service_account
 
@@ -39,8 +42,15 @@ def sa_id(name: str, ns: str = "default") -> str:
     return f"spiffe://{TD}/ns/{ns}/sa/{name}"
 
 
-def svc_cluster(src_sa: str, svc: str, ns: str = "default", src_ns: str = "default", port_name: str = "http") -> str:
-    return f"{sa_id(src_sa, src_ns)}_to_{port_name}_{svc}.{ns}.svc.cluster.local_outbound_internal"
+def svc_cluster(svc: str, ns: str = "default", port_name: str = "http") -> str:
+    """Stock flavor: one service cluster per service port, shared by every source identity."""
+    return names.service_port_cluster(port_name, f"{svc}.{ns}.svc.cluster.local")
+
+
+def tunnel_clusters(name: str, ns: str = "default") -> set[str]:
+    """The three per-identity tunnel clusters (the identity's client certificate)."""
+    i = Identity(TD, ns, name)
+    return {names.outbound_tunnel_clus(i), names.outbound_pod_tunnel_clus(i), names.outbound_pod_local_tunnel_clus(i)}
 
 
 class Ztunnel:
@@ -140,12 +150,14 @@ def test_envoy_follows_the_kubernetes_api(kube: ThreadedStandIn, tmp_path: Path)
 
         envoy = Envoy(tmp_path, "node-1", xds_port)
         z = Ztunnel(envoy)
-        to_httpbin = svc_cluster("sleep", "httpbin")
+        to_httpbin = svc_cluster("httpbin")
 
         # ---- initial state: node-1's identities only; shop is not enrolled
         poll(lambda: z.secrets() == ["ROOTCA", sa_id("httpbin"), sa_id("sleep")], what="initial secrets", timeout=30)
         poll(lambda: z.endpoints(to_httpbin) == ["10.244.0.6:8080", "10.244.1.6:8080"], what="initial EDS")
-        to_web = svc_cluster("sleep", "web", ns="shop")
+        assert tunnel_clusters("sleep") | tunnel_clusters("httpbin") <= z.clusters()
+        assert not tunnel_clusters("web", "shop") & z.clusters()
+        to_web = svc_cluster("web", ns="shop")
         poll(lambda: z.endpoints(to_web) == ["plain 10.244.0.9:8080"], what="non-mesh service: plain endpoints")
 
         # ---- pods: create, update (not ready), delete
@@ -160,7 +172,7 @@ def test_envoy_follows_the_kubernetes_api(kube: ThreadedStandIn, tmp_path: Path)
         poll(lambda: z.endpoints(to_httpbin) == ["10.244.0.6:8080", "10.244.1.7:8080"], what="deleted pod leaves EDS")
 
         # ---- services: create, update, delete
-        to_echo = svc_cluster("sleep", "echo")
+        to_echo = svc_cluster("echo")
         kube.create(service("echo", "10.96.0.30", selector={"app": "httpbin"}, target=9090))
         poll(lambda: z.endpoints(to_echo) == ["10.244.0.6:9090", "10.244.1.7:9090"], what="created service")
         kube.update(service("echo", "10.96.0.30", selector={"app": "sleep"}, target=9090))
@@ -187,7 +199,7 @@ def test_envoy_follows_the_kubernetes_api(kube: ThreadedStandIn, tmp_path: Path)
         poll(lambda: z.secrets() == ["ROOTCA", sa_id("httpbin"), sa_id("sleep"), sa_id("web", "shop")],
              what="enrolled namespace's identity")
         poll(lambda: z.endpoints(to_web) == ["10.244.0.9:8080"], what="enrolled service reached over HBONE")
-        assert z.endpoints(svc_cluster("web", "web", ns="shop", src_ns="shop")) == ["10.244.0.9:8080"]
+        assert tunnel_clusters("web", "shop") <= z.clusters()  # the newly enrolled identity can originate HBONE
         kube.update(namespace("default", enrolled=False))
         # Envoy keeps secrets referenced by draining listeners (drain time), so what it must
         # lose at once are the clusters of those identities; the server stops sending their keys.
@@ -202,7 +214,7 @@ def test_envoy_follows_the_kubernetes_api(kube: ThreadedStandIn, tmp_path: Path)
         kube.create(service_account("ratings"))
         kube.create(pod("ratings-0", "10.244.1.9", node_name="node-2", sa="ratings"))
         kube.create(service("ratings", "10.96.0.40"))
-        poll(lambda: z.endpoints(svc_cluster("sleep", "ratings")) == ["10.244.1.9:8080"], what="ratings as a destination")
+        poll(lambda: z.endpoints(svc_cluster("ratings")) == ["10.244.1.9:8080"], what="ratings as a destination")
         assert sa_id("ratings") not in z.secrets()
         assert sa_id("ratings") in server_secrets(debug, "node-2")
 

@@ -406,7 +406,7 @@ class TestBookinfo:
 
         def reviews_hosts() -> set[str]:  # endpoints of the reviews service cluster (EDS) on the client's ztunnel
             lines = lab.envoy_admin("ambient-worker2", "/clusters").splitlines()
-            return {l.split("::")[1] for l in lines if "sa/bookinfo-productpage_to_http_reviews.default" in l and "::cx_total::" in l}
+            return {l.split("::")[1] for l in lines if "to_http_reviews.default" in l and "::cx_total::" in l}
 
         def settled() -> bool:
             h = reviews_hosts()

@@ -28,6 +28,7 @@ from google.protobuf.message import Message
 
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
+from envoy.extensions.filters.common.set_filter_state.v3 import value_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 from envoy.extensions.filters.network.set_filter_state.v3 import set_filter_state_pb2
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
@@ -36,12 +37,12 @@ from xds.type.matcher.v3 import matcher_pb2
 
 from xdsserver import translate as translate_pkg
 from xdsserver.dump import dump_json, render
-from xdsserver.model import Flavor
+from xdsserver.model import Flavor, Identity
 from xdsserver.model.index import MeshIndex
 from xdsserver.pipeline import CaCerts, build_cluster, ephemeral_certs
 from xdsserver.sources.manifests import load_model, read_objects
 from xdsserver.sources.objects import build_model
-from xdsserver.translate import NodeResources, TranslationError, refcheck, translate
+from xdsserver.translate import NodeResources, TranslationError, names, refcheck, translate
 
 REPO = Path(__file__).resolve().parent.parent
 GOLDEN = REPO / "golden"
@@ -132,22 +133,87 @@ def action_name(on_match: matcher_pb2.Matcher.OnMatch) -> str:
     return v.value
 
 
-def matcher_sources(res: NodeResources) -> dict[str, dict[str, Any]]:
-    """source IP -> destination key -> chain name | {port: chain name}, read back from the proto."""
+def _destinations(m: matcher_pb2.Matcher) -> dict[str, Any]:
+    """destination IP -> chain name | {port: chain name} of a destination-IP matcher."""
+    dsts: dict[str, Any] = {}
+    for dst, dom in m.matcher_tree.exact_match_map.map.items():
+        if dom.HasField("matcher"):
+            dsts[dst] = {p: action_name(pm) for p, pm in dom.matcher.matcher_tree.exact_match_map.map.items()}
+        else:
+            dsts[dst] = action_name(dom)
+    return dsts
+
+
+def _source_matches(res: NodeResources) -> dict[str, matcher_pb2.Matcher.OnMatch]:
     root = listener(res, "ztunnel_outbound").filter_chain_matcher
     src_m = root.on_no_match
     if not src_m.HasField("matcher"):
         return {}
-    out: dict[str, dict[str, Any]] = {}
-    for src, om in src_m.matcher.matcher_tree.exact_match_map.map.items():
-        dsts: dict[str, Any] = {}
-        for dst, dom in om.matcher.matcher_tree.exact_match_map.map.items():
-            if dom.HasField("matcher"):
-                dsts[dst] = {p: action_name(pm) for p, pm in dom.matcher.matcher_tree.exact_match_map.map.items()}
-            else:
-                dsts[dst] = action_name(dom)
-        out[src] = dsts
+    return dict(src_m.matcher.matcher_tree.exact_match_map.map.items())
+
+
+def source_chains(res: NodeResources) -> dict[str, str]:
+    """Stock flavor, stage 1: source IP -> the chain it goes to (a direct action, no sub-matcher)."""
+    out = {}
+    for src, om in _source_matches(res).items():
+        assert om.HasField("action") and not om.HasField("matcher"), src
+        out[src] = action_name(om)
     return out
+
+
+def dispatch_map(res: NodeResources) -> dict[str, Any]:
+    """Stock flavor, stage 2 (``ztunnel_outbound_dispatch``): destination IP -> chain | {port: chain}."""
+    lis = next((x for x in res.listeners if x.name == names.OUTBOUND_DISPATCH), None)
+    if lis is None or not lis.HasField("filter_chain_matcher"):
+        return {}
+    return _destinations(lis.filter_chain_matcher)
+
+
+def matcher_sources(res: NodeResources) -> dict[str, dict[str, Any]]:
+    """source IP -> destination key -> chain name | {port: chain name}, read back from the proto:
+    istio-2022 nests destinations under each source; the stock flavor's stage 1 sends every known
+    source to its chain and stage 2 (shared) maps destinations, so each source sees that map."""
+    if res.flavor is Flavor.ENVOY:
+        stage2 = dispatch_map(res)
+        return {src: stage2 for src in source_chains(res)}
+    return {src: _destinations(om.matcher) for src, om in _source_matches(res).items()}
+
+
+def outbound_chain(res: NodeResources, name: str) -> listener_components_pb2.FilterChain:
+    """A capture-path chain by name: on ``ztunnel_outbound`` or (stock) its stage 2."""
+    for lis in res.listeners:
+        if lis.name in ("ztunnel_outbound", names.OUTBOUND_DISPATCH):
+            for ch in lis.filter_chains:
+                if ch.name == name:
+                    return ch
+    raise AssertionError(f"no outbound chain {name!r}")
+
+
+SOURCE_STATE_FORMAT = f"%FILTER_STATE({names.SOURCE_IDENTITY_STATE}:PLAIN)%"
+
+
+def resolve_for(fmt: str, src_identity: str) -> str:
+    """A run-time ``envoy.tcp_proxy.cluster`` format as Envoy resolves it for one source identity."""
+    name = fmt.replace(SOURCE_STATE_FORMAT, src_identity)
+    assert "%" not in name, fmt
+    return name
+
+
+def chosen_cluster(res: NodeResources, src_ip: str, chain: listener_components_pb2.FilterChain) -> str:
+    """The cluster a connection from ``src_ip`` reaching ``chain`` is proxied to: the tcp_proxy's,
+    or (stock) the ``envoy.tcp_proxy.cluster`` filter state resolved with the source identity
+    that ``src_ip``'s stage-1 chain set."""
+    fmt = filter_state(chain).get(names.TCP_PROXY_CLUSTER_STATE)
+    if fmt is None:
+        return tcp_proxy(chain).cluster
+    stage1 = outbound_chain(res, source_chains(res)[src_ip])
+    return resolve_for(fmt, filter_state(stage1)[names.SOURCE_IDENTITY_STATE])
+
+
+def ident(spiffe: str) -> Identity:
+    td, ns_kw, ns, sa_kw, sa = spiffe.removeprefix("spiffe://").split("/")
+    assert (ns_kw, sa_kw) == ("ns", "sa"), spiffe
+    return Identity(td, ns, sa)
 
 
 def ids_in(name: str) -> list[str]:
@@ -181,7 +247,13 @@ class Expect:
     local_ips: dict[str, set[str]]  # node -> IPs of enrolled pods there
     ip_identity: dict[str, str]  # IP of every enrolled pod -> its SPIFFE ID
     ip_node: dict[str, str]
-    tcp_vip_ports: int  # TCP ports of services with a cluster IP (one service cluster each per local id)
+    tcp_vip_ports: int  # TCP ports of services with a cluster IP (a service cluster each: stock shared, istio-2022 per local id)
+    service_ports: set[tuple[str, str]]  # (port name, hostname) of those TCP ports
+    tcp_vips: set[str]  # cluster IPs of services with at least one TCP port
+
+    def local_pods(self, node: str) -> dict[str, str]:
+        """IP -> SPIFFE ID of the enrolled pods on ``node``."""
+        return {ip: self.ip_identity[ip] for ip in self.local_ips.get(node, ())}
 
 
 @cache
@@ -194,7 +266,7 @@ def expect(scenario: str) -> Expect:
         for d in docs
         if d["kind"] == "Namespace" and (d["metadata"].get("labels") or {}).get("istio.io/dataplane-mode") == "ambient"
     } - {"istio-system", "kube-system"}
-    e = Expect({}, {}, {}, {}, 0)
+    e = Expect({}, {}, {}, {}, 0, set(), set())
     for d in docs:
         if d["kind"] == "Pod":
             meta, spec, status = d["metadata"], d["spec"], d.get("status") or {}
@@ -209,7 +281,12 @@ def expect(scenario: str) -> Expect:
             e.ip_identity[status["podIP"]] = ident
             e.ip_node[status["podIP"]] = node
         elif d["kind"] == "Service" and d["spec"].get("clusterIP") not in (None, "", "None"):
-            e.tcp_vip_ports += sum(1 for p in d["spec"]["ports"] if p.get("protocol", "TCP") == "TCP")
+            tcp = [p for p in d["spec"]["ports"] if p.get("protocol", "TCP") == "TCP"]
+            e.tcp_vip_ports += len(tcp)
+            host = f"{d['metadata']['name']}.{d['metadata'].get('namespace', 'default')}.svc.cluster.local"
+            e.service_ports |= {(p["name"], host) for p in tcp}
+            if tcp:
+                e.tcp_vips |= set(d["spec"].get("clusterIPs") or [d["spec"]["clusterIP"]])
     return e
 
 
@@ -225,39 +302,68 @@ FIXED_CLUSTERS = {"virtual_inbound", "virtual_inbound_hbone", "PassthroughCluste
 CATCH_ALL_CHAINS = {"PassthroughFilterChain", "blackhole outbound"}
 
 
-def check_node_local(res: NodeResources, local_ids: set[str], local_ips: set[str], tcp_vip_ports: int) -> None:
-    """Everything per identity on this node belongs to an identity with a pod on this node."""
-    # internal listeners: exactly the local identities
+def check_node_local(res: NodeResources, local_pods: dict[str, str], service_ports: set[tuple[str, str]]) -> None:
+    """Everything per identity on this node belongs to an identity with a pod on this node.
+
+    ``local_pods``: IP -> SPIFFE ID of the enrolled pods on the node; ``service_ports``: (port
+    name, hostname) of every TCP port of a service with a cluster IP."""
+    local_ids, local_ips = set(local_pods.values()), set(local_pods)
+    stock = res.flavor is Flavor.ENVOY
     internal = {lis.name for lis in res.listeners if lis.HasField("internal_listener")}
-    assert {n.removeprefix("outbound_tunnel_lis_") for n in internal} == local_ids
-    assert len(res.listeners) == 3 + len(local_ids)
+    if stock:
+        # one stage-2 listener and ONE tunnel listener shared by every source, only if a local pod can use them
+        assert internal == ({names.OUTBOUND_DISPATCH, names.OUTBOUND_TUNNEL_LIS} if local_ids else set())
+        assert len(res.listeners) == 3 + len(internal)
+    else:
+        # internal listeners: exactly the local identities
+        assert {n.removeprefix("outbound_tunnel_lis_") for n in internal} == local_ids
+        assert len(res.listeners) == 3 + len(local_ids)
     # tunnel clusters: three per local identity, nothing else
     for prefix in PER_ID_CLUSTERS:
         assert {c.name.removeprefix(prefix) for c in res.clusters if c.name.startswith(prefix)} == local_ids, prefix
-    # service clusters: identity x TCP service port, local identities only
     service_clusters = [c.name for c in res.clusters if c.name.endswith("_outbound_internal")]
-    assert {source_of(n) for n in service_clusters} == (local_ids if tcp_vip_ports else set())
-    assert len(service_clusters) == len(local_ids) * tcp_vip_ports
-    assert {c.name for c in res.clusters} == set(service_clusters) | FIXED_CLUSTERS | {
+    if stock:
+        # service clusters: one per TCP service port, shared by the sources (no identity in the name)
+        want = {names.service_port_cluster(port, host) for port, host in service_ports} if local_ids else set()
+        assert sorted(service_clusters) == sorted(want)
+        assert not [n for n in service_clusters if ids_in(n)]
+        stage2 = {names.OUTBOUND_DISPATCH} if local_ids else set()
+    else:
+        # service clusters: identity x TCP service port, local identities only
+        tcp_vip_ports = len(service_ports)
+        assert {source_of(n) for n in service_clusters} == (local_ids if tcp_vip_ports else set())
+        assert len(service_clusters) == len(local_ids) * tcp_vip_ports
+        stage2 = set()
+    assert {c.name for c in res.clusters} == set(service_clusters) | FIXED_CLUSTERS | stage2 | {
         p + i for p in PER_ID_CLUSTERS for i in local_ids
     }
-    # EDS only for those service clusters, pointing at the source's own internal listener
+    assert len(res.clusters) == len({c.name for c in res.clusters})
+    # EDS only for those service clusters, pointing at the (stock: shared; istio-2022: the source's own) internal listener
     assert sorted(cla.cluster_name for cla in res.endpoints) == sorted(service_clusters)
     for name, lbe in lb_endpoints(res):
         if lbe.endpoint.address.HasField("envoy_internal_address"):
-            assert lbe.endpoint.address.envoy_internal_address.server_listener_name == f"outbound_tunnel_lis_{source_of(name)}"
+            want_lis = names.OUTBOUND_TUNNEL_LIS if stock else f"outbound_tunnel_lis_{source_of(name)}"
+            assert lbe.endpoint.address.envoy_internal_address.server_listener_name == want_lis
     # secrets: the local identities' certificates (with that SAN) + ROOTCA; no other key material
     secrets = {s.name: s for s in res.secrets}
     assert set(secrets) == local_ids | {"ROOTCA"}
-    for ident in local_ids:
-        leaf = x509.load_pem_x509_certificates(secrets[ident].tls_certificate.certificate_chain.inline_string.encode())[0]
+    for ident_ in local_ids:
+        leaf = x509.load_pem_x509_certificates(secrets[ident_].tls_certificate.certificate_chain.inline_string.encode())[0]
         sans = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        assert sans.get_values_for_type(x509.UniformResourceIdentifier) == [ident]
+        assert sans.get_values_for_type(x509.UniformResourceIdentifier) == [ident_]
     # outbound chains and matcher sources: local workloads only
     out = listener(res, "ztunnel_outbound")
-    for chain in out.filter_chains:
-        if chain.name not in CATCH_ALL_CHAINS:
-            assert source_of(chain.name) in local_ids, chain.name
+    if stock:
+        # stage 1: exactly one chain per local identity, recording that identity; SRC keys = local pod IPs
+        stage1 = [c for c in out.filter_chains if c.name not in CATCH_ALL_CHAINS]
+        assert sorted(c.name for c in stage1) == sorted(names.source_chain(ident(i)) for i in local_ids)
+        for chain in stage1:
+            assert filter_state(chain)[names.SOURCE_IDENTITY_STATE] == source_of(chain.name), chain.name
+        assert source_chains(res) == {ip: names.source_chain(ident(i)) for ip, i in local_pods.items()}
+    else:
+        for chain in out.filter_chains:
+            if chain.name not in CATCH_ALL_CHAINS:
+                assert source_of(chain.name) in local_ids, chain.name
     assert set(matcher_sources(res)) == local_ips
     # inbound chains: one per local pod on both inbound listeners
     for lname, catch_all in (("ztunnel_inbound", "blackhole inbound"), ("ztunnel_inbound_plaintext", "blackhole inbound plaintext")):
@@ -270,8 +376,9 @@ def check_node_local(res: NodeResources, local_ids: set[str], local_ips: set[str
 @pytest.mark.parametrize(("scenario", "node"), GOLDEN_NODES, ids=GOLDEN_IDS)
 def test_node_local_scoping_on_goldens(scenario: str, node: str, flavor: Flavor) -> None:
     e = expect(scenario)
+    assert len(e.service_ports) == e.tcp_vip_ports  # (port name, hostname) tells the ports apart
     res = golden_cluster(scenario, flavor).nodes[node]
-    check_node_local(res, e.local_ids.get(node, set()), e.local_ips.get(node, set()), e.tcp_vip_ports)
+    check_node_local(res, e.local_pods(node), e.service_ports)
 
 
 def test_goldens_have_different_identities_per_node() -> None:
@@ -345,15 +452,20 @@ def synthetic_docs() -> list[dict[str, Any]]:
 def test_node_local_scoping_synthetic(tmp_path: Path, flavor: Flavor) -> None:
     c = build(tmp_path, synthetic_docs(), flavor)
     sa = lambda s: f"spiffe://{TD}/ns/default/sa/{s}"  # noqa: E731
-    tcp_ports = 5  # a:80, b:80, b:90, c:80, outside:80
+    host = lambda s, ns="default": f"{s}.{ns}.svc.cluster.local"  # noqa: E731
+    tcp_ports = {("http", host("a")), ("http", host("b")), ("grpc", host("b")), ("http", host("c")), ("http", host("outside", "legacy"))}
     assert sorted(c.nodes) == ["n1", "n2", "n3", "n4"]
-    check_node_local(c.nodes["n1"], {sa("sa-a"), sa("sa-b")}, {"10.0.1.1", "10.0.1.2", "10.0.1.3"}, tcp_ports)
-    check_node_local(c.nodes["n2"], {sa("sa-a"), sa("sa-c")}, {"10.0.2.1", "10.0.2.2"}, tcp_ports)
-    check_node_local(c.nodes["n3"], set(), set(), tcp_ports)
-    check_node_local(c.nodes["n4"], set(), set(), tcp_ports)
+    check_node_local(c.nodes["n1"], {"10.0.1.1": sa("sa-a"), "10.0.1.2": sa("sa-a"), "10.0.1.3": sa("sa-b")}, tcp_ports)
+    check_node_local(c.nodes["n2"], {"10.0.2.1": sa("sa-a"), "10.0.2.2": sa("sa-c")}, tcp_ports)
+    check_node_local(c.nodes["n3"], {}, tcp_ports)
+    check_node_local(c.nodes["n4"], {}, tcp_ports)
     # resource counts of ztunnel-config.md §10 ("ours" column) for n1: Il=2, P_tcp=5
     n1 = c.nodes["n1"]
-    assert (len(n1.listeners), len(n1.clusters), len(n1.endpoints), len(n1.secrets)) == (3 + 2, 2 * 5 + 3 * 2 + 5, 2 * 5, 2 + 1)
+    counts = (len(n1.listeners), len(n1.clusters), len(n1.endpoints), len(n1.secrets))
+    if flavor is Flavor.ENVOY:  # linear: listeners fixed, service clusters and CLAs per port (+ the dispatch cluster)
+        assert counts == (3 + 2, 5 + 3 * 2 + 1 + 5, 5, 2 + 1)
+    else:
+        assert counts == (3 + 2, 2 * 5 + 3 * 2 + 5, 2 * 5, 2 + 1)
     # the not-ready c-1 is a source and an inbound chain on n2 but no endpoint anywhere
     for res in c.nodes.values():
         assert all(not lbe.endpoint.address.envoy_internal_address.endpoint_id.startswith("10.0.2.2:") for _, lbe in lb_endpoints(res))
@@ -374,10 +486,80 @@ def test_node_without_local_workloads(tmp_path: Path, flavor: Flavor) -> None:
     assert [ch.name for ch in listener(res, "ztunnel_inbound_plaintext").filter_chains] == ["blackhole inbound plaintext"]
 
 
+# ---- stock flavor: linear two-stage layout --------------------------------------------------------
+
+
+def check_linear(res: NodeResources, node: str, e: Expect) -> None:
+    """Capture-path chains grow with local identities + service ports + destination identities,
+    not with their product: stage 1 one per local identity, stage 2 one per TCP service port and
+    one per (destination identity, same node?), plus the fixed chains (stage 1's passthrough and
+    blackhole, stage 2's passthrough). Stage 2 keys: the TCP services' VIPs and every mesh pod IP."""
+    local_ids = e.local_ids.get(node, set())
+    pairs = {(e.ip_identity[ip], e.ip_node[ip] == node) for ip in e.ip_identity}
+    capture = [lis for lis in res.listeners if lis.name in ("ztunnel_outbound", names.OUTBOUND_DISPATCH)]
+    assert len(capture) == (2 if local_ids else 1)
+    n_chains = sum(len(lis.filter_chains) for lis in capture)
+    assert n_chains == len(local_ids) + len(e.service_ports) + len(pairs) + 3, node
+    want = [names.service_port_cluster(p, h) for p, h in e.service_ports]
+    want += [names.dst_pod_chain(ident(i), same_node=same) for i, same in pairs]
+    assert sorted(ch.name for ch in listener(res, names.OUTBOUND_DISPATCH).filter_chains) == sorted([*want, "PassthroughFilterChain"])
+    assert set(dispatch_map(res)) == e.tcp_vips | set(e.ip_identity)
+
+
+@pytest.mark.parametrize(("scenario", "node"), GOLDEN_NODES, ids=GOLDEN_IDS)
+def test_stock_layout_is_linear_on_goldens(scenario: str, node: str) -> None:
+    check_linear(golden_cluster(scenario, Flavor.ENVOY).nodes[node], node, expect(scenario))
+
+
+def test_stock_layout_is_linear_synthetic(tmp_path: Path) -> None:
+    """More identities than fit in a golden: same-identity pods on both nodes, a not-ready pod
+    (a source and a destination, no endpoint), pods outside the mesh (no chain)."""
+    c = build(tmp_path, synthetic_docs())
+    sa = lambda s: f"spiffe://{TD}/ns/default/sa/{s}"  # noqa: E731
+    host = lambda s, ns="default": f"{s}.{ns}.svc.cluster.local"  # noqa: E731
+    ips = {"10.0.1.1": ("n1", "sa-a"), "10.0.1.2": ("n1", "sa-a"), "10.0.1.3": ("n1", "sa-b"),
+           "10.0.2.1": ("n2", "sa-a"), "10.0.2.2": ("n2", "sa-c")}
+    e = Expect(
+        local_ids={"n1": {sa("sa-a"), sa("sa-b")}, "n2": {sa("sa-a"), sa("sa-c")}},
+        local_ips={"n1": {"10.0.1.1", "10.0.1.2", "10.0.1.3"}, "n2": {"10.0.2.1", "10.0.2.2"}},
+        ip_identity={ip: sa(s) for ip, (_, s) in ips.items()},
+        ip_node={ip: n for ip, (n, _) in ips.items()},
+        tcp_vip_ports=5,
+        service_ports={("http", host("a")), ("http", host("b")), ("grpc", host("b")), ("http", host("c")), ("http", host("outside", "legacy"))},
+        tcp_vips={"10.96.0.1", "10.96.0.2", "10.96.0.3", "10.96.0.4"},
+    )
+    for node in ("n1", "n2"):
+        check_linear(c.nodes[node], node, e)
+    # n1: sa-a is on both nodes -> two pod chains for it (same node / other node)
+    n1 = [ch.name for ch in listener(c.nodes["n1"], names.OUTBOUND_DISPATCH).filter_chains]
+    assert {names.dst_pod_chain(ident(sa("sa-a")), same_node=s) for s in (True, False)} <= set(n1)
+    # three local pods, two identities: one stage-1 chain per identity, not per pod
+    assert len(set(source_chains(c.nodes["n1"]).values())) == 2
+
+
+def test_stock_connection_walk_resolves_per_source(tmp_path: Path) -> None:
+    """Two local identities share every stage-2 chain and the tunnel listener, yet each leaves
+    with its own tunnel cluster (client certificate)."""
+    res = build(tmp_path, synthetic_docs()).nodes["n1"]
+    a, b = (f"spiffe://{TD}/ns/default/sa/{s}" for s in ("sa-a", "sa-b"))
+    pod_chain = outbound_chain(res, dispatch_map(res)["10.0.2.1"])  # sa-a on n2
+    vip_chain = outbound_chain(res, dispatch_map(res)["10.96.0.3"]["80"])  # service c
+    assert chosen_cluster(res, "10.0.1.1", pod_chain) == names.outbound_pod_tunnel_clus(ident(a))
+    assert chosen_cluster(res, "10.0.1.3", pod_chain) == names.outbound_pod_tunnel_clus(ident(b))
+    assert chosen_cluster(res, "10.0.1.1", vip_chain) == chosen_cluster(res, "10.0.1.3", vip_chain) == names.service_port_cluster(
+        "http", "c.default.svc.cluster.local")
+    tunnel = listener(res, names.OUTBOUND_TUNNEL_LIS).filter_chains[0]
+    fmt = filter_state(tunnel)[names.TCP_PROXY_CLUSTER_STATE]
+    for src in (a, b):
+        assert cluster(res, resolve_for(fmt, src)).transport_socket.name == "envoy.transport_sockets.tls"
+        assert resolve_for(fmt, src) == names.outbound_tunnel_clus(ident(src))
+
+
 # ---- D2: no dangling references ------------------------------------------------------------------
 
 
 def problems(res: NodeResources) -> list[str]:
+    """Every check translate() runs before emitting (refcheck.check covers STATIC clusters' internal endpoints)."""
     found = refcheck.check(res.listeners, res.clusters, (c.cluster_name for c in res.endpoints), (s.name for s in res.secrets))
     return found + refcheck.check_endpoints(res.endpoints, {lis.name for lis in res.listeners})
 
@@ -390,44 +572,98 @@ def test_refcheck_clean_on_every_golden() -> None:
     assert checked == 2 * len(GOLDEN_NODES) >= 12
 
 
-def _bookinfo_w2() -> NodeResources:
-    return golden_cluster("bookinfo", Flavor.ENVOY).nodes["ambient-worker2"]
+def _bookinfo_w2(flavor: Flavor = Flavor.ENVOY) -> NodeResources:
+    return golden_cluster("bookinfo", flavor).nodes["ambient-worker2"]
 
 
-def _drop_chain(res: NodeResources, chain: str) -> NodeResources:
+def _drop_chain(res: NodeResources, chain: str, lis_name: str = "ztunnel_outbound") -> NodeResources:
     lis = [copy.deepcopy(x) for x in res.listeners]
-    out = lis[0]
+    out = next(x for x in lis if x.name == lis_name)
     keep = [c for c in out.filter_chains if c.name != chain]
+    assert len(keep) == len(out.filter_chains) - 1, chain  # the chain was there
     del out.filter_chains[:]
     out.filter_chains.extend(keep)
     return dataclasses.replace(res, listeners=tuple(lis))
 
 
+def _drop(res: NodeResources, family: str, name: str) -> NodeResources:
+    key = "cluster_name" if family == "endpoints" else "name"
+    kept = tuple(x for x in getattr(res, family) if getattr(x, key) != name)
+    assert len(kept) == len(getattr(res, family)) - 1, (family, name)  # it was there
+    return dataclasses.replace(res, **{family: kept})
+
+
 SERVICE_CHAIN = "spiffe://cluster.local/ns/default/sa/bookinfo-productpage_to_http_reviews.default.svc.cluster.local_outbound_internal"
 PRODUCTPAGE = "spiffe://cluster.local/ns/default/sa/bookinfo-productpage"
+REVIEWS = "spiffe://cluster.local/ns/default/sa/bookinfo-reviews"
+# stock flavor
+REVIEWS_PORT = names.service_port_cluster("http", "reviews.default.svc.cluster.local")
+SOURCE_CHAIN = names.source_chain(ident(PRODUCTPAGE))
+DISPATCH = names.OUTBOUND_DISPATCH
 
 
-@pytest.mark.parametrize(
-    ("break_it", "expected"),
-    [
-        (lambda r: _drop_chain(r, SERVICE_CHAIN), f"matcher action names missing filter chain {SERVICE_CHAIN!r}"),
-        (lambda r: _drop_chain(r, "blackhole outbound"), "matcher action names missing filter chain 'blackhole outbound'"),
-        (lambda r: dataclasses.replace(r, clusters=tuple(c for c in r.clusters if c.name != "BlackHoleCluster")),
-         "names missing cluster 'BlackHoleCluster'"),
-        (lambda r: dataclasses.replace(r, clusters=tuple(c for c in r.clusters if c.name != f"outbound_tunnel_clus_{PRODUCTPAGE}")),
-         f"names missing cluster 'outbound_tunnel_clus_{PRODUCTPAGE}'"),
-        (lambda r: dataclasses.replace(r, endpoints=tuple(e for e in r.endpoints if e.cluster_name != SERVICE_CHAIN)),
-         f"cluster {SERVICE_CHAIN}: no ClusterLoadAssignment"),
-        (lambda r: dataclasses.replace(r, secrets=tuple(s for s in r.secrets if s.name != PRODUCTPAGE)), f"missing secret {PRODUCTPAGE!r}"),
-        (lambda r: dataclasses.replace(r, secrets=tuple(s for s in r.secrets if s.name != "ROOTCA")), "missing secret 'ROOTCA'"),
-        (lambda r: dataclasses.replace(r, listeners=tuple(x for x in r.listeners if x.name != f"outbound_tunnel_lis_{PRODUCTPAGE}")),
-         f"internal address names missing listener 'outbound_tunnel_lis_{PRODUCTPAGE}'"),
-    ],
-    ids=["service-chain", "blackhole-chain", "fixed-cluster", "tunnel-cluster", "cla", "workload-secret", "rootca", "internal-listener"],
-)
-def test_refcheck_reports_a_broken_set(break_it: Any, expected: str) -> None:
-    found = problems(break_it(_bookinfo_w2()))
+def _missing_runtime_cluster(lis: str, prefix: str, src: str) -> str:
+    return f"listener {lis}: envoy.tcp_proxy.cluster {names.per_source(prefix)!r} names missing cluster {prefix + src!r}"
+
+
+BROKEN_ISTIO_2022 = [
+    ("service-chain", lambda r: _drop_chain(r, SERVICE_CHAIN), f"matcher action names missing filter chain {SERVICE_CHAIN!r}"),
+    ("blackhole-chain", lambda r: _drop_chain(r, "blackhole outbound"), "matcher action names missing filter chain 'blackhole outbound'"),
+    ("fixed-cluster", lambda r: _drop(r, "clusters", "BlackHoleCluster"), "names missing cluster 'BlackHoleCluster'"),
+    ("tunnel-cluster", lambda r: _drop(r, "clusters", f"outbound_tunnel_clus_{PRODUCTPAGE}"),
+     f"names missing cluster 'outbound_tunnel_clus_{PRODUCTPAGE}'"),
+    ("cla", lambda r: _drop(r, "endpoints", SERVICE_CHAIN), f"cluster {SERVICE_CHAIN}: no ClusterLoadAssignment"),
+    ("workload-secret", lambda r: _drop(r, "secrets", PRODUCTPAGE), f"missing secret {PRODUCTPAGE!r}"),
+    ("rootca", lambda r: _drop(r, "secrets", "ROOTCA"), "missing secret 'ROOTCA'"),
+    ("internal-listener", lambda r: _drop(r, "listeners", f"outbound_tunnel_lis_{PRODUCTPAGE}"),
+     f"internal address names missing listener 'outbound_tunnel_lis_{PRODUCTPAGE}'"),
+]
+BROKEN_STOCK = [
+    ("source-chain", lambda r: _drop_chain(r, SOURCE_CHAIN),
+     f"listener ztunnel_outbound: matcher action names missing filter chain {SOURCE_CHAIN!r}"),
+    ("service-chain", lambda r: _drop_chain(r, REVIEWS_PORT, DISPATCH),
+     f"listener {DISPATCH}: matcher action names missing filter chain {REVIEWS_PORT!r}"),
+    ("pod-chain", lambda r: _drop_chain(r, names.dst_pod_chain(ident(REVIEWS), same_node=True), DISPATCH),
+     f"listener {DISPATCH}: matcher action names missing filter chain {names.dst_pod_chain(ident(REVIEWS), same_node=True)!r}"),
+    ("blackhole-chain", lambda r: _drop_chain(r, "blackhole outbound"), "matcher action names missing filter chain 'blackhole outbound'"),
+    ("fixed-cluster", lambda r: _drop(r, "clusters", "BlackHoleCluster"), "names missing cluster 'BlackHoleCluster'"),
+    ("dispatch-cluster", lambda r: _drop(r, "clusters", DISPATCH),
+     f"listener ztunnel_outbound: tcp_proxy {SOURCE_CHAIN!r} names missing cluster {DISPATCH!r}"),
+    # the run-time envoy.tcp_proxy.cluster choices dangle for the source whose tunnel cluster is gone
+    ("tunnel-cluster", lambda r: _drop(r, "clusters", names.outbound_tunnel_clus(ident(PRODUCTPAGE))),
+     _missing_runtime_cluster(names.OUTBOUND_TUNNEL_LIS, names.OUTBOUND_TUNNEL_CLUS_PREFIX, PRODUCTPAGE)),
+    ("pod-tunnel-cluster", lambda r: _drop(r, "clusters", names.outbound_pod_tunnel_clus(ident(PRODUCTPAGE))),
+     _missing_runtime_cluster(DISPATCH, names.OUTBOUND_POD_TUNNEL_CLUS_PREFIX, PRODUCTPAGE)),
+    ("pod-local-tunnel-cluster", lambda r: _drop(r, "clusters", names.outbound_pod_local_tunnel_clus(ident(PRODUCTPAGE))),
+     _missing_runtime_cluster(DISPATCH, names.OUTBOUND_POD_LOCAL_TUNNEL_CLUS_PREFIX, PRODUCTPAGE)),
+    ("cla", lambda r: _drop(r, "endpoints", REVIEWS_PORT), f"cluster {REVIEWS_PORT}: no ClusterLoadAssignment"),
+    ("workload-secret", lambda r: _drop(r, "secrets", PRODUCTPAGE), f"missing secret {PRODUCTPAGE!r}"),
+    ("rootca", lambda r: _drop(r, "secrets", "ROOTCA"), "missing secret 'ROOTCA'"),
+    ("tunnel-listener", lambda r: _drop(r, "listeners", names.OUTBOUND_TUNNEL_LIS),
+     f"endpoints {REVIEWS_PORT}: internal address names missing listener {names.OUTBOUND_TUNNEL_LIS!r}"),
+    ("dispatch-listener", lambda r: _drop(r, "listeners", DISPATCH),
+     f"endpoints {DISPATCH}: internal address names missing listener {DISPATCH!r}"),
+]
+BROKEN = [(Flavor.ISTIO_2022, *case) for case in BROKEN_ISTIO_2022] + [(Flavor.ENVOY, *case) for case in BROKEN_STOCK]
+
+
+@pytest.mark.parametrize(("flavor", "case", "break_it", "expected"), BROKEN, ids=[f"{f.value}-{c}" for f, c, _, _ in BROKEN])
+def test_refcheck_reports_a_broken_set(flavor: Flavor, case: str, break_it: Any, expected: str) -> None:
+    res = _bookinfo_w2(flavor)
+    assert problems(res) == []
+    found = problems(break_it(res))
     assert any(expected in p for p in found), found
+
+
+def test_refcheck_runtime_cluster_checked_per_source_identity() -> None:
+    """Stock: one shared chain names ``<prefix><source id>`` at run time; dropping one local
+    identity's tunnel cluster is reported for that identity only, the others still resolve."""
+    res = _bookinfo_w2()
+    local = sorted(filter_state(ch)[names.SOURCE_IDENTITY_STATE] for ch in listener(res, "ztunnel_outbound").filter_chains
+                   if names.SOURCE_IDENTITY_STATE in filter_state(ch))
+    assert len(local) >= 2 and PRODUCTPAGE in local
+    found = problems(_drop(res, "clusters", names.outbound_tunnel_clus(ident(PRODUCTPAGE))))
+    assert found == [_missing_runtime_cluster(names.OUTBOUND_TUNNEL_LIS, names.OUTBOUND_TUNNEL_CLUS_PREFIX, PRODUCTPAGE)]
 
 
 def test_translate_refuses_to_emit_dangling_references(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -548,9 +784,14 @@ def test_udp_ports_skipped_on_golden() -> None:
     for flavor in FLAVORS:
         for node, res in golden_cluster("sleep-httpbin", flavor).nodes.items():
             assert not [c.name for c in res.clusters if "udp-probe" in c.name]
-            for dsts in matcher_sources(res).values():
+            srcs = matcher_sources(res)
+            assert srcs, (flavor, node)
+            for dsts in srcs.values():
                 ports = dsts["10.96.12.34"]
-                assert list(ports) == ["5000"] and "_to_http_helloworld.default.svc" in ports["5000"]
+                if flavor is Flavor.ENVOY:
+                    assert ports == {"5000": names.service_port_cluster("http", "helloworld.default.svc.cluster.local")}
+                else:
+                    assert list(ports) == ["5000"] and "_to_http_helloworld.default.svc" in ports["5000"]
 
 
 def test_udp_and_sctp_only_service_has_no_matcher_entry(tmp_path: Path) -> None:
@@ -564,8 +805,10 @@ def test_udp_and_sctp_only_service_has_no_matcher_entry(tmp_path: Path) -> None:
     res = build(tmp_path, docs).nodes["n1"]
     dsts = matcher_sources(res)["10.0.1.1"]
     assert "10.96.0.10" not in dsts  # an empty PORT map would be invalid; the VIP is simply not captured
-    assert {p: c.split("_to_")[1] for p, c in dsts["10.96.0.11"].items()} == {"53": "dns-tcp_mixed.default.svc.cluster.local_outbound_internal"}
-    assert not [c.name for c in res.clusters if "_to_dns_" in c.name or "_to_sctp_" in c.name or "_to_dns-udp_" in c.name]
+    tcp_cluster = names.service_port_cluster("dns-tcp", "mixed.default.svc.cluster.local")
+    assert dsts["10.96.0.11"] == {"53": tcp_cluster}
+    assert [c.name for c in res.clusters if c.name.endswith("_outbound_internal")] == [tcp_cluster]
+    assert not [c.name for c in res.clusters if "to_dns_" in c.name or "to_sctp_" in c.name or "to_dns-udp_" in c.name]
 
 
 # ---- D6..D10 on every golden ----------------------------------------------------------------------
@@ -596,6 +839,7 @@ def test_endpoint_ids_distinct_within_a_cluster() -> None:
 
 def test_same_node_endpoints_use_15088_others_15008() -> None:
     seen = set()
+    pod_routes: set[tuple[Flavor, bool]] = set()
     for sc, node, flavor, res in all_golden():
         e = expect(sc)
         for _, lbe in lb_endpoints(res):
@@ -605,17 +849,25 @@ def test_same_node_endpoints_use_15088_others_15008() -> None:
             want = "15088" if e.ip_node[ip] == node else "15008"
             assert port == want, (sc, node, ip)
             seen.add(want)
-        # pod-IP chains: same-node destinations through the pod-local tunnel cluster (15088 override)
+        # pod-IP chains: same-node destinations through the pod-local tunnel cluster (15088 override),
+        # the source's own (its client certificate); stock picks it at run time from the source identity
         for src, dsts in matcher_sources(res).items():
             for dst, target in dsts.items():
                 if isinstance(target, str):
                     local = e.ip_node[dst] == node
-                    prefix = "fc-outbound_pod_local_tunnel_clus_" if local else "fc-outbound_pod_tunnel_clus_"
-                    assert target.startswith(prefix), (sc, node, src, dst, target)
-                    tcp = tcp_proxy(next(ch for ch in listener(res, "ztunnel_outbound").filter_chains if ch.name == target))
-                    lb = cluster(res, tcp.cluster).original_dst_lb_config
+                    if flavor is Flavor.ENVOY:
+                        assert target == names.dst_pod_chain(ident(e.ip_identity[dst]), same_node=local), (sc, node, src, dst)
+                    else:
+                        prefix = "fc-outbound_pod_local_tunnel_clus_" if local else "fc-outbound_pod_tunnel_clus_"
+                        assert target.startswith(prefix), (sc, node, src, dst, target)
+                    chosen = chosen_cluster(res, src, outbound_chain(res, target))
+                    own = names.outbound_pod_local_tunnel_clus if local else names.outbound_pod_tunnel_clus
+                    assert chosen == own(ident(e.ip_identity[src])), (sc, node, src, dst)
+                    lb = cluster(res, chosen).original_dst_lb_config
                     assert lb.upstream_port_override.value == (15088 if local else 15008)
+                    pod_routes.add((flavor, local))
     assert seen == {"15008", "15088"}
+    assert pod_routes == {(f, local) for f in FLAVORS for local in (False, True)}
 
 
 def test_tls_1_3_min_and_max_everywhere() -> None:
@@ -660,27 +912,45 @@ def test_peer_validation_upstream_and_downstream() -> None:
 
 def test_upstream_san_pinned_to_expected_server() -> None:
     """D8: service endpoints carry tunnel.identity and the internal listener turns it into
-    upstream_subject_alt_names; pod-IP chains set it to the destination pod's identity."""
+    upstream_subject_alt_names; pod-IP chains set it to the destination pod's identity (stock:
+    the stage-2 chain per destination identity; the shared tunnel listener pins from metadata)."""
     pod_chains = 0
+    pinned: set[Flavor] = set()
     for sc, node, flavor, res in all_golden():
         e = expect(sc)
         for _, lbe in lb_endpoints(res):
             if lbe.endpoint.address.HasField("envoy_internal_address"):
                 md = tunnel_md(lbe)
                 assert md["identity"] == e.ip_identity[md["destination"].rsplit(":", 1)[0]], (sc, node)
+        tunnel_listeners = []
         for lis in res.listeners:
-            if lis.HasField("internal_listener"):
+            if lis.HasField("internal_listener") and lis.name != names.OUTBOUND_DISPATCH:  # stage 2: pod chains below
+                tunnel_listeners.append(lis.name)
                 [chain] = lis.filter_chains
                 assert isinstance(filters(chain)[0], set_filter_state_pb2.Config)  # before tcp_proxy connects
                 assert filter_state(chain)["envoy.network.upstream_subject_alt_names"] == "%DYNAMIC_METADATA(tunnel:identity)%"
-        chains = {ch.name: ch for ch in listener(res, "ztunnel_outbound").filter_chains}
-        for dsts in matcher_sources(res).values():
+                if flavor is Flavor.ENVOY:
+                    # shared by every source: the tunnel cluster (client cert) is the source's, chosen at run time
+                    fmt = filter_state(chain)[names.TCP_PROXY_CLUSTER_STATE]
+                    for src in e.local_ids[node]:
+                        assert resolve_for(fmt, src) == names.outbound_tunnel_clus(ident(src)), (sc, node)
+                    assert tcp_proxy(chain).cluster == "BlackHoleCluster"  # only without a source identity
+        if flavor is Flavor.ENVOY:
+            assert tunnel_listeners == ([names.OUTBOUND_TUNNEL_LIS] if e.local_ids.get(node) else []), (sc, node)
+        for src, dsts in matcher_sources(res).items():
             for dst, target in dsts.items():
                 if isinstance(target, str):
                     pod_chains += 1
-                    assert filter_state(chains[target])["envoy.network.upstream_subject_alt_names"] == e.ip_identity[dst]
+                    chain = outbound_chain(res, target)
+                    assert isinstance(filters(chain)[0], set_filter_state_pb2.Config)  # before tcp_proxy connects
+                    assert filter_state(chain)["envoy.network.upstream_subject_alt_names"] == e.ip_identity[dst]
                     assert target.endswith(f"_to_{e.ip_identity[dst]}")
+                    if flavor is Flavor.ENVOY:  # one chain per destination identity, shared by the sources
+                        assert target == names.dst_pod_chain(ident(e.ip_identity[dst]), same_node=e.ip_node[dst] == node)
+                        assert tcp_proxy(chain).cluster == "BlackHoleCluster"  # only without a source identity
+                    pinned.add(flavor)
     assert pod_chains >= 20
+    assert pinned == set(FLAVORS)
 
 
 def guard_regex(res: NodeResources, chain_name: str) -> str:
@@ -747,10 +1017,34 @@ def test_envoy_flavor_mechanisms() -> None:
         for c in tunnel:
             key = c.original_dst_lb_config.metadata_key
             assert (key.key, [p.key for p in key.path]) == ("tunnel", ["address"])
-        # the service chain hands the client address to the internal listener
-        for ch in listener(res, "ztunnel_outbound").filter_chains:
+        # stage 1 hands the original destination (to stage 2), the client address (to every later
+        # internal hop) and the source identity (run-time tunnel cluster choice) on, then goes to stage 2
+        Share = value_pb2.FilterStateValue.SharedWithUpstream
+        stage1 = [ch for ch in listener(res, "ztunnel_outbound").filter_chains if ch.name not in CATCH_ALL_CHAINS]
+        assert len(stage1) == len(expect("bookinfo").local_ids[node])
+        for ch in stage1:
+            [sfs, tcp] = filters(ch)
+            assert isinstance(sfs, set_filter_state_pb2.Config) and isinstance(tcp, tcp_proxy_pb2.TcpProxy)
+            got = {v.object_key: (v.format_string.text_format_source.inline_string, Share.Name(v.shared_with_upstream), v.factory_key)
+                   for v in sfs.on_new_connection}
+            assert got == {
+                "envoy.filters.listener.original_dst.local_ip": ("%DOWNSTREAM_LOCAL_ADDRESS%", "ONCE", ""),
+                "envoy.filters.listener.original_dst.remote_ip": ("%DOWNSTREAM_REMOTE_ADDRESS%", "TRANSITIVE", ""),
+                names.SOURCE_IDENTITY_STATE: (source_of(ch.name), "TRANSITIVE", "envoy.string"),
+            }, ch.name
+            assert tcp.cluster == names.OUTBOUND_DISPATCH
+        # ... whose cluster is one internal endpoint: the stage-2 listener of the same name
+        dispatch = cluster(res, names.OUTBOUND_DISPATCH)
+        assert dispatch.type == cluster_pb2.Cluster.STATIC
+        [group] = dispatch.load_assignment.endpoints
+        [lbe] = group.lb_endpoints
+        assert lbe.endpoint.address.envoy_internal_address.server_listener_name == names.OUTBOUND_DISPATCH
+        assert dispatch.transport_socket.name == "envoy.transport_sockets.internal_upstream"
+        assert listener(res, names.OUTBOUND_DISPATCH).HasField("internal_listener")
+        # service chains (stage 2) go straight to their EDS cluster of the same name
+        for ch in listener(res, names.OUTBOUND_DISPATCH).filter_chains:
             if ch.name.endswith("_outbound_internal"):
-                assert filter_state(ch) == {"envoy.filters.listener.original_dst.remote_ip": "%DOWNSTREAM_REMOTE_ADDRESS%"}
+                assert [type(f) for f in filters(ch)] == [tcp_proxy_pb2.TcpProxy] and tcp_proxy(ch).cluster == ch.name
 
 
 @pytest.mark.parametrize("flavor", FLAVORS, ids=[f.value for f in FLAVORS])
@@ -777,11 +1071,16 @@ def test_registry_only_has_no_default_chain(tmp_path: Path) -> None:
     docs = synthetic_docs()
     allow = build(tmp_path / "allow", docs).nodes["n1"]
     assert listener(allow, "ztunnel_outbound").default_filter_chain.name == "PassthroughFilterChain"
+    # stock: a known source's unknown destination is decided in stage 2
+    assert listener(allow, names.OUTBOUND_DISPATCH).default_filter_chain.name == "PassthroughFilterChain"
     docs.append({"apiVersion": "xdsserver.io/v1alpha1", "kind": "MeshConfig", "metadata": {"name": "mesh"},
                  "spec": {"outboundTrafficPolicy": "REGISTRY_ONLY"}})
     for node, res in build(tmp_path / "registry", docs).nodes.items():
         out = listener(res, "ztunnel_outbound")
         assert not out.HasField("default_filter_chain"), node
+        stage2 = [lis for lis in res.listeners if lis.name == names.OUTBOUND_DISPATCH]
+        assert len(stage2) == (1 if node in ("n1", "n2") else 0), node
+        assert not [lis for lis in stage2 if lis.HasField("default_filter_chain")], node
         assert problems(res) == []
         # unknown sources still pass through (matcher action), the chain must exist
         assert "PassthroughFilterChain" in {ch.name for ch in out.filter_chains}

@@ -31,7 +31,7 @@ from envoy.config.cluster.v3.cluster_pb2 import Cluster
 from envoy.config.endpoint.v3.endpoint_pb2 import ClusterLoadAssignment
 from envoy.config.listener.v3.listener_pb2 import Listener
 from envoy.extensions.transport_sockets.tls.v3.secret_pb2 import Secret
-from .sources.objects import InputErrors, build_model
+from .sources.objects import InputErrors, ValidationMemo, build_model
 from .incremental import IncrementalTranslator, ResourceSet
 from .translate import NodeResources, TranslationError
 from .xds.cache import SnapshotCache, UnsafeSnapshot
@@ -165,6 +165,7 @@ class ControlPlane:
         self.server = AdsServer(self.cache, metrics=self.xds_metrics, delta_only=delta_only, authorize=authorize)
         self.state = State()
         self.translator = IncrementalTranslator(flavor, certs)
+        self.validation_memo = ValidationMemo()
         self.snaps: dict[str, ResourceSet] = {}  # every node's last good serialized resources
         self.test_hooks = test_hooks
         # test-only: node -> type_url -> name -> message, layered over the translation
@@ -180,7 +181,7 @@ class ControlPlane:
         t0 = time.perf_counter()
         try:
             objects = self.load_objects()
-            model = build_model(objects, self.mesh, strict=self.strict)
+            model = build_model(objects, self.mesh, strict=self.strict, memo=self.validation_memo)
             index = MeshIndex(model)
             snaps = self.translator.snapshots(index)
         except InputErrors as exc:

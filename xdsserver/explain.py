@@ -1,7 +1,11 @@
 """Explain a connection by walking the *generated config* (not the model), hop by hop.
 
-Source node: ``ztunnel_outbound`` matcher (port -> source IP -> destination IP -> port) -> filter
-chain -> cluster -> endpoints -> internal listener -> tunnel cluster and address. Destination
+Source node: ``ztunnel_outbound`` matcher -> filter chain -> cluster; a STATIC cluster whose
+endpoint is an internal listener (the stock flavor's ``ztunnel_outbound_dispatch``) is followed
+into that listener, whose matcher sees the same original destination -> chain -> cluster ->
+endpoints -> internal listener -> tunnel cluster and address. Filter state set on the way is
+carried like Envoy carries it, so a cluster chosen at run time (``envoy.tcp_proxy.cluster`` from
+the source identity) is resolved to the one the data plane will use. Destination
 node (found by searching every node's ``ztunnel_inbound`` for a chain covering the address) ->
 inbound chain -> ``virtual_inbound`` -> final destination, with identities at each hop. If a
 walk disagrees with what the data plane does, the config is wrong, not the explanation.
@@ -59,6 +63,7 @@ class Explanation:
     verdict: str  # "tunnel" | "direct" | "passthrough" | "blackhole" | "rejected"
     listener: str = names.ZTUNNEL_OUTBOUND
     matched: list[str] = field(default_factory=list)  # matcher path
+    hops: list[str] = field(default_factory=list)  # "listener / chain" before the deciding chain
     chain: str = ""
     cluster: str = ""
     client_identity: str = ""
@@ -76,6 +81,8 @@ class Explanation:
         lines = [f"connection {self.src} -> {self.dst} captured by ztunnel on {self.node} ({self.listener})"]
         for m in self.matched:
             lines.append(f"  matcher: {m}")
+        for h in self.hops:
+            lines.append(f"  via: {h}")
         if self.chain:
             lines.append(f"  filter chain: {self.chain}")
         if self.cluster:
@@ -197,6 +204,39 @@ def explain_inbound(nodes: dict[str, NodeResources], dst_ip: str, destination: s
     return None
 
 
+def _resolve(value: str, state: dict[str, str]) -> str:
+    """Substitute the one formatter our run-time choices use (``%FILTER_STATE(key:PLAIN)%``)."""
+    for key, v in state.items():
+        value = value.replace(f"%FILTER_STATE({key}:PLAIN)%", v)
+    return value
+
+
+def _internal_target(cluster: cluster_pb2.Cluster | None) -> str:
+    """The internal listener a STATIC one-endpoint cluster leads to, else ''."""
+    if cluster is None or cluster.type != cluster_pb2.Cluster.STATIC:
+        return ""
+    for group in cluster.load_assignment.endpoints:
+        for lbe in group.lb_endpoints:
+            if lbe.endpoint.address.HasField("envoy_internal_address"):
+                return lbe.endpoint.address.envoy_internal_address.server_listener_name
+    return ""
+
+
+def _select_chain(lis: listener_pb2.Listener, values: dict[str, str], ex: Explanation) -> listener_components_pb2.FilterChain | None:
+    trail: list[str] = []
+    chain_name = _eval(lis.filter_chain_matcher, values, trail) if lis.HasField("filter_chain_matcher") else None
+    where = f"{lis.name}: " if lis.name != names.ZTUNNEL_OUTBOUND else ""
+    ex.matched += [where + t for t in trail]
+    chains = {c.name: c for c in lis.filter_chains}
+    if chain_name is not None and chain_name in chains:
+        return chains[chain_name]
+    if lis.HasField("default_filter_chain"):
+        ex.matched.append(where + "-> default_filter_chain")
+        return lis.default_filter_chain
+    ex.reason = where + "no filter chain matches and the listener has no default chain"
+    return None
+
+
 def explain(nodes: dict[str, NodeResources], node: str, src: str, dst: str) -> Explanation:
     res = nodes[node]
     dst_ip, _, dst_port = dst.rpartition(":")
@@ -205,31 +245,35 @@ def explain(nodes: dict[str, NodeResources], node: str, src: str, dst: str) -> E
     ex = Explanation(node=node, src=src, dst=host_port(dst_ip, int(dst_port)), verdict="rejected")
     lis = _listener(res, names.ZTUNNEL_OUTBOUND)
     assert lis is not None
-    chain_name = _eval(lis.filter_chain_matcher, {"port": dst_port, "source-ip": src, "ip": dst_ip}, ex.matched)
-    chains = {c.name: c for c in lis.filter_chains}
-    if chain_name is None or chain_name not in chains:
-        if lis.HasField("default_filter_chain"):
-            ex.matched.append("-> default_filter_chain")
-            chain = lis.default_filter_chain
-        else:
-            ex.reason = "no filter chain matches and the listener has no default chain"
+    values = {"port": dst_port, "source-ip": src, "ip": dst_ip}
+    shared: dict[str, str] = {}  # filter state crossing internal hops (set with shared_with_upstream)
+    for _ in range(4):  # bounded: capture listener + internal stages
+        chain = _select_chain(lis, values, ex)
+        if chain is None:
             return ex
-    else:
-        chain = chains[chain_name]
+        tcp, states = _filters(chain)
+        if tcp is None:
+            ex.chain, ex.reason = chain.name, "chain has no tcp_proxy"
+            return ex
+        here = {**shared, **{k: _resolve(v, shared) for k, v in states}}
+        shared.update({k: v for k, v in here.items() if k != names.TCP_PROXY_CLUSTER_STATE})
+        cluster_name = here.get(names.TCP_PROXY_CLUSTER_STATE, tcp.cluster)
+        nxt = _internal_target(_cluster(res, cluster_name))
+        if not nxt:
+            break
+        ex.hops.append(f"{lis.name} chain {chain.name} -> cluster {cluster_name} -> internal listener {nxt}")
+        lis = _listener(res, nxt)
+        assert lis is not None, nxt
     ex.chain = chain.name
-    tcp, states = _filters(chain)
-    if tcp is None:
-        ex.reason = "chain has no tcp_proxy"
-        return ex
-    ex.cluster = tcp.cluster
-    if tcp.cluster == names.BLACKHOLE_CLUSTER:
+    ex.cluster = cluster_name
+    if cluster_name == names.BLACKHOLE_CLUSTER:
         ex.verdict, ex.reason = "blackhole", "dropped"
         return ex
-    if tcp.cluster in (names.PASSTHROUGH_CLUSTER, names.PASSTHROUGH_CLUSTER_TCP):
+    if cluster_name in (names.PASSTHROUGH_CLUSTER, names.PASSTHROUGH_CLUSTER_TCP):
         ex.verdict, ex.reason = "passthrough", f"not in the mesh: forwarded in plaintext to {ex.dst} (original destination)"
         return ex
-    cluster = _cluster(res, tcp.cluster)
-    assert cluster is not None, tcp.cluster
+    cluster = _cluster(res, cluster_name)
+    assert cluster is not None, cluster_name
     if cluster.type == cluster_pb2.Cluster.EDS:
         cla = next(c for c in res.endpoints if c.cluster_name == cluster.name)
         for group in cla.endpoints:
@@ -246,9 +290,11 @@ def explain(nodes: dict[str, NodeResources], node: str, src: str, dst: str) -> E
         for tl in sorted(tunnel_lis_names):
             ilis = _listener(res, tl)
             assert ilis is not None
-            itcp, _ = _filters(ilis.filter_chains[0])
-            ex.tunnel_listener, ex.tunnel_cluster = tl, itcp.cluster
-            tclus = _cluster(res, itcp.cluster)
+            itcp, istates = _filters(ilis.filter_chains[0])
+            chosen = dict(istates).get(names.TCP_PROXY_CLUSTER_STATE)
+            ex.tunnel_listener, ex.tunnel_cluster = tl, _resolve(chosen, shared) if chosen else itcp.cluster
+            tclus = _cluster(res, ex.tunnel_cluster)
+            assert tclus is not None, ex.tunnel_cluster
             ex.client_identity, _ = _secret_name(tclus.transport_socket, tls_pb2.UpstreamTlsContext)
         for ep in ex.endpoints:
             if not ep.plain:
@@ -264,7 +310,7 @@ def explain(nodes: dict[str, NodeResources], node: str, src: str, dst: str) -> E
     port = lb.upstream_port_override.value if lb.HasField("upstream_port_override") else int(dst_port)
     ex.tunnel_cluster = cluster.name
     ex.client_identity, _ = _secret_name(cluster.transport_socket, tls_pb2.UpstreamTlsContext)
-    ex.expected_server_identity = dict(states).get("envoy.network.upstream_subject_alt_names", "")
+    ex.expected_server_identity = here.get("envoy.network.upstream_subject_alt_names", "")
     ep = Endpoint(ex.dst, host_port(dst_ip, port), ex.dst, ex.expected_server_identity)
     ex.endpoints.append(ep)
     ib = explain_inbound(nodes, dst_ip, ex.dst)

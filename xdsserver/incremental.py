@@ -26,9 +26,8 @@ from typing import Any
 
 from .model import Flavor, Identity
 from .model.index import MeshIndex, NodeView, ServiceTarget, Workload
-from .translate import CertProvider, NodeResources, translate, type_url
+from .translate import CertProvider, NodeResources, service_clusters, translate, type_url
 from .translate.endpoints import build_cla
-from .translate.names import service_cluster
 from .translate.secrets import build_root_secret, build_workload_secret
 
 from envoy.config.endpoint.v3 import endpoint_pb2
@@ -63,7 +62,7 @@ class _NodeMemo:
     shapes: tuple[tuple[Any, ...], ...]
     targets: tuple[ServiceTarget, ...]
     resources: ResourceSet
-    cla_targets: dict[str, tuple[Identity, int]]  # CLA name -> (source identity, target index), first wins
+    cla_targets: dict[str, tuple[str, int]]  # CLA name -> (internal listener, target index), as translate()
     secrets: dict[Identity | None, bytes]
 
 
@@ -132,7 +131,7 @@ class IncrementalTranslator:
             n = 0
             if changed:
                 clas = dict(res[EDS])
-                for name, (ident, i) in memo.cla_targets.items():
+                for name, (lis, i) in memo.cla_targets.items():
                     if i not in changed:
                         continue
                     t = targets[i]
@@ -140,7 +139,7 @@ class IncrementalTranslator:
                     k = (name, i, host)
                     body = cla_memo.get(k)
                     if body is None:
-                        body = cla_memo[k] = build_cla(name, ident, t, node).SerializeToString(deterministic=True)
+                        body = cla_memo[k] = build_cla(name, lis, t, node).SerializeToString(deterministic=True)
                         stats.clas_built += 1
                     clas[name] = body
                     n += 1
@@ -174,10 +173,7 @@ class IncrementalTranslator:
               shapes: tuple[tuple[Any, ...], ...]) -> _NodeMemo:
         res = translate(view, self.flavor, self.certs, check=self.check)
         rs = serialize(res)
-        cla_targets: dict[str, tuple[Identity, int]] = {}
-        for ident in view.local_identities:  # the same first-wins walk as translate()
-            for i, t in enumerate(view.targets):
-                cla_targets.setdefault(service_cluster(ident, t.port.name, t.hostname), (ident, i))
+        cla_targets = service_clusters(view, self.flavor)
         secrets = {ident: body for ident, (_, body) in zip([*view.local_identities, None], rs[SDS])}
         return _NodeMemo(local, workloads, shapes, view.targets, rs, cla_targets, secrets)
 

@@ -9,8 +9,10 @@ whole input, so a bad edit never half-applies (the caller keeps serving the last
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import marshal
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -193,13 +195,55 @@ def _selects(selector: tuple[tuple[str, str], ...], pod: Pod) -> bool:
     return all(labels.get(k) == v for k, v in selector)
 
 
-def build_model(objects: Iterable[SourceObject], mesh: MeshConfig | None = None, *, strict: bool = True) -> Model:
+class ValidationMemo:
+    """Fingerprints of objects that passed schema validation in the previous build.
+
+    Validation is most of a model build (85 % at 10k pods) and almost every object is the same
+    from one change to the next, so an object whose content is unchanged is not validated again.
+    The key is a digest of the object's exact content (``marshal`` of the parsed document), so a
+    changed object is always re-validated; only the last build's fingerprints are kept."""
+
+    def __init__(self) -> None:
+        self._valid: set[bytes] = set()
+        self._next: set[bytes] = set()
+        self.hits = 0
+
+    @staticmethod
+    def key(so: SourceObject) -> bytes | None:
+        try:
+            return hashlib.blake2b(marshal.dumps(so.obj), digest_size=16).digest()
+        except ValueError:  # a value marshal cannot encode (e.g. a YAML timestamp): just validate
+            return None
+
+    def validate(self, so: SourceObject) -> list[InputError]:
+        k = self.key(so)
+        if k is not None and k in self._valid:
+            self.hits += 1
+            self._next.add(k)
+            return []
+        errs = validate_object(so)
+        if not errs and k is not None:
+            self._next.add(k)
+        return errs
+
+    def copy(self) -> "ValidationMemo":
+        other = ValidationMemo()
+        other._valid = set(self._valid)
+        return other
+
+    def commit(self) -> None:
+        self._valid, self._next = self._next, set()
+
+
+def build_model(objects: Iterable[SourceObject], mesh: MeshConfig | None = None, *, strict: bool = True,
+                memo: ValidationMemo | None = None) -> Model:
     """Validate and convert; with ``strict`` raise :class:`InputErrors` listing every problem.
 
     Without ``strict`` (the Kubernetes source) bad objects are logged and left out, so one
-    malformed object cannot stop the rest of the cluster from being served.
+    malformed object cannot stop the rest of the cluster from being served. ``memo`` skips
+    validating objects that passed unchanged last time (see :class:`ValidationMemo`).
     """
-    model, errors = build_model_lenient(objects, mesh)
+    model, errors = build_model_lenient(objects, mesh, memo=memo)
     if errors and strict:
         raise InputErrors(errors)
     for e in errors:
@@ -207,13 +251,15 @@ def build_model(objects: Iterable[SourceObject], mesh: MeshConfig | None = None,
     return model
 
 
-def build_model_lenient(objects: Iterable[SourceObject], mesh: MeshConfig | None = None) -> tuple[Model, list[InputError]]:
+def build_model_lenient(objects: Iterable[SourceObject], mesh: MeshConfig | None = None, *,
+                        memo: ValidationMemo | None = None) -> tuple[Model, list[InputError]]:
     errors: list[InputError] = []
+    validate = memo.validate if memo is not None else validate_object
     good: dict[str, list[SourceObject]] = {k: [] for k in KINDS}
     seen: dict[tuple[str, str], str] = {}
     objs = list(objects)
     for so in objs:
-        errs = validate_object(so)
+        errs = validate(so)
         if errs:
             errors.extend(errs)
             continue
@@ -311,6 +357,8 @@ def build_model_lenient(objects: Iterable[SourceObject], mesh: MeshConfig | None
         endpoints=tuple(sorted((k, tuple(sorted(v, key=lambda e: (e.ip, e.port)))) for k, v in endpoints.items())),
         sources=tuple(sorted({so.origin.split("#")[0] for so in objs})),
     )
+    if memo is not None:
+        memo.commit()
     return model, errors
 
 

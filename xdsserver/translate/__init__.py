@@ -15,17 +15,18 @@ from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 
-from ..model import Flavor, Identity
-from ..model.index import NodeView, ServiceTarget
+from ..model import Flavor
+from ..model.index import NodeView
 from . import names, refcheck
 from .clusters import build_fixed_clusters, build_service_cluster
+from .dispatch import build_dispatch_cluster, build_dispatch_listener
 from .endpoints import build_cla
 from .inbound import build_ztunnel_inbound, build_ztunnel_inbound_plaintext
 from .outbound import build_ztunnel_outbound
 from .secrets import CertPair, CertProvider, build_root_secret, build_workload_secret
 from .tunnel import build_outbound_tunnel_lis, build_tunnel_clusters
 
-__all__ = ["NodeResources", "translate", "CertPair", "CertProvider", "TranslationError", "type_url"]
+__all__ = ["NodeResources", "translate", "service_clusters", "CertPair", "CertProvider", "TranslationError", "type_url"]
 
 
 class TranslationError(ValueError):
@@ -57,6 +58,23 @@ class NodeResources:
         }
 
 
+def service_clusters(view: NodeView, flavor: Flavor) -> dict[str, tuple[str, int]]:
+    """Service cluster (= CLA) name -> (internal listener of its mesh endpoints, index into
+    ``view.targets``), in emission order, first seen wins. Stock: one per service port;
+    istio-2022: one per node-local identity x service port (D1)."""
+    out: dict[str, tuple[str, int]] = {}
+    if flavor is Flavor.ENVOY:
+        if view.local_identities:  # nothing on this node can use them otherwise
+            for i, t in enumerate(view.targets):
+                out.setdefault(names.service_port_cluster(t.port.name, t.hostname), (names.OUTBOUND_TUNNEL_LIS, i))
+        return out
+    for ident in view.local_identities:
+        lis = names.outbound_tunnel_lis(ident)
+        for i, t in enumerate(view.targets):
+            out.setdefault(names.service_cluster(ident, t.port.name, t.hostname), (lis, i))
+    return out
+
+
 def translate(view: NodeView, flavor: Flavor, certs: CertProvider, *, check: bool = True) -> NodeResources:
     mesh = view.mesh
     listeners = [
@@ -64,19 +82,22 @@ def translate(view: NodeView, flavor: Flavor, certs: CertProvider, *, check: boo
         build_ztunnel_inbound(view, flavor),
         build_ztunnel_inbound_plaintext(view, flavor),
     ]
-    listeners += [build_outbound_tunnel_lis(ident, flavor) for ident in view.local_identities]
+    if flavor is Flavor.ENVOY:
+        if view.local_identities:
+            listeners += [build_dispatch_listener(view), build_outbound_tunnel_lis(None, flavor)]
+    else:
+        listeners += [build_outbound_tunnel_lis(ident, flavor) for ident in view.local_identities]
 
-    service_clusters: dict[str, tuple[Identity, ServiceTarget]] = {}
-    for ident in view.local_identities:
-        for t in view.targets:
-            service_clusters.setdefault(names.service_cluster(ident, t.port.name, t.hostname), (ident, t))
-    clusters = [build_service_cluster(name) for name in service_clusters]
+    service = service_clusters(view, flavor)
+    clusters = [build_service_cluster(name) for name in service]
     tunnel = [build_tunnel_clusters(ident, mesh, flavor) for ident in view.local_identities]
     for i in range(3):  # 2022 order: all outbound_tunnel_clus, then pod, then pod-local
         clusters += [group[i] for group in tunnel]
+    if flavor is Flavor.ENVOY and view.local_identities:
+        clusters.append(build_dispatch_cluster())
     clusters += build_fixed_clusters(mesh)
 
-    endpoints = [build_cla(name, ident, t, view.node_name) for name, (ident, t) in service_clusters.items()]
+    endpoints = [build_cla(name, lis, view.targets[i], view.node_name) for name, (lis, i) in service.items()]
     secrets = [build_workload_secret(ident, certs.workload(ident)) for ident in view.local_identities]
     secrets.append(build_root_secret(certs.root_pem()))
 

@@ -6,6 +6,8 @@ the flavor switch (stock Envoy vs istio-2022) is decided in exactly one place pe
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 from google.protobuf import any_pb2, duration_pb2, struct_pb2, wrappers_pb2
 from google.protobuf.message import Message
 
@@ -67,7 +69,13 @@ def socket_address(ip: str, port: int) -> address_pb2.Address:
     return address_pb2.Address(socket_address=address_pb2.SocketAddress(address=ip, port_value=port))
 
 
+@lru_cache(maxsize=64)
 def access_log(prefix: str, flavor: Flavor) -> accesslog_pb2.AccessLog:
+    """Memoized (thousands of chains share a handful of these); callers copy, never mutate."""
+    return _access_log(prefix, flavor)
+
+
+def _access_log(prefix: str, flavor: Flavor) -> accesslog_pb2.AccessLog:
     fmt = ISTIO_LOG_FORMAT + (PEER_LOG_SUFFIX if flavor is Flavor.ENVOY else "") + prefix + "\n"
     file_log = file_pb2.FileAccessLog(
         path="/dev/stdout",
@@ -123,18 +131,29 @@ def tcp_proxy(
     return listener_components_pb2.Filter(name="envoy.filters.network.tcp_proxy", typed_config=pack(tp))
 
 
-def set_filter_state(object_key: str, value: str, *, shared_once: bool = False) -> listener_components_pb2.Filter:
-    """One ``set_filter_state`` network filter setting ``object_key`` from a format string."""
+def filter_state_value(object_key: str, value: str, *, share: str = "NONE", factory_key: str = "") -> value_pb2.FilterStateValue:
+    """One filter-state entry set from a format string; ``share`` is ONCE (the next internal
+    hop) or TRANSITIVE (every hop after); ``factory_key`` for keys Envoy does not know."""
     v = value_pb2.FilterStateValue(
         object_key=object_key,
         format_string=substitution_format_string_pb2.SubstitutionFormatString(
             text_format_source=base_pb2.DataSource(inline_string=value)
         ),
+        shared_with_upstream=value_pb2.FilterStateValue.SharedWithUpstream.Value(share),
     )
-    if shared_once:
-        v.shared_with_upstream = value_pb2.FilterStateValue.ONCE
-    cfg = set_filter_state_pb2.Config(on_new_connection=[v])
+    if factory_key:
+        v.factory_key = factory_key
+    return v
+
+
+def set_filter_states(*values: value_pb2.FilterStateValue) -> listener_components_pb2.Filter:
+    cfg = set_filter_state_pb2.Config(on_new_connection=values)
     return listener_components_pb2.Filter(name="envoy.filters.network.set_filter_state", typed_config=pack(cfg))
+
+
+def set_filter_state(object_key: str, value: str, *, shared_once: bool = False) -> listener_components_pb2.Filter:
+    """One ``set_filter_state`` network filter setting ``object_key`` from a format string."""
+    return set_filter_states(filter_state_value(object_key, value, share="ONCE" if shared_once else "NONE"))
 
 
 def cidr(ip: str) -> address_pb2.CidrRange:

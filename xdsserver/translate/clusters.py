@@ -1,6 +1,8 @@
-"""Service clusters (one per node-local identity x TCP service port) and the fixed clusters."""
+"""Service clusters (stock: one per TCP service port; istio-2022: per local identity x port) and the fixed clusters."""
 
 from __future__ import annotations
+
+from functools import lru_cache
 
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import base_pb2, protocol_pb2
@@ -19,29 +21,43 @@ def _raw_buffer() -> base_pb2.TransportSocket:
     return base_pb2.TransportSocket(name="envoy.transport_sockets.raw_buffer", typed_config=blocks.pack(raw_buffer_pb2.RawBuffer()))
 
 
-def internal_upstream_matches() -> list[Cluster.TransportSocketMatch]:
-    """Tunnel endpoints go through the internal listener carrying their ``tunnel`` metadata
-    (``kind: host``; stock-envoy.md gotcha 4); plain endpoints are dialled directly."""
+def internal_upstream(*metadata_namespaces: str) -> base_pb2.TransportSocket:
+    """Transport to an internal listener, handing it the endpoint's metadata in these namespaces
+    (``kind: host``; stock-envoy.md gotcha 4). Shared filter state crosses with the connection."""
     passthrough = [
         internal_upstream_pb2.InternalUpstreamTransport.MetadataValueSource(
             kind=metadata_pb2.MetadataKind(host=metadata_pb2.MetadataKind.Host()), name=ns
         )
-        for ns in (names.TUNNEL_METADATA, "istio")
+        for ns in metadata_namespaces
     ]
     internal = internal_upstream_pb2.InternalUpstreamTransport(passthrough_metadata=passthrough, transport_socket=_raw_buffer())
+    return base_pb2.TransportSocket(name="envoy.transport_sockets.internal_upstream", typed_config=blocks.pack(internal))
+
+
+def internal_upstream_matches() -> list[Cluster.TransportSocketMatch]:
+    """Tunnel endpoints go through the internal listener carrying their ``tunnel`` metadata;
+    plain endpoints are dialled directly."""
     return [
         Cluster.TransportSocketMatch(
             name=names.INTERNAL_UPSTREAM_MATCH,
             match=blocks.struct({names.TUNNEL_METADATA: blocks.TUNNEL_MATCH_VALUE}),
-            transport_socket=base_pb2.TransportSocket(name="envoy.transport_sockets.internal_upstream", typed_config=blocks.pack(internal)),
+            transport_socket=internal_upstream(names.TUNNEL_METADATA, "istio"),
         ),
         Cluster.TransportSocketMatch(name=names.PLAIN_MATCH, match=blocks.struct({}), transport_socket=_raw_buffer()),
     ]
 
 
 def build_service_cluster(name: str) -> Cluster:
+    c = Cluster()
+    c.CopyFrom(_service_cluster_template())
+    c.name = name
+    return c
+
+
+@lru_cache(maxsize=1)
+def _service_cluster_template() -> Cluster:
+    """Everything but the name (one per service port: thousands per node at scale). Never mutated."""
     return Cluster(
-        name=name,
         type=Cluster.EDS,
         eds_cluster_config=Cluster.EdsClusterConfig(eds_config=blocks.ads_source(initial_fetch_timeout_zero=True)),
         transport_socket_matches=internal_upstream_matches(),

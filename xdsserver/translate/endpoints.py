@@ -5,26 +5,36 @@ Answered from the translation's own (cluster -> target) map, never by parsing na
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 from envoy.config.core.v3 import address_pb2, base_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2 as ec, endpoint_pb2
 
-from ..model import Identity, host_port, ports
+from ..model import host_port, ports
 from ..model.index import Backend, ServiceTarget
 from . import blocks, names
 
 
-def _lb_endpoint(src: Identity, b: Backend, node_name: str) -> ec.LbEndpoint:
+def _lb_endpoint(tunnel_listener: str, b: Backend, node_name: str) -> ec.LbEndpoint:
+    same_node = bool(b.node_name) and b.node_name == node_name
+    return _lb_endpoint_memo(tunnel_listener, b, same_node)
+
+
+@lru_cache(maxsize=1 << 17)
+def _lb_endpoint_memo(tunnel_listener: str, b: Backend, same_node: bool) -> ec.LbEndpoint:
+    """Memoized on its inputs: one backend serves many service ports and is seen by every node,
+    and this message is most of a node's EDS build. Never mutated (callers copy it)."""
     lbe = ec.LbEndpoint()
     lbe.load_balancing_weight.value = 1  # D6: explicit
     dest = host_port(b.ip, b.port)
     if b.identity is None:  # not in the mesh: plain TCP, matched by tlsMode-disabled
         lbe.endpoint.address.CopyFrom(blocks.socket_address(b.ip, b.port))
         return lbe
-    capture = ports.HBONE_NODE_LOCAL_PORT if b.node_name and b.node_name == node_name else ports.HBONE_PORT
+    capture = ports.HBONE_NODE_LOCAL_PORT if same_node else ports.HBONE_PORT
     lbe.endpoint.address.CopyFrom(
         address_pb2.Address(
             envoy_internal_address=address_pb2.EnvoyInternalAddress(
-                server_listener_name=names.outbound_tunnel_lis(src),
+                server_listener_name=tunnel_listener,
                 endpoint_id=dest,  # D6: without it EDS collapses hosts sharing the listener (gotcha 3)
             )
         )
@@ -42,7 +52,9 @@ def _lb_endpoint(src: Identity, b: Backend, node_name: str) -> ec.LbEndpoint:
     return lbe
 
 
-def build_cla(cluster_name: str, src: Identity, target: ServiceTarget, node_name: str) -> endpoint_pb2.ClusterLoadAssignment:
+def build_cla(cluster_name: str, tunnel_listener: str, target: ServiceTarget, node_name: str) -> endpoint_pb2.ClusterLoadAssignment:
+    """Endpoints of ``target`` as seen from ``node_name``; mesh endpoints go through the internal
+    listener ``tunnel_listener`` (shared in the stock flavor, the source's own in istio-2022)."""
     cla = endpoint_pb2.ClusterLoadAssignment(cluster_name=cluster_name)
-    cla.endpoints.add().lb_endpoints.extend(_lb_endpoint(src, b, node_name) for b in target.backends)
+    cla.endpoints.add().lb_endpoints.extend(_lb_endpoint(tunnel_listener, b, node_name) for b in target.backends)
     return cla

@@ -32,6 +32,14 @@ ROOTCA_SECRET = "ROOTCA"
 SDS_GRPC_CLUSTER = "sds-grpc"  # istio-2022 flavor: the local istio-agent's SDS
 XDS_GRPC_CLUSTER = "xds-grpc"
 
+# stock flavor's linear layout (README "Performance"): stage 2 of the capture path, shared by
+# every source identity, and the one HBONE-originating internal listener behind service clusters
+OUTBOUND_DISPATCH = "ztunnel_outbound_dispatch"  # internal listener + the STATIC cluster reaching it
+OUTBOUND_TUNNEL_LIS = "outbound_tunnel_lis"
+# filter state carrying the source's SPIFFE ID from stage 1 through every internal hop
+SOURCE_IDENTITY_STATE = "io.xdsserver.source_identity"
+TCP_PROXY_CLUSTER_STATE = "envoy.tcp_proxy.cluster"
+
 TUNNEL_METADATA = "tunnel"  # endpoint metadata namespace passed through the internal listener
 ORIGINAL_DST_HEADER = "x-envoy-original-dst-host"
 TRANSPORT_SOCKET_MATCH = "envoy.transport_socket_match"
@@ -44,20 +52,48 @@ def service_cluster(src: Identity, port_name: str, hostname: str) -> str:
     return f"{src.spiffe}_to_{port_name}_{hostname}_outbound_internal"
 
 
+def service_port_cluster(port_name: str, hostname: str) -> str:
+    """Stock flavor: ``to_<port>_<hostname>_outbound_internal``, one per service port, shared by
+    every source identity (the 2022 name without its ``<id>_`` prefix)."""
+    return f"to_{port_name}_{hostname}_outbound_internal"
+
+
+def source_chain(src: Identity) -> str:
+    """Stock flavor, stage 1: the ``ztunnel_outbound`` chain of every local pod of ``src``."""
+    return f"outbound_from_{src.spiffe}"
+
+
+def dst_pod_chain(dst: Identity, *, same_node: bool) -> str:
+    """Stock flavor, stage 2: pod-IP chain per destination identity (D8), shared by sources."""
+    kind = "outbound_pod_local_tunnel" if same_node else "outbound_pod_tunnel"
+    return f"fc-{kind}_to_{dst.spiffe}"
+
+
+def per_source(prefix: str) -> str:
+    """Format string naming ``<prefix><source SPIFFE ID>`` at run time (``envoy.tcp_proxy.cluster``),
+    from the identity stage 1 put in filter state: one chain serves every source identity."""
+    return f"{prefix}%FILTER_STATE({SOURCE_IDENTITY_STATE}:PLAIN)%"
+
+
+OUTBOUND_TUNNEL_CLUS_PREFIX = "outbound_tunnel_clus_"
+OUTBOUND_POD_TUNNEL_CLUS_PREFIX = "outbound_pod_tunnel_clus_"
+OUTBOUND_POD_LOCAL_TUNNEL_CLUS_PREFIX = "outbound_pod_local_tunnel_clus_"
+
+
 def outbound_tunnel_lis(src: Identity) -> str:
     return f"outbound_tunnel_lis_{src.spiffe}"
 
 
 def outbound_tunnel_clus(src: Identity) -> str:
-    return f"outbound_tunnel_clus_{src.spiffe}"
+    return OUTBOUND_TUNNEL_CLUS_PREFIX + src.spiffe
 
 
 def outbound_pod_tunnel_clus(src: Identity) -> str:
-    return f"outbound_pod_tunnel_clus_{src.spiffe}"
+    return OUTBOUND_POD_TUNNEL_CLUS_PREFIX + src.spiffe
 
 
 def outbound_pod_local_tunnel_clus(src: Identity) -> str:
-    return f"outbound_pod_local_tunnel_clus_{src.spiffe}"
+    return OUTBOUND_POD_LOCAL_TUNNEL_CLUS_PREFIX + src.spiffe
 
 
 def pod_chain(cluster: str, dst: Identity) -> str:

@@ -1,8 +1,15 @@
-"""``ztunnel_outbound`` (:15001): capture listener with the source -> destination -> port matcher.
+"""``ztunnel_outbound`` (:15001): the capture listener.
 
-ztunnel-config.md §4.1-4.3 with D1-D5/D8: chains only for node-local sources, every matcher
-action names an emitted chain, pod-IP chains per (source identity, destination identity) so each
-can pin the expected server SPIFFE ID, deterministic order.
+Stock flavor (stage 1 of a linear layout; the README's performance section has the why): the
+matcher is port -> source IP only. Each node-local source identity has one chain that records the
+original destination, the client address and the source identity in filter state and hands the
+connection to the internal listener ``ztunnel_outbound_dispatch`` (stage 2, ``dispatch.py``), where
+destination IP -> port picks a chain shared by every source. Config grows with
+local pods + services + workloads, not with their product.
+
+istio-2022 flavor: the 2022 shape, ztunnel-config.md §4.1-4.3 with D1-D5/D8: source -> destination
+-> port, chains per (source identity x service port) and per (source identity, destination
+identity) for pod IPs, so each can pin the expected server SPIFFE ID.
 """
 
 from __future__ import annotations
@@ -49,13 +56,18 @@ def _map_matcher(kind: str, entries: dict[str, OnMatch], on_no_match: OnMatch | 
     return m
 
 
+DestinationMap = dict[str, "str | dict[str, str]"]  # destination IP -> chain, or port -> chain
+
+
 @dataclass
 class OutboundPlan:
     """The chains and matcher entries for one node, before they become protos."""
 
     chains: dict[str, listener_components_pb2.FilterChain] = field(default_factory=dict)  # first seen wins
-    # source IP -> destination key -> either a chain name or {port: chain name}
-    sources: dict[str, dict[str, str | dict[str, str]]] = field(default_factory=dict)
+    # source IP -> destination key -> either a chain name or {port: chain name} (istio-2022), or
+    # source IP -> chain name (stock flavor, stage 1)
+    sources: dict[str, DestinationMap | str] = field(default_factory=dict)
+
 
 
 def service_chain(src: Identity, cluster: str, flavor: Flavor) -> listener_components_pb2.FilterChain:
@@ -85,7 +97,38 @@ def pod_chain(cluster: str, dst: Identity, flavor: Flavor) -> listener_component
     )
 
 
+def source_chain(src: Identity) -> listener_components_pb2.FilterChain:
+    """Stage 1: remember what stage 2 and the tunnel need, then go to stage 2."""
+    name = names.source_chain(src)
+    return listener_components_pb2.FilterChain(
+        name=name,
+        filters=[
+            blocks.set_filter_states(
+                # stage 2 matches on the original destination (its original_dst restores it) ...
+                blocks.filter_state_value("envoy.filters.listener.original_dst.local_ip", "%DOWNSTREAM_LOCAL_ADDRESS%", share="ONCE"),
+                # ... and every later hop leaves with the client's address (stock-envoy.md §5.6)
+                blocks.filter_state_value("envoy.filters.listener.original_dst.remote_ip", "%DOWNSTREAM_REMOTE_ADDRESS%", share="TRANSITIVE"),
+                # which client certificate: names.per_source turns it into the tunnel cluster
+                blocks.filter_state_value(names.SOURCE_IDENTITY_STATE, src.spiffe, share="TRANSITIVE", factory_key="envoy.string"),
+            ),
+            blocks.tcp_proxy(name, names.OUTBOUND_DISPATCH, log=None, flavor=Flavor.ENVOY),
+        ],
+    )
+
+
+def plan_sources(view: NodeView) -> OutboundPlan:
+    """Stock flavor: local pod IP -> its identity's chain."""
+    plan = OutboundPlan()
+    for src in view.local_workloads:
+        chain = names.source_chain(src.identity)
+        plan.chains.setdefault(chain, source_chain(src.identity))
+        for ip in src.pod.ips:
+            plan.sources[ip] = chain
+    return plan
+
+
 def plan_outbound(view: NodeView, flavor: Flavor) -> OutboundPlan:
+    """istio-2022 flavor: the per-source destination maps."""
     plan = OutboundPlan()
     for src in view.local_workloads:
         dst_map: dict[str, str | dict[str, str]] = {}
@@ -114,28 +157,49 @@ def _pod_cluster(src: Identity, dst: Workload, node_name: str) -> str:
     return names.outbound_pod_tunnel_clus(src)
 
 
+def destination_matcher(dst_map: DestinationMap, actions: dict[str, OnMatch] | None = None) -> Matcher | None:
+    """destination IP -> chain or (port -> chain); None when nothing is left to match.
+    ``actions`` memoizes one action per chain (many keys share a chain; entries are copied)."""
+    actions = {} if actions is None else actions
+
+    def action(chain: str) -> OnMatch:
+        a = actions.get(chain)
+        if a is None:
+            a = actions[chain] = to_chain(chain)
+        return a
+
+    dst_entries: dict[str, OnMatch] = {}
+    for dst, target in dst_map.items():
+        if isinstance(target, str):
+            dst_entries[dst] = action(target)
+        elif target:  # an empty PORT map is invalid in Envoy (§11): drop the key
+            dst_entries[dst] = OnMatch(matcher=_map_matcher("port", {p: action(c) for p, c in target.items()}))
+    return _map_matcher("ip", dst_entries) if dst_entries else None
+
+
 def build_matcher(plan: OutboundPlan) -> Matcher:
     src_entries: dict[str, OnMatch] = {}
-    for src_ip, dst_map in plan.sources.items():
-        dst_entries: dict[str, OnMatch] = {}
-        for dst, target in dst_map.items():
-            if isinstance(target, str):
-                dst_entries[dst] = to_chain(target)
-            elif target:  # an empty PORT map is invalid in Envoy (§11): drop the key
-                dst_entries[dst] = OnMatch(matcher=_map_matcher("port", {p: to_chain(c) for p, c in target.items()}))
-        if dst_entries:
-            src_entries[src_ip] = OnMatch(matcher=_map_matcher("ip", dst_entries))
+    actions: dict[str, OnMatch] = {}
+    for src_ip, target in plan.sources.items():
+        if isinstance(target, str):
+            src_entries[src_ip] = to_chain(target)
+        elif (dst := destination_matcher(target, actions)) is not None:
+            src_entries[src_ip] = OnMatch(matcher=dst)
     passthrough = to_chain(names.PASSTHROUGH_CHAIN)
     below = OnMatch(matcher=_map_matcher("source-ip", src_entries, passthrough)) if src_entries else passthrough
     return _map_matcher("port", {str(ports.OUTBOUND_CAPTURE_PORT): to_chain(names.BLACKHOLE_OUTBOUND_CHAIN)}, below)
 
 
-def build_ztunnel_outbound(view: NodeView, flavor: Flavor) -> listener_pb2.Listener:
-    plan = plan_outbound(view, flavor)
-    passthrough = listener_components_pb2.FilterChain(
+def passthrough_chain(flavor: Flavor) -> listener_components_pb2.FilterChain:
+    return listener_components_pb2.FilterChain(
         name=names.PASSTHROUGH_CHAIN,
         filters=[blocks.tcp_proxy(names.PASSTHROUGH_CLUSTER, names.PASSTHROUGH_CLUSTER, log="passthrough", flavor=flavor)],
     )
+
+
+def build_ztunnel_outbound(view: NodeView, flavor: Flavor) -> listener_pb2.Listener:
+    plan = plan_sources(view) if flavor is Flavor.ENVOY else plan_outbound(view, flavor)
+    passthrough = passthrough_chain(flavor)
     blackhole = listener_components_pb2.FilterChain(
         name=names.BLACKHOLE_OUTBOUND_CHAIN,
         # D2: the chain keeps its 2022 name and stat, but points at a cluster that exists

@@ -16,9 +16,14 @@ from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
+from envoy.extensions.filters.network.set_filter_state.v3 import set_filter_state_pb2
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 from xds.type.matcher.v3 import matcher_pb2
+
+from . import names
+
+_SOURCE = f"%FILTER_STATE({names.SOURCE_IDENTITY_STATE}:PLAIN)%"
 
 _db = symbol_database.Default()
 
@@ -65,6 +70,7 @@ def walk(msg: Message) -> Iterator[Message]:
 def _matcher_actions(m: matcher_pb2.Matcher) -> Iterator[str]:
     """Every action name of a matcher tree (or list), by direct recursion over its own fields."""
     stack = [m]
+    decoded: dict[bytes, str] = {}  # many keys share one action
     while stack:
         node = stack.pop()
         ons: list[matcher_pb2.Matcher.OnMatch] = []
@@ -82,7 +88,11 @@ def _matcher_actions(m: matcher_pb2.Matcher) -> Iterator[str]:
             if on.HasField("matcher"):
                 stack.append(on.matcher)
             elif on.HasField("action") and on.action.typed_config.Is(wrappers_pb2.StringValue.DESCRIPTOR):
-                yield wrappers_pb2.StringValue.FromString(on.action.typed_config.value).value
+                raw = on.action.typed_config.value
+                name = decoded.get(raw)
+                if name is None:
+                    name = decoded[raw] = wrappers_pb2.StringValue.FromString(raw).value
+                yield name
 
 
 def _sds_names(ts: Any) -> Iterator[str]:
@@ -116,6 +126,8 @@ def check(
     cluster_names = {c.name for c in clusters}
     cla_names, secrets = set(endpoint_names), set(secret_names)
     problems: list[str] = []
+    sources: set[str] = set()  # source identities stage 1 can put in filter state
+    dynamic: list[tuple[str, str]] = []  # (listener, envoy.tcp_proxy.cluster format)
     for lis in listeners:
         chains = {fc.name for fc in lis.filter_chains}  # a set: one lookup per matcher action
         if lis.HasField("filter_chain_matcher"):
@@ -133,12 +145,29 @@ def check(
                     targets = [tp.cluster] if tp.cluster else [w.name for w in tp.weighted_clusters.clusters]
                     problems += [f"listener {lis.name}: tcp_proxy {tp.stat_prefix!r} names missing cluster {c!r}"
                                  for c in targets if c not in cluster_names]
+                elif cfg.Is(set_filter_state_pb2.Config.DESCRIPTOR):
+                    for v in set_filter_state_pb2.Config.FromString(cfg.value).on_new_connection:
+                        value = v.format_string.text_format_source.inline_string
+                        if v.object_key == names.SOURCE_IDENTITY_STATE:
+                            sources.add(value)
+                        elif v.object_key == names.TCP_PROXY_CLUSTER_STATE:
+                            dynamic.append((lis.name, value))
                 elif cfg.Is(hcm_pb2.HttpConnectionManager.DESCRIPTOR):
                     hcm = hcm_pb2.HttpConnectionManager.FromString(cfg.value)
                     for vh in hcm.route_config.virtual_hosts:
                         for route in vh.routes:
                             if route.HasField("route") and route.route.cluster and route.route.cluster not in cluster_names:
                                 problems.append(f"listener {lis.name}: route names missing cluster {route.route.cluster!r}")
+    # a cluster chosen at run time must exist for every source identity that can reach the chain
+    if any(_SOURCE in fmt for _, fmt in dynamic) and not sources:
+        problems.append(f"envoy.tcp_proxy.cluster depends on {names.SOURCE_IDENTITY_STATE}, which no chain sets")
+    for lis_name, fmt in dict.fromkeys(dynamic):
+        for src in sorted(sources) if _SOURCE in fmt else [""]:
+            name = fmt.replace(_SOURCE, src)
+            if name not in cluster_names:
+                problems.append(f"listener {lis_name}: envoy.tcp_proxy.cluster {fmt!r} names missing cluster {name!r}")
+    listener_names = {lis.name for lis in listeners}
+    problems += check_endpoints((c.load_assignment for c in clusters if c.HasField("load_assignment")), listener_names)
     for c in clusters:
         if c.type == cluster_pb2.Cluster.EDS and (c.eds_cluster_config.service_name or c.name) not in cla_names:
             problems.append(f"cluster {c.name}: no ClusterLoadAssignment")

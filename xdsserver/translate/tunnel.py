@@ -1,4 +1,9 @@
-"""HBONE origination per node-local identity: ``outbound_tunnel_lis_<id>`` and its clusters.
+"""HBONE origination: the internal listener behind service clusters and the tunnel clusters.
+
+Stock flavor: one ``outbound_tunnel_lis`` shared by every source identity; it picks the source's
+``outbound_tunnel_clus_<id>`` (and with it the client certificate) from the identity that
+``ztunnel_outbound`` put in filter state. istio-2022: one ``outbound_tunnel_lis_<id>`` per
+node-local identity, as the 2022 generator emitted. The tunnel clusters stay per identity in both.
 
 One builder for the three ORIGINAL_DST tunnel clusters (the 2022 code had three copies that
 differed only in name and ``original_dst_lb_config``; style.md §4).
@@ -18,10 +23,12 @@ _DEST = "%DYNAMIC_METADATA(tunnel:destination)%"
 _DEST_2022_HEADER = '%DYNAMIC_METADATA(["tunnel", "destination"])%'
 
 
-def build_outbound_tunnel_lis(src: Identity, flavor: Flavor) -> listener_pb2.Listener:
-    lis = listener_pb2.Listener(name=names.outbound_tunnel_lis(src), internal_listener=listener_pb2.Listener.InternalListenerConfig())
+def build_outbound_tunnel_lis(src: Identity | None, flavor: Flavor) -> listener_pb2.Listener:
+    """``src=None``: the stock flavor's shared listener; else istio-2022's per-identity one."""
+    name = names.OUTBOUND_TUNNEL_LIS if src is None else names.outbound_tunnel_lis(src)
+    lis = listener_pb2.Listener(name=name, internal_listener=listener_pb2.Listener.InternalListenerConfig())
     if flavor is Flavor.ENVOY:
-        # stock-envoy.md §5.6: restore the client address set by the service chain, then spoof it.
+        # stock-envoy.md §5.6: restore the client address stage 1 put in filter state, then spoof it.
         lis.listener_filters.extend([blocks.original_dst_filter(), blocks.original_src_filter()])
     else:
         lis.use_original_dst.value = False
@@ -31,14 +38,20 @@ def build_outbound_tunnel_lis(src: Identity, flavor: Flavor) -> listener_pb2.Lis
                 typed_config=blocks.pack(typed_struct_pb2.TypedStruct(type_url="type.googleapis.com/istio.set_internal_dst_address.v1.Config")),
             )
         )
+    # D8: the endpoint names the server identity it expects; pin the TLS peer to it.
+    states = [blocks.filter_state_value("envoy.network.upstream_subject_alt_names", "%DYNAMIC_METADATA(tunnel:identity)%")]
+    if src is None:
+        states.append(blocks.filter_state_value(names.TCP_PROXY_CLUSTER_STATE, names.per_source(names.OUTBOUND_TUNNEL_CLUS_PREFIX)))
+        cluster = names.BLACKHOLE_CLUSTER  # only if the source identity is missing
+    else:
+        cluster = names.outbound_tunnel_clus(src)
     lis.filter_chains.append(
         listener_components_pb2.FilterChain(
             filters=[
-                # D8: the endpoint names the server identity it expects; pin the TLS peer to it.
-                blocks.set_filter_state("envoy.network.upstream_subject_alt_names", "%DYNAMIC_METADATA(tunnel:identity)%"),
+                blocks.set_filter_states(*states),
                 blocks.tcp_proxy(
-                    names.outbound_tunnel_lis(src),
-                    names.outbound_tunnel_clus(src),
+                    name,
+                    cluster,
                     log="outbound tunnel",
                     flavor=flavor,
                     tunnel_hostname=_DEST,
