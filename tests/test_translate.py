@@ -491,11 +491,12 @@ def test_node_without_local_workloads(tmp_path: Path, flavor: Flavor) -> None:
 
 def check_linear(res: NodeResources, node: str, e: Expect) -> None:
     """Capture-path chains grow with local identities + service ports + destination identities,
-    not with their product: stage 1 one per local identity, stage 2 one per TCP service port and
-    one per (destination identity, same node?), plus the fixed chains (stage 1's passthrough and
-    blackhole, stage 2's passthrough). Stage 2 keys: the TCP services' VIPs and every mesh pod IP."""
+    not with their product: stage 1 one per local identity, stage 2 one per TCP service port, one
+    other-node pod chain per mesh identity (shared by every node) and one same-node pod chain per
+    identity with a pod here, plus the fixed chains (stage 1's passthrough and blackhole, stage
+    2's passthrough). Stage 2 keys: the TCP services' VIPs and every mesh pod IP."""
     local_ids = e.local_ids.get(node, set())
-    pairs = {(e.ip_identity[ip], e.ip_node[ip] == node) for ip in e.ip_identity}
+    pairs = {(i, False) for i in e.ip_identity.values()} | {(e.ip_identity[ip], True) for ip in e.ip_identity if e.ip_node[ip] == node}
     capture = [lis for lis in res.listeners if lis.name in ("ztunnel_outbound", names.OUTBOUND_DISPATCH)]
     assert len(capture) == (2 if local_ids else 1)
     n_chains = sum(len(lis.filter_chains) for lis in capture)

@@ -26,7 +26,7 @@ from typing import Any
 
 from .model import Flavor, Identity
 from .model.index import MeshIndex, NodeView, ServiceTarget, Workload
-from .translate import CertProvider, NodeResources, service_clusters, translate, type_url
+from .translate import CertPair, CertProvider, NodeResources, service_clusters, translate, type_url
 from .translate.endpoints import build_cla
 from .translate.secrets import build_root_secret, build_workload_secret
 
@@ -39,9 +39,23 @@ SDS = type_url(secret_pb2.Secret())
 ResourceSet = dict[str, list[tuple[str, bytes]]]
 
 
-def serialize(res: NodeResources) -> ResourceSet:
-    """type URL -> [(name, deterministic bytes)] in emission order (what the snapshot cache takes)."""
-    return {url: [(name, msg.SerializeToString(deterministic=True)) for name, msg in items] for url, items in res.named().items()}
+def serialize(res: NodeResources, shared: dict[int, tuple[Any, bytes]] | None = None) -> ResourceSet:
+    """type URL -> [(name, deterministic bytes)] in emission order (what the snapshot cache takes).
+
+    ``shared`` (id(message) -> (message, bytes)) serializes a CLA that several nodes share
+    (``shared_cla``) once and hands every node the same bytes object."""
+    out: ResourceSet = {}
+    for url, items in res.named().items():
+        if shared is None or url != EDS:
+            out[url] = [(name, msg.SerializeToString(deterministic=True)) for name, msg in items]
+            continue
+        lst = out[url] = []
+        for name, msg in items:
+            hit = shared.get(id(msg))
+            if hit is None or hit[0] is not msg:
+                hit = shared[id(msg)] = (msg, msg.SerializeToString(deterministic=True))
+            lst.append((name, hit[1]))
+    return out
 
 
 def _shape(t: ServiceTarget) -> tuple[Any, ...]:
@@ -90,6 +104,9 @@ class IncrementalTranslator:
         self.check = check
         self._memo: dict[str, _NodeMemo] = {}
         self._mesh: Any = None
+        self._secret_bytes: dict[Identity, tuple[CertPair, bytes]] = {}
+        self._root_bytes: tuple[str, bytes] | None = None
+        self._cla_bytes: dict[int, tuple[Any, bytes]] = {}  # one snapshots() call: shared CLAs' bytes
         self.stats = RunStats()
 
     def snapshots(self, index: MeshIndex, nodes: list[str] | None = None) -> dict[str, ResourceSet]:
@@ -154,6 +171,7 @@ class IncrementalTranslator:
             for gone in sorted(set(self._memo) - set(wanted)):
                 del self._memo[gone]
                 stats.removed.append(gone)
+        self._cla_bytes.clear()  # the bytes live on in the resource sets
         self.stats = stats
         return out
 
@@ -162,17 +180,25 @@ class IncrementalTranslator:
 
     # -- internals --------------------------------------------------------------------------------
     def _secrets(self, identities: tuple[Identity, ...]) -> dict[Identity | None, bytes]:
-        """Workload secrets by identity and the root bundle (key None), in translate()'s order."""
+        """Workload secrets by identity and the root bundle (key None), in translate()'s order.
+        Bytes are reused while an identity's certificate is the same (rotation makes a new one)."""
         out: dict[Identity | None, bytes] = {}
         for ident in identities:
-            out[ident] = build_workload_secret(ident, self.certs.workload(ident)).SerializeToString(deterministic=True)
-        out[None] = build_root_secret(self.certs.root_pem()).SerializeToString(deterministic=True)
+            pair = self.certs.workload(ident)
+            hit = self._secret_bytes.get(ident)
+            if hit is None or hit[0] != pair:
+                hit = self._secret_bytes[ident] = (pair, build_workload_secret(ident, pair).SerializeToString(deterministic=True))
+            out[ident] = hit[1]
+        root = self.certs.root_pem()
+        if self._root_bytes is None or self._root_bytes[0] != root:
+            self._root_bytes = (root, build_root_secret(root).SerializeToString(deterministic=True))
+        out[None] = self._root_bytes[1]
         return out
 
     def _full(self, view: NodeView, local: tuple[tuple[Any, ...], ...], workloads: tuple[tuple[Any, ...], ...],
               shapes: tuple[tuple[Any, ...], ...]) -> _NodeMemo:
         res = translate(view, self.flavor, self.certs, check=self.check)
-        rs = serialize(res)
+        rs = serialize(res, self._cla_bytes)
         cla_targets = service_clusters(view, self.flavor)
         secrets = {ident: body for ident, (_, body) in zip([*view.local_identities, None], rs[SDS])}
         return _NodeMemo(local, workloads, shapes, view.targets, rs, cla_targets, secrets)

@@ -196,27 +196,31 @@ def _selects(selector: tuple[tuple[str, str], ...], pod: Pod) -> bool:
 
 
 class ValidationMemo:
-    """Fingerprints of objects that passed schema validation in the previous build.
+    """Fingerprints of objects that passed schema validation in the previous build (and the
+    pods converted from them).
 
     Validation is most of a model build (85 % at 10k pods) and almost every object is the same
     from one change to the next, so an object whose content is unchanged is not validated again.
-    The key is a digest of the object's exact content (``marshal`` of the parsed document), so a
+    The key is a digest of the object's exact content (``marshal`` format 0: no sharing, so equal content gives equal bytes), so a
     changed object is always re-validated; only the last build's fingerprints are kept."""
 
     def __init__(self) -> None:
         self._valid: set[bytes] = set()
         self._next: set[bytes] = set()
+        self._pods: dict[bytes, Pod] = {}  # converted pods (frozen), by the same fingerprint
+        self._pods_next: dict[bytes, Pod] = {}
+        self._key_of: dict[int, bytes | None] = {}  # id(SourceObject) -> key, this build only
         self.hits = 0
 
     @staticmethod
     def key(so: SourceObject) -> bytes | None:
         try:
-            return hashlib.blake2b(marshal.dumps(so.obj), digest_size=16).digest()
+            return hashlib.blake2b(marshal.dumps(so.obj, 0), digest_size=16).digest()
         except ValueError:  # a value marshal cannot encode (e.g. a YAML timestamp): just validate
             return None
 
     def validate(self, so: SourceObject) -> list[InputError]:
-        k = self.key(so)
+        k = self._key_of[id(so)] = self.key(so)
         if k is not None and k in self._valid:
             self.hits += 1
             self._next.add(k)
@@ -226,13 +230,24 @@ class ValidationMemo:
             self._next.add(k)
         return errs
 
+    def pod(self, so: SourceObject) -> Pod:
+        k = self._key_of.get(id(so))
+        pod = self._pods.get(k) if k is not None else None
+        if pod is None:
+            pod = _pod(so.obj)
+        if k is not None:
+            self._pods_next[k] = pod
+        return pod
+
     def copy(self) -> "ValidationMemo":
         other = ValidationMemo()
-        other._valid = set(self._valid)
+        other._valid, other._pods = set(self._valid), dict(self._pods)
         return other
 
     def commit(self) -> None:
         self._valid, self._next = self._next, set()
+        self._pods, self._pods_next = self._pods_next, {}
+        self._key_of.clear()
 
 
 def build_model(objects: Iterable[SourceObject], mesh: MeshConfig | None = None, *, strict: bool = True,
@@ -279,7 +294,8 @@ def build_model_lenient(objects: Iterable[SourceObject], mesh: MeshConfig | None
         for so in good["MeshConfig"][1:]:
             errors.append(InputError(so.origin, so.ref, "kind", "only one MeshConfig may be given"))
 
-    pods: list[tuple[SourceObject, Pod]] = [(so, _pod(so.obj)) for so in good["Pod"]]
+    convert_pod = memo.pod if memo is not None else (lambda so: _pod(so.obj))
+    pods: list[tuple[SourceObject, Pod]] = [(so, convert_pod(so)) for so in good["Pod"]]
     # Duplicate pod IPs: two pods cannot own one address (hostNetwork pods share the node's).
     by_ip: dict[str, tuple[SourceObject, Pod]] = {}
     dup_bad: set[int] = set()
@@ -315,7 +331,9 @@ def build_model_lenient(objects: Iterable[SourceObject], mesh: MeshConfig | None
         slices_by_svc.setdefault(f"{meta['namespace']}/{svc_name}", []).append(so)
 
     endpoints: dict[tuple[str, str], list[Endpoint]] = {}
-    pod_list = [p for _, p in pods]
+    pods_by_ns: dict[str, list[Pod]] = {}
+    for _, p in pods:
+        pods_by_ns.setdefault(p.namespace, []).append(p)
     svc_bad: set[int] = set()
     for so, svc in services:
         if svc.key in slices_by_svc:
@@ -324,7 +342,7 @@ def build_model_lenient(objects: Iterable[SourceObject], mesh: MeshConfig | None
             continue
         if not svc.selector:
             continue
-        selected = [p for p in pod_list if p.namespace == svc.namespace and _selects(svc.selector, p)]
+        selected = [p for p in pods_by_ns.get(svc.namespace, ()) if _selects(svc.selector, p)]
         for i, sp in enumerate(so.obj["spec"].get("ports") or []):
             port = ServicePort(int(sp["port"]), sp.get("name", ""), sp.get("protocol", "TCP"), sp.get("targetPort", sp["port"]))
             if isinstance(port.target_port, str) and selected and not any(p.named_port(port.target_port) for p in selected):

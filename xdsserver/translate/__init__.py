@@ -20,7 +20,7 @@ from ..model.index import NodeView
 from . import names, refcheck
 from .clusters import build_fixed_clusters, build_service_cluster
 from .dispatch import build_dispatch_cluster, build_dispatch_listener
-from .endpoints import build_cla
+from .endpoints import shared_cla
 from .inbound import build_ztunnel_inbound, build_ztunnel_inbound_plaintext
 from .outbound import build_ztunnel_outbound
 from .secrets import CertPair, CertProvider, build_root_secret, build_workload_secret
@@ -97,7 +97,7 @@ def translate(view: NodeView, flavor: Flavor, certs: CertProvider, *, check: boo
         clusters.append(build_dispatch_cluster())
     clusters += build_fixed_clusters(mesh)
 
-    endpoints = [build_cla(name, lis, view.targets[i], view.node_name) for name, (lis, i) in service.items()]
+    endpoints = [shared_cla(name, lis, view.targets[i], view.node_name) for name, (lis, i) in service.items()]
     secrets = [build_workload_secret(ident, certs.workload(ident)) for ident in view.local_identities]
     secrets.append(build_root_secret(certs.root_pem()))
 

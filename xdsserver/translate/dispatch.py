@@ -11,22 +11,25 @@ identity in filter state. Here destination IP -> port picks a chain shared by ev
   ``envoy.tcp_proxy.cluster`` (so the client certificate stays the source's);
 * anything else -> passthrough (``ALLOW_ANY``) or nothing (``REGISTRY_ONLY``), as before.
 
-Per node: chains = service ports + distinct (destination identity, same node?) pairs (at most
-2 x identities) + passthrough; matcher keys = VIPs + pod IPs.
+Per node: chains = service ports + identities with a mesh pod + identities with a pod on this
+node + passthrough; matcher keys = VIPs + pod IPs. All but the last two terms are the same on
+every node, so that part is built once per model and copied.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import address_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2 as ec, endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 
-from ..model import Flavor, Identity, OutboundPolicy
-from ..model.index import NodeView
+from ..model import Flavor, Identity, MeshConfig, OutboundPolicy
+from ..model.index import NodeView, ServiceTarget, Workload
 from . import blocks, names
 from .clusters import internal_upstream
-from .outbound import DestinationMap, destination_matcher, passthrough_chain
+from .outbound import DestinationMap, OnMatch, destination_matcher, passthrough_chain, to_chain
 
 FLAVOR = Flavor.ENVOY  # the 2022 shape has no stage 2
 
@@ -58,12 +61,28 @@ def pod_chain(dst: Identity, *, same_node: bool) -> listener_components_pb2.Filt
     )
 
 
-def plan_dispatch(view: NodeView) -> tuple[dict[str, listener_components_pb2.FilterChain], DestinationMap]:
-    """Chains (first seen wins) and the destination map, in the 2022 generator's order and with
-    its precedence: first port wins on a VIP, a pod IP overrides a VIP with the same address."""
+@dataclass(frozen=True)
+class _Shared:
+    """The part of stage 2 every node has: service chains and, for every identity with a mesh
+    pod, its other-node pod chain, with every VIP and pod IP keyed. Built once per model (keyed
+    on the index's own tuples) and copied per node, which then re-keys only its own pods."""
+
+    targets: tuple[ServiceTarget, ...]
+    workloads: tuple[Workload, ...]
+    mesh: MeshConfig
+    listener: listener_pb2.Listener  # never mutated: nodes copy it
+
+
+_last: list[_Shared] = []  # the latest model's (one entry)
+
+
+def plan_dispatch(targets: tuple[ServiceTarget, ...], workloads: tuple[Workload, ...]) -> tuple[dict[str, listener_components_pb2.FilterChain], DestinationMap]:
+    """Chains (first seen wins) and the destination map seen from a node with no pods, in the
+    2022 generator's order and precedence: first port wins on a VIP, a pod IP overrides a VIP
+    with the same address."""
     chains: dict[str, listener_components_pb2.FilterChain] = {}
     dst_map: DestinationMap = {}
-    for t in view.targets:
+    for t in targets:
         chain = names.service_port_cluster(t.port.name, t.hostname)
         if chain not in chains:
             chains[chain] = service_chain(chain)
@@ -72,34 +91,53 @@ def plan_dispatch(view: NodeView) -> tuple[dict[str, listener_components_pb2.Fil
             if not isinstance(entry, dict):
                 entry = dst_map[vip] = {}
             entry.setdefault(str(t.port.port), chain)
-    pod_chains: dict[tuple[Identity, bool], str] = {}
-    for wl in view.workloads:
-        key = (wl.identity, bool(wl.node_name) and wl.node_name == view.node_name)
-        chain = pod_chains.get(key)
+    pod_chains: dict[Identity, str] = {}
+    for wl in workloads:
+        chain = pod_chains.get(wl.identity)
         if chain is None:
-            chain = pod_chains[key] = names.dst_pod_chain(key[0], same_node=key[1])
-            if chain not in chains:
-                chains[chain] = pod_chain(key[0], same_node=key[1])
+            chain = pod_chains[wl.identity] = names.dst_pod_chain(wl.identity, same_node=False)
+            chains[chain] = pod_chain(wl.identity, same_node=False)
         for ip in wl.pod.ips:
             dst_map[ip] = chain
     return chains, dst_map
 
 
-def build_dispatch_listener(view: NodeView) -> listener_pb2.Listener:
-    chains, dst_map = plan_dispatch(view)
-    passthrough = passthrough_chain(FLAVOR)
+def _shared(view: NodeView) -> listener_pb2.Listener:
+    for s in _last:
+        if s.targets is view.targets and s.workloads is view.workloads and s.mesh == view.mesh:
+            return s.listener
+    chains, dst_map = plan_dispatch(view.targets, view.workloads)
     lis = listener_pb2.Listener(
         name=names.OUTBOUND_DISPATCH,
         internal_listener=listener_pb2.Listener.InternalListenerConfig(),
         # restore the original destination (matched below) and the client address (kept upstream)
         listener_filters=[blocks.original_dst_filter(), blocks.original_src_filter()],
-        filter_chains=[*chains.values(), passthrough],
+        filter_chains=chains.values(),
     )
     matcher = destination_matcher(dst_map)
     if matcher is not None:
         lis.filter_chain_matcher.CopyFrom(matcher)
     if view.mesh.outbound_policy is OutboundPolicy.ALLOW_ANY:
-        lis.default_filter_chain.CopyFrom(passthrough)
+        lis.default_filter_chain.CopyFrom(passthrough_chain(FLAVOR))
+    _last[:] = [_Shared(view.targets, view.workloads, view.mesh, lis)]
+    return lis
+
+
+def build_dispatch_listener(view: NodeView) -> listener_pb2.Listener:
+    """The shared part, plus this node's own pods re-keyed to same-node chains (15088)."""
+    lis = listener_pb2.Listener()
+    lis.CopyFrom(_shared(view))
+    keys = lis.filter_chain_matcher.matcher_tree.exact_match_map.map
+    local: dict[Identity, OnMatch] = {}
+    for wl in view.local_workloads:
+        action = local.get(wl.identity)
+        if action is None:
+            chain = pod_chain(wl.identity, same_node=True)
+            lis.filter_chains.append(chain)
+            action = local[wl.identity] = to_chain(chain.name)
+        for ip in wl.pod.ips:
+            keys[ip].CopyFrom(action)
+    lis.filter_chains.append(passthrough_chain(FLAVOR))
     return lis
 
 

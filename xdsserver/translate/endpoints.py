@@ -58,3 +58,23 @@ def build_cla(cluster_name: str, tunnel_listener: str, target: ServiceTarget, no
     cla = endpoint_pb2.ClusterLoadAssignment(cluster_name=cluster_name)
     cla.endpoints.add().lb_endpoints.extend(_lb_endpoint(tunnel_listener, b, node_name) for b in target.backends)
     return cla
+
+
+_shared: dict[tuple[str, str, int, str], tuple[ServiceTarget, endpoint_pb2.ClusterLoadAssignment]] = {}
+
+
+def shared_cla(cluster_name: str, tunnel_listener: str, target: ServiceTarget, node_name: str) -> endpoint_pb2.ClusterLoadAssignment:
+    """:func:`build_cla`, with one message shared by every node where it is the same: a CLA
+    depends on the node only through which backends are on it (15088 instead of 15008), so on
+    most nodes it is identical. Keyed on the target object itself (targets are immutable and
+    rebuilt when the model changes). Callers must not mutate the result."""
+    local = node_name if any(b.node_name == node_name for b in target.backends) else ""
+    key = (cluster_name, tunnel_listener, id(target), local)
+    hit = _shared.get(key)
+    if hit is not None and hit[0] is target:
+        return hit[1]
+    if len(_shared) > 1 << 16:  # bounded: older models' entries go
+        _shared.clear()
+    cla = build_cla(cluster_name, tunnel_listener, target, node_name)
+    _shared[key] = (target, cla)
+    return cla

@@ -23,6 +23,7 @@ from xds.type.matcher.v3 import matcher_pb2
 
 from . import names
 
+_STRING_VALUE_URL = "type.googleapis.com/" + wrappers_pb2.StringValue.DESCRIPTOR.full_name
 _SOURCE = f"%FILTER_STATE({names.SOURCE_IDENTITY_STATE}:PLAIN)%"
 
 _db = symbol_database.Default()
@@ -87,7 +88,7 @@ def _matcher_actions(m: matcher_pb2.Matcher) -> Iterator[str]:
         for on in ons:
             if on.HasField("matcher"):
                 stack.append(on.matcher)
-            elif on.HasField("action") and on.action.typed_config.Is(wrappers_pb2.StringValue.DESCRIPTOR):
+            elif on.HasField("action") and on.action.typed_config.type_url == _STRING_VALUE_URL:
                 raw = on.action.typed_config.value
                 name = decoded.get(raw)
                 if name is None:
@@ -180,10 +181,28 @@ def check(
 def check_endpoints(claims: Iterable[endpoint_pb2.ClusterLoadAssignment], listener_names: set[str]) -> list[str]:
     problems = []
     for cla in claims:
-        for group in cla.endpoints:
-            for lbe in group.lb_endpoints:
-                addr = lbe.endpoint.address
-                if addr.HasField("envoy_internal_address") and addr.envoy_internal_address.server_listener_name not in listener_names:
-                    problems.append(f"endpoints {cla.cluster_name}: internal address names missing listener "
-                                    f"{addr.envoy_internal_address.server_listener_name!r}")
+        for lis in _internal_listeners(cla):
+            if lis not in listener_names:
+                problems.append(f"endpoints {cla.cluster_name}: internal address names missing listener {lis!r}")
     return problems
+
+
+_seen: dict[int, tuple[endpoint_pb2.ClusterLoadAssignment, tuple[str, ...]]] = {}
+
+
+def _internal_listeners(cla: endpoint_pb2.ClusterLoadAssignment) -> tuple[str, ...]:
+    """Internal listeners a CLA's endpoints name, in order (with repeats). Remembered per message
+    object: one shared CLA is checked for every node (messages are never mutated once built)."""
+    hit = _seen.get(id(cla))
+    if hit is not None and hit[0] is cla:
+        return hit[1]
+    out = tuple(
+        lbe.endpoint.address.envoy_internal_address.server_listener_name
+        for group in cla.endpoints
+        for lbe in group.lb_endpoints
+        if lbe.endpoint.address.HasField("envoy_internal_address")
+    )
+    if len(_seen) > 1 << 16:
+        _seen.clear()
+    _seen[id(cla)] = (cla, out)
+    return out
