@@ -25,7 +25,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # The issue's targets (for the large scale; printed at every scale for reference).
 TARGETS: dict[str, tuple[str, float, str]] = {
     # key: (label, limit, unit); every target is "measured <= limit"
-    "one_node_ms": ("one node's full snapshot", 250, "ms"),
+    "one_node_ms": ("one node's full snapshot (cold: first node)", 250, "ms"),
+    "one_node_warm_ms": ("one node's full snapshot (each further node)", 250, "ms"),
     "all_nodes_ms": ("all nodes' snapshots", 10_000, "ms"),
     "endpoint_compute_ms": ("endpoint change -> compute (today's full rebuild)", 10, "ms"),
     "endpoint_compute_incremental_ms": ("endpoint change -> compute (incremental layer)", 10, "ms"),
@@ -87,7 +88,7 @@ def run_scale(scale: bc.Scale, *, load: bool, load_m: tuple[int, ...] | None, en
     out["bytes_2022"] = tr.layout_2022(index, node, rs, scale.identity_sample, certs)
     log(f"[{scale.name}] bytes vs 2022: ratio {out['bytes_2022']['ratio']}")
     del rs
-    out["all_nodes"] = tr.all_nodes(index, certs, scale.sample_nodes, one)
+    out["all_nodes"] = tr.all_nodes(index, certs)
     log(f"[{scale.name}] all nodes: {out['all_nodes']['total_ms']} ms")
     out["incremental"] = tr.incremental(objs, index, certs, scale.sample_nodes,
                                         one["refcheck_ms"] if scale.sample_nodes == 1 else None)
@@ -137,6 +138,7 @@ def evaluate(r: dict[str, Any]) -> list[dict[str, Any]]:
             break
     measured: dict[str, tuple[float | None, str]] = {
         "one_node_ms": (r["one_node"]["total_ms"], ""),
+        "one_node_warm_ms": (r["one_node"].get("warm_ms"), ""),
         "all_nodes_ms": (r["all_nodes"]["total_ms"], "projected" if r["all_nodes"]["projected"] else ""),
         "endpoint_compute_ms": (ev["endpoint_unready"]["full_ms"], "projected" if r["incremental"]["projected"] else ""),
         "endpoint_compute_incremental_ms": (ev["endpoint_unready"]["incremental_ms"], "projected" if r["incremental"]["projected"] else ""),

@@ -47,8 +47,9 @@ async def test_streams_refused_until_first_good_load_then_served(tmp_path: Path)
         async with SotwClient(target, "ambient-worker") as c:
             await c.request(CLUSTER, [])
             resp = await c.recv(CLUSTER)
-            # stock: 4 service ports + 3 tunnel clusters x 2 local identities + ztunnel_outbound_dispatch + 5 fixed
-            assert len(resp.resources) == 4 + 3 * 2 + 1 + 5
+            # stock: 4 service ports + 3 tunnel clusters x 2 local identities + ztunnel_outbound_dispatch
+            # + ztunnel_outbound_pod + 5 fixed
+            assert len(resp.resources) == 4 + 3 * 2 + 2 + 5
     finally:
         await server.stop(0)
 

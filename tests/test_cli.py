@@ -116,4 +116,5 @@ def test_unknown_node_warns_and_emits_an_empty_node(capsys: pytest.CaptureFixtur
     out, err = capsys.readouterr()
     assert rc == 0
     assert "warning: node 'ambient-worker9' is not named by any Node or Pod" in err
-    assert "outbound_tunnel_lis" not in out and names.OUTBOUND_DISPATCH not in out and '"ROOTCA"' in out
+    assert "outbound_tunnel_lis" not in out and names.OUTBOUND_DISPATCH not in out and names.OUTBOUND_POD not in out
+    assert '"ROOTCA"' in out

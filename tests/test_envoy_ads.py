@@ -169,7 +169,9 @@ def test_invalid_edit_keeps_last_good(workdir: Path, serve: Serve) -> None:
         assert reg["generation"] == gen
         assert "broken.yaml" in reg["last_error"] and "Pod default/x" in reg["last_error"]
         assert versions == {r["type"]: r["acked_version"] for r in serve.get("/debug/syncz") if r["node"] == e.node}
-        assert len(e.listener_names()) == 3 + 2  # capture/inbound listeners + ztunnel_outbound_dispatch + outbound_tunnel_lis
+        assert sorted(e.listener_names()) == sorted([
+            "ztunnel_outbound", "ztunnel_inbound", "ztunnel_inbound_plaintext",
+            names.OUTBOUND_DISPATCH, names.OUTBOUND_POD, names.OUTBOUND_TUNNEL_LIS])  # capture/inbound + stages 2, 3 + tunnel listener
     finally:
         e.stop()
 
@@ -216,7 +218,7 @@ def test_server_restart_keeps_envoy_config_and_resyncs(workdir: Path, serve: Ser
     try:
         poll(lambda: synced(serve, e.node), what="initial sync", timeout=30)
         n_listeners = len(e.listener_names())
-        assert n_listeners == 3 + 2  # capture/inbound listeners + ztunnel_outbound_dispatch + outbound_tunnel_lis
+        assert n_listeners == 3 + 3  # capture/inbound listeners + ztunnel_outbound_dispatch + ztunnel_outbound_pod + outbound_tunnel_lis
         serve.stop()
         # while the control plane is down Envoy keeps serving its config
         poll(lambda: e.stats("control_plane.connected_state").get("control_plane.connected_state") == 0, what="Envoy notices")

@@ -27,11 +27,17 @@ REVIEWS_CHAIN = f"{PRODUCTPAGE}_to_http_reviews.default.svc.cluster.local_outbou
 ID = {s: Identity("cluster.local", ns, sa) for s, (ns, sa) in {PRODUCTPAGE: ("default", "bookinfo-productpage"),
       REVIEWS: ("default", "bookinfo-reviews"), CLIENT: ("ambient", "client"), SERVER: ("ambient", "server")}.items()}
 DISPATCH = names.OUTBOUND_DISPATCH
+POD = names.OUTBOUND_POD
 
 
 def stage1_hop(src: str) -> str:
     """Stock flavor: the hop from the source identity's chain on ztunnel_outbound to stage 2."""
     return f"ztunnel_outbound chain {names.source_chain(ID[src])} -> cluster {DISPATCH} -> internal listener {DISPATCH}"
+
+
+def stage2_pod_hop(dst: str) -> str:
+    """Stock flavor: the hop from stage 2's chain for the destination identity to stage 3."""
+    return f"{DISPATCH} chain {names.dst_pod_chain(ID[dst])} -> cluster {POD} -> internal listener {POD}"
 
 
 @cache
@@ -98,10 +104,11 @@ def test_productpage_to_reviews_vip(flavor: Flavor) -> None:
 def test_client_to_server_pod_ip(flavor: Flavor) -> None:
     ex = run("client-server", "ambient-worker", "10.244.1.4", "10.244.2.5:8080", flavor)
     assert ex.verdict == "tunnel", ex.text()
-    if flavor is Flavor.ENVOY:  # stage 2's chain per destination identity; the cluster is resolved per source
-        assert ex.hops == [stage1_hop(CLIENT)]
-        assert ex.matched[-1] == f"{DISPATCH}: ip 10.244.2.5 matched"
-        assert ex.chain == names.dst_pod_chain(ID[SERVER], same_node=False)
+    if flavor is Flavor.ENVOY:  # stage 2's chain per destination identity, then stage 3's other-node chain; the cluster is resolved per source
+        assert ex.hops == [stage1_hop(CLIENT), stage2_pod_hop(SERVER)]
+        assert ex.matched[-2:] == [f"{DISPATCH}: ip 10.244.2.5 matched", f"{POD}: ip 10.244.2.5 not listed -> on_no_match"]
+        assert ex.chain == names.POD_TUNNEL_CHAIN
+        assert "same node" not in ex.reason
     else:
         assert ex.hops == []
         assert ex.chain == f"fc-outbound_pod_tunnel_clus_{CLIENT}_to_{SERVER}"
@@ -125,8 +132,10 @@ def test_client_to_server_vip() -> None:
 def test_same_node_pod_ip_uses_15088() -> None:
     ex = run("bookinfo", "ambient-worker2", "10.244.2.3", "10.244.2.22:9080")
     assert ex.verdict == "tunnel"
-    assert ex.hops == [stage1_hop(PRODUCTPAGE)]
-    assert ex.chain == names.dst_pod_chain(ID[REVIEWS], same_node=True)
+    assert ex.hops == [stage1_hop(PRODUCTPAGE), stage2_pod_hop(REVIEWS)]
+    # stage 2 is the same on every node; stage 3 keys this node's own pod IPs
+    assert ex.matched[-2:] == [f"{DISPATCH}: ip 10.244.2.22 matched", f"{POD}: ip 10.244.2.22 matched"]
+    assert ex.chain == names.POD_LOCAL_TUNNEL_CHAIN
     assert ex.cluster == ex.tunnel_cluster == names.outbound_pod_local_tunnel_clus(ID[PRODUCTPAGE])
     assert ex.client_identity == PRODUCTPAGE and ex.expected_server_identity == REVIEWS
     assert [e.tunnel_address for e in ex.endpoints] == ["10.244.2.22:15088"]

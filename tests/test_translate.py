@@ -112,6 +112,16 @@ def filter_state(chain: listener_components_pb2.FilterChain) -> dict[str, str]:
     return out
 
 
+def filter_state_sharing(chain: listener_components_pb2.FilterChain) -> dict[str, str]:
+    """object key -> shared_with_upstream (NONE | ONCE | TRANSITIVE) of the chain's set_filter_state."""
+    share = value_pb2.FilterStateValue.SharedWithUpstream
+    out = {}
+    for f in filters(chain):
+        if isinstance(f, set_filter_state_pb2.Config):
+            out.update({v.object_key: share.Name(v.shared_with_upstream) for v in f.on_new_connection})
+    return out
+
+
 def tcp_proxy(chain: listener_components_pb2.FilterChain) -> tcp_proxy_pb2.TcpProxy:
     return next(f for f in filters(chain) if isinstance(f, tcp_proxy_pb2.TcpProxy))
 
@@ -169,6 +179,55 @@ def dispatch_map(res: NodeResources) -> dict[str, Any]:
     return _destinations(lis.filter_chain_matcher)
 
 
+def pod_stage_keys(res: NodeResources) -> dict[str, str]:
+    """Stock flavor, stage 3 (``ztunnel_outbound_pod``): destination IP -> chain of its exact keys."""
+    lis = next((x for x in res.listeners if x.name == names.OUTBOUND_POD), None)
+    if lis is None or not lis.HasField("filter_chain_matcher"):
+        return {}
+    keys = _destinations(lis.filter_chain_matcher)
+    assert all(isinstance(v, str) for v in keys.values()), keys  # no port level: the port is the stage-2 chain's business
+    return keys
+
+
+def pod_stage_chain(res: NodeResources, dst_ip: str) -> listener_components_pb2.FilterChain:
+    """Stock flavor, stage 3: the chain a pod-IP connection to ``dst_ip`` takes, read the way Envoy
+    matches it (an exact key, else on_no_match, else the default chain)."""
+    lis = listener(res, names.OUTBOUND_POD)
+    if not lis.HasField("filter_chain_matcher"):
+        assert lis.HasField("default_filter_chain")
+        return lis.default_filter_chain
+    m = lis.filter_chain_matcher
+    keys = m.matcher_tree.exact_match_map.map
+    if dst_ip in keys:
+        name = action_name(keys[dst_ip])
+    else:
+        assert m.HasField("on_no_match") and m.on_no_match.HasField("action"), "stage 3 must catch every other pod IP"
+        name = action_name(m.on_no_match)
+    [chain] = [ch for ch in lis.filter_chains if ch.name == name]
+    return chain
+
+
+def check_pod_stage(res: NodeResources, local_ips: set[str]) -> None:
+    """Stock flavor, stage 3: two chains; exactly this node's pod IPs are keyed, to the same-node
+    chain; every other (pod) IP falls to on_no_match, the other-node chain."""
+    lis = listener(res, names.OUTBOUND_POD)
+    assert lis.HasField("internal_listener") and not lis.HasField("default_filter_chain")
+    assert sorted(ch.name for ch in lis.filter_chains) == sorted([names.POD_TUNNEL_CHAIN, names.POD_LOCAL_TUNNEL_CHAIN])
+    assert pod_stage_keys(res) == {ip: names.POD_LOCAL_TUNNEL_CHAIN for ip in local_ips}
+    m = lis.filter_chain_matcher
+    assert m.on_no_match.HasField("action") and action_name(m.on_no_match) == names.POD_TUNNEL_CHAIN
+
+
+def pod_route(res: NodeResources, target: str, dst_ip: str) -> listener_components_pb2.FilterChain:
+    """The chain that finally carries a pod-IP connection whose capture matcher picked ``target``:
+    istio-2022, that chain itself; stock, stage 2's chain hands it to stage 3 (``ztunnel_outbound_pod``)."""
+    chain = outbound_chain(res, target)
+    if res.flavor is not Flavor.ENVOY:
+        return chain
+    assert tcp_proxy(chain).cluster == names.OUTBOUND_POD, target
+    return pod_stage_chain(res, dst_ip)
+
+
 def matcher_sources(res: NodeResources) -> dict[str, dict[str, Any]]:
     """source IP -> destination key -> chain name | {port: chain name}, read back from the proto:
     istio-2022 nests destinations under each source; the stock flavor's stage 1 sends every known
@@ -180,9 +239,9 @@ def matcher_sources(res: NodeResources) -> dict[str, dict[str, Any]]:
 
 
 def outbound_chain(res: NodeResources, name: str) -> listener_components_pb2.FilterChain:
-    """A capture-path chain by name: on ``ztunnel_outbound`` or (stock) its stage 2."""
+    """A capture-path chain by name: on ``ztunnel_outbound`` or (stock) its stages 2 and 3."""
     for lis in res.listeners:
-        if lis.name in ("ztunnel_outbound", names.OUTBOUND_DISPATCH):
+        if lis.name in ("ztunnel_outbound", names.OUTBOUND_DISPATCH, names.OUTBOUND_POD):
             for ch in lis.filter_chains:
                 if ch.name == name:
                     return ch
@@ -311,9 +370,13 @@ def check_node_local(res: NodeResources, local_pods: dict[str, str], service_por
     stock = res.flavor is Flavor.ENVOY
     internal = {lis.name for lis in res.listeners if lis.HasField("internal_listener")}
     if stock:
-        # one stage-2 listener and ONE tunnel listener shared by every source, only if a local pod can use them
-        assert internal == ({names.OUTBOUND_DISPATCH, names.OUTBOUND_TUNNEL_LIS} if local_ids else set())
+        # stages 2 and 3 and ONE tunnel listener shared by every source, only if a local pod can use them
+        stages = [names.OUTBOUND_DISPATCH, names.OUTBOUND_POD, names.OUTBOUND_TUNNEL_LIS] if local_ids else []
+        assert internal == set(stages)
         assert len(res.listeners) == 3 + len(internal)
+        assert [lis.name for lis in res.listeners] == ["ztunnel_outbound", "ztunnel_inbound", "ztunnel_inbound_plaintext", *stages]
+        if local_ids:  # stage 3 keys this node's pods, nobody else's
+            check_pod_stage(res, local_ips)
     else:
         # internal listeners: exactly the local identities
         assert {n.removeprefix("outbound_tunnel_lis_") for n in internal} == local_ids
@@ -327,7 +390,9 @@ def check_node_local(res: NodeResources, local_pods: dict[str, str], service_por
         want = {names.service_port_cluster(port, host) for port, host in service_ports} if local_ids else set()
         assert sorted(service_clusters) == sorted(want)
         assert not [n for n in service_clusters if ids_in(n)]
-        stage2 = {names.OUTBOUND_DISPATCH} if local_ids else set()
+        stage2 = {names.OUTBOUND_DISPATCH, names.OUTBOUND_POD} if local_ids else set()
+        if local_ids:  # the STATIC clusters reaching stages 2 and 3 come right before the fixed clusters
+            assert [c.name for c in res.clusters][-7:-5] == [names.OUTBOUND_DISPATCH, names.OUTBOUND_POD]
     else:
         # service clusters: identity x TCP service port, local identities only
         tcp_vip_ports = len(service_ports)
@@ -462,8 +527,8 @@ def test_node_local_scoping_synthetic(tmp_path: Path, flavor: Flavor) -> None:
     # resource counts of ztunnel-config.md §10 ("ours" column) for n1: Il=2, P_tcp=5
     n1 = c.nodes["n1"]
     counts = (len(n1.listeners), len(n1.clusters), len(n1.endpoints), len(n1.secrets))
-    if flavor is Flavor.ENVOY:  # linear: listeners fixed, service clusters and CLAs per port (+ the dispatch cluster)
-        assert counts == (3 + 2, 5 + 3 * 2 + 1 + 5, 5, 2 + 1)
+    if flavor is Flavor.ENVOY:  # linear: listeners fixed, service clusters and CLAs per port (+ the stage-2 and stage-3 clusters)
+        assert counts == (3 + 3, 5 + 3 * 2 + 2 + 5, 5, 2 + 1)
     else:
         assert counts == (3 + 2, 2 * 5 + 3 * 2 + 5, 2 * 5, 2 + 1)
     # the not-ready c-1 is a source and an inbound chain on n2 but no endpoint anywhere
@@ -486,30 +551,55 @@ def test_node_without_local_workloads(tmp_path: Path, flavor: Flavor) -> None:
     assert [ch.name for ch in listener(res, "ztunnel_inbound_plaintext").filter_chains] == ["blackhole inbound plaintext"]
 
 
-# ---- stock flavor: linear two-stage layout --------------------------------------------------------
+# ---- stock flavor: linear three-stage layout -------------------------------------------------------
 
 
 def check_linear(res: NodeResources, node: str, e: Expect) -> None:
     """Capture-path chains grow with local identities + service ports + destination identities,
-    not with their product: stage 1 one per local identity, stage 2 one per TCP service port, one
-    other-node pod chain per mesh identity (shared by every node) and one same-node pod chain per
-    identity with a pod here, plus the fixed chains (stage 1's passthrough and blackhole, stage
-    2's passthrough). Stage 2 keys: the TCP services' VIPs and every mesh pod IP."""
+    not with their product: stage 1 one per local identity (+ passthrough and blackhole); stage 2
+    (the same on every node) one per TCP service port and one pod chain per mesh identity (+
+    passthrough); stage 3 two chains (same node / other node). Stage 2 keys: the TCP services'
+    VIPs and every mesh pod IP; stage 3 keys: this node's pod IPs."""
     local_ids = e.local_ids.get(node, set())
-    pairs = {(i, False) for i in e.ip_identity.values()} | {(e.ip_identity[ip], True) for ip in e.ip_identity if e.ip_node[ip] == node}
-    capture = [lis for lis in res.listeners if lis.name in ("ztunnel_outbound", names.OUTBOUND_DISPATCH)]
-    assert len(capture) == (2 if local_ids else 1)
+    mesh_ids = set(e.ip_identity.values())
+    capture = [lis for lis in res.listeners if lis.name in ("ztunnel_outbound", names.OUTBOUND_DISPATCH, names.OUTBOUND_POD)]
+    assert [lis.name for lis in capture] == (["ztunnel_outbound", names.OUTBOUND_DISPATCH, names.OUTBOUND_POD] if local_ids else ["ztunnel_outbound"])
     n_chains = sum(len(lis.filter_chains) for lis in capture)
-    assert n_chains == len(local_ids) + len(e.service_ports) + len(pairs) + 3, node
+    assert n_chains == (len(local_ids) + 2) + (len(e.service_ports) + len(mesh_ids) + 1) + 2, node
+    stage2 = listener(res, names.OUTBOUND_DISPATCH)
+    assert len(stage2.filter_chains) == len(e.service_ports) + len(mesh_ids) + 1, node
     want = [names.service_port_cluster(p, h) for p, h in e.service_ports]
-    want += [names.dst_pod_chain(ident(i), same_node=same) for i, same in pairs]
-    assert sorted(ch.name for ch in listener(res, names.OUTBOUND_DISPATCH).filter_chains) == sorted([*want, "PassthroughFilterChain"])
-    assert set(dispatch_map(res)) == e.tcp_vips | set(e.ip_identity)
+    want += [names.dst_pod_chain(ident(i)) for i in mesh_ids]
+    assert sorted(ch.name for ch in stage2.filter_chains) == sorted([*want, "PassthroughFilterChain"])
+    stage2_keys = dispatch_map(res)
+    assert set(stage2_keys) == e.tcp_vips | set(e.ip_identity)
+    # every pod IP, here or elsewhere, goes to its identity's chain: no node-specific key in stage 2
+    assert {ip: stage2_keys[ip] for ip in e.ip_identity} == {ip: names.dst_pod_chain(ident(i)) for ip, i in e.ip_identity.items()}
+    assert len(listener(res, names.OUTBOUND_POD).filter_chains) == 2
+    check_pod_stage(res, e.local_ips.get(node, set()))
 
 
 @pytest.mark.parametrize(("scenario", "node"), GOLDEN_NODES, ids=GOLDEN_IDS)
 def test_stock_layout_is_linear_on_goldens(scenario: str, node: str) -> None:
     check_linear(golden_cluster(scenario, Flavor.ENVOY).nodes[node], node, expect(scenario))
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_stage2_is_identical_on_every_node(scenario: str) -> None:
+    """Stage 2 does not depend on the node: identical bytes on every node of a golden (one
+    message per model); only stage 3, which keys this node's pod IPs, differs."""
+    nodes = golden_cluster(scenario, Flavor.ENVOY).nodes
+    staged = [n for n in sorted(nodes) if expect(scenario).local_ids.get(n)]
+    assert len(staged) >= 2, scenario
+    stage2 = {n: listener(nodes[n], names.OUTBOUND_DISPATCH).SerializeToString(deterministic=True) for n in staged}
+    assert len(set(stage2.values())) == 1, scenario
+    stage3 = {n: listener(nodes[n], names.OUTBOUND_POD).SerializeToString(deterministic=True) for n in staged}
+    assert len(set(stage3.values())) == len(staged), scenario  # not vacuous: the per-node part does differ
+    # built once per model: every node of one index gets the very same message
+    index = MeshIndex(load_model(GOLDEN / scenario / "manifests"))
+    msgs = [listener(translate(index.node_view(n), Flavor.ENVOY, certs()), names.OUTBOUND_DISPATCH) for n in staged]
+    assert all(m is msgs[0] for m in msgs), scenario
+    assert msgs[0].SerializeToString(deterministic=True) == stage2[staged[0]]
 
 
 def test_stock_layout_is_linear_synthetic(tmp_path: Path) -> None:
@@ -531,22 +621,35 @@ def test_stock_layout_is_linear_synthetic(tmp_path: Path) -> None:
     )
     for node in ("n1", "n2"):
         check_linear(c.nodes[node], node, e)
-    # n1: sa-a is on both nodes -> two pod chains for it (same node / other node)
-    n1 = [ch.name for ch in listener(c.nodes["n1"], names.OUTBOUND_DISPATCH).filter_chains]
-    assert {names.dst_pod_chain(ident(sa("sa-a")), same_node=s) for s in (True, False)} <= set(n1)
+    # sa-a is on both nodes -> ONE stage-2 chain for it (the same on both nodes); stage 3 tells
+    # this node's sa-a pods (same-node chain) from the other node's (other-node chain)
+    sa_a = names.dst_pod_chain(ident(sa("sa-a")))
+    for node, here, there in (("n1", "10.0.1.1", "10.0.2.1"), ("n2", "10.0.2.1", "10.0.1.1")):
+        res = c.nodes[node]
+        assert [ch.name for ch in listener(res, names.OUTBOUND_DISPATCH).filter_chains].count(sa_a) == 1
+        assert dispatch_map(res)[here] == dispatch_map(res)[there] == sa_a
+        assert pod_stage_chain(res, here).name == names.POD_LOCAL_TUNNEL_CHAIN, node
+        assert pod_stage_chain(res, there).name == names.POD_TUNNEL_CHAIN, node
+    stage2 = {n: listener(c.nodes[n], names.OUTBOUND_DISPATCH).SerializeToString(deterministic=True) for n in ("n1", "n2")}
+    assert stage2["n1"] == stage2["n2"]
+    assert not [lis for n in ("n3", "n4") for lis in c.nodes[n].listeners if lis.name in (names.OUTBOUND_DISPATCH, names.OUTBOUND_POD)]
     # three local pods, two identities: one stage-1 chain per identity, not per pod
     assert len(set(source_chains(c.nodes["n1"]).values())) == 2
 
 
 def test_stock_connection_walk_resolves_per_source(tmp_path: Path) -> None:
-    """Two local identities share every stage-2 chain and the tunnel listener, yet each leaves
-    with its own tunnel cluster (client certificate)."""
+    """Two local identities share every stage-2 and stage-3 chain and the tunnel listener, yet
+    each leaves with its own tunnel cluster (client certificate)."""
     res = build(tmp_path, synthetic_docs()).nodes["n1"]
     a, b = (f"spiffe://{TD}/ns/default/sa/{s}" for s in ("sa-a", "sa-b"))
-    pod_chain = outbound_chain(res, dispatch_map(res)["10.0.2.1"])  # sa-a on n2
+    pod_chain = pod_route(res, dispatch_map(res)["10.0.2.1"], "10.0.2.1")  # sa-a on n2
+    local_chain = pod_route(res, dispatch_map(res)["10.0.1.3"], "10.0.1.3")  # sa-b here on n1
     vip_chain = outbound_chain(res, dispatch_map(res)["10.96.0.3"]["80"])  # service c
+    assert (pod_chain.name, local_chain.name) == (names.POD_TUNNEL_CHAIN, names.POD_LOCAL_TUNNEL_CHAIN)
     assert chosen_cluster(res, "10.0.1.1", pod_chain) == names.outbound_pod_tunnel_clus(ident(a))
     assert chosen_cluster(res, "10.0.1.3", pod_chain) == names.outbound_pod_tunnel_clus(ident(b))
+    assert chosen_cluster(res, "10.0.1.1", local_chain) == names.outbound_pod_local_tunnel_clus(ident(a))
+    assert chosen_cluster(res, "10.0.1.3", local_chain) == names.outbound_pod_local_tunnel_clus(ident(b))
     assert chosen_cluster(res, "10.0.1.1", vip_chain) == chosen_cluster(res, "10.0.1.3", vip_chain) == names.service_port_cluster(
         "http", "c.default.svc.cluster.local")
     tunnel = listener(res, names.OUTBOUND_TUNNEL_LIS).filter_chains[0]
@@ -600,7 +703,9 @@ REVIEWS = "spiffe://cluster.local/ns/default/sa/bookinfo-reviews"
 # stock flavor
 REVIEWS_PORT = names.service_port_cluster("http", "reviews.default.svc.cluster.local")
 SOURCE_CHAIN = names.source_chain(ident(PRODUCTPAGE))
+REVIEWS_POD_CHAIN = names.dst_pod_chain(ident(REVIEWS))
 DISPATCH = names.OUTBOUND_DISPATCH
+POD = names.OUTBOUND_POD
 
 
 def _missing_runtime_cluster(lis: str, prefix: str, src: str) -> str:
@@ -624,8 +729,17 @@ BROKEN_STOCK = [
      f"listener ztunnel_outbound: matcher action names missing filter chain {SOURCE_CHAIN!r}"),
     ("service-chain", lambda r: _drop_chain(r, REVIEWS_PORT, DISPATCH),
      f"listener {DISPATCH}: matcher action names missing filter chain {REVIEWS_PORT!r}"),
-    ("pod-chain", lambda r: _drop_chain(r, names.dst_pod_chain(ident(REVIEWS), same_node=True), DISPATCH),
-     f"listener {DISPATCH}: matcher action names missing filter chain {names.dst_pod_chain(ident(REVIEWS), same_node=True)!r}"),
+    ("pod-chain", lambda r: _drop_chain(r, REVIEWS_POD_CHAIN, DISPATCH),
+     f"listener {DISPATCH}: matcher action names missing filter chain {REVIEWS_POD_CHAIN!r}"),
+    # stage 3: its chains, its listener, the STATIC cluster reaching it
+    ("pod-tunnel-chain", lambda r: _drop_chain(r, names.POD_TUNNEL_CHAIN, POD),
+     f"listener {POD}: matcher action names missing filter chain {names.POD_TUNNEL_CHAIN!r}"),
+    ("pod-local-tunnel-chain", lambda r: _drop_chain(r, names.POD_LOCAL_TUNNEL_CHAIN, POD),
+     f"listener {POD}: matcher action names missing filter chain {names.POD_LOCAL_TUNNEL_CHAIN!r}"),
+    ("pod-stage-cluster", lambda r: _drop(r, "clusters", POD),
+     f"listener {DISPATCH}: tcp_proxy {REVIEWS_POD_CHAIN!r} names missing cluster {POD!r}"),
+    ("pod-stage-listener", lambda r: _drop(r, "listeners", POD),
+     f"endpoints {POD}: internal address names missing listener {POD!r}"),
     ("blackhole-chain", lambda r: _drop_chain(r, "blackhole outbound"), "matcher action names missing filter chain 'blackhole outbound'"),
     ("fixed-cluster", lambda r: _drop(r, "clusters", "BlackHoleCluster"), "names missing cluster 'BlackHoleCluster'"),
     ("dispatch-cluster", lambda r: _drop(r, "clusters", DISPATCH),
@@ -634,9 +748,9 @@ BROKEN_STOCK = [
     ("tunnel-cluster", lambda r: _drop(r, "clusters", names.outbound_tunnel_clus(ident(PRODUCTPAGE))),
      _missing_runtime_cluster(names.OUTBOUND_TUNNEL_LIS, names.OUTBOUND_TUNNEL_CLUS_PREFIX, PRODUCTPAGE)),
     ("pod-tunnel-cluster", lambda r: _drop(r, "clusters", names.outbound_pod_tunnel_clus(ident(PRODUCTPAGE))),
-     _missing_runtime_cluster(DISPATCH, names.OUTBOUND_POD_TUNNEL_CLUS_PREFIX, PRODUCTPAGE)),
+     _missing_runtime_cluster(POD, names.OUTBOUND_POD_TUNNEL_CLUS_PREFIX, PRODUCTPAGE)),
     ("pod-local-tunnel-cluster", lambda r: _drop(r, "clusters", names.outbound_pod_local_tunnel_clus(ident(PRODUCTPAGE))),
-     _missing_runtime_cluster(DISPATCH, names.OUTBOUND_POD_LOCAL_TUNNEL_CLUS_PREFIX, PRODUCTPAGE)),
+     _missing_runtime_cluster(POD, names.OUTBOUND_POD_LOCAL_TUNNEL_CLUS_PREFIX, PRODUCTPAGE)),
     ("cla", lambda r: _drop(r, "endpoints", REVIEWS_PORT), f"cluster {REVIEWS_PORT}: no ClusterLoadAssignment"),
     ("workload-secret", lambda r: _drop(r, "secrets", PRODUCTPAGE), f"missing secret {PRODUCTPAGE!r}"),
     ("rootca", lambda r: _drop(r, "secrets", "ROOTCA"), "missing secret 'ROOTCA'"),
@@ -851,17 +965,23 @@ def test_same_node_endpoints_use_15088_others_15008() -> None:
             assert port == want, (sc, node, ip)
             seen.add(want)
         # pod-IP chains: same-node destinations through the pod-local tunnel cluster (15088 override),
-        # the source's own (its client certificate); stock picks it at run time from the source identity
+        # the source's own (its client certificate); stock decides same/other node in stage 3 (keys:
+        # exactly this node's pod IPs, on_no_match: the other-node chain) and picks the cluster at
+        # run time from the source identity
+        if flavor is Flavor.ENVOY and e.local_ips.get(node):
+            check_pod_stage(res, e.local_ips[node])
         for src, dsts in matcher_sources(res).items():
             for dst, target in dsts.items():
                 if isinstance(target, str):
                     local = e.ip_node[dst] == node
                     if flavor is Flavor.ENVOY:
-                        assert target == names.dst_pod_chain(ident(e.ip_identity[dst]), same_node=local), (sc, node, src, dst)
+                        assert target == names.dst_pod_chain(ident(e.ip_identity[dst])), (sc, node, src, dst)  # node-independent
+                        want_chain = names.POD_LOCAL_TUNNEL_CHAIN if local else names.POD_TUNNEL_CHAIN
+                        assert pod_route(res, target, dst).name == want_chain, (sc, node, src, dst)
                     else:
                         prefix = "fc-outbound_pod_local_tunnel_clus_" if local else "fc-outbound_pod_tunnel_clus_"
                         assert target.startswith(prefix), (sc, node, src, dst, target)
-                    chosen = chosen_cluster(res, src, outbound_chain(res, target))
+                    chosen = chosen_cluster(res, src, pod_route(res, target, dst))
                     own = names.outbound_pod_local_tunnel_clus if local else names.outbound_pod_tunnel_clus
                     assert chosen == own(ident(e.ip_identity[src])), (sc, node, src, dst)
                     lb = cluster(res, chosen).original_dst_lb_config
@@ -914,7 +1034,8 @@ def test_peer_validation_upstream_and_downstream() -> None:
 def test_upstream_san_pinned_to_expected_server() -> None:
     """D8: service endpoints carry tunnel.identity and the internal listener turns it into
     upstream_subject_alt_names; pod-IP chains set it to the destination pod's identity (stock:
-    the stage-2 chain per destination identity; the shared tunnel listener pins from metadata)."""
+    the stage-2 chain per destination identity, shared ONCE so it reaches stage 3's tunnel
+    connection, where nothing overrides it; the shared tunnel listener pins from metadata)."""
     pod_chains = 0
     pinned: set[Flavor] = set()
     for sc, node, flavor, res in all_golden():
@@ -925,7 +1046,7 @@ def test_upstream_san_pinned_to_expected_server() -> None:
                 assert md["identity"] == e.ip_identity[md["destination"].rsplit(":", 1)[0]], (sc, node)
         tunnel_listeners = []
         for lis in res.listeners:
-            if lis.HasField("internal_listener") and lis.name != names.OUTBOUND_DISPATCH:  # stage 2: pod chains below
+            if lis.HasField("internal_listener") and lis.name not in (names.OUTBOUND_DISPATCH, names.OUTBOUND_POD):  # stages 2, 3: below
                 tunnel_listeners.append(lis.name)
                 [chain] = lis.filter_chains
                 assert isinstance(filters(chain)[0], set_filter_state_pb2.Config)  # before tcp_proxy connects
@@ -946,9 +1067,14 @@ def test_upstream_san_pinned_to_expected_server() -> None:
                     assert isinstance(filters(chain)[0], set_filter_state_pb2.Config)  # before tcp_proxy connects
                     assert filter_state(chain)["envoy.network.upstream_subject_alt_names"] == e.ip_identity[dst]
                     assert target.endswith(f"_to_{e.ip_identity[dst]}")
-                    if flavor is Flavor.ENVOY:  # one chain per destination identity, shared by the sources
-                        assert target == names.dst_pod_chain(ident(e.ip_identity[dst]), same_node=e.ip_node[dst] == node)
-                        assert tcp_proxy(chain).cluster == "BlackHoleCluster"  # only without a source identity
+                    if flavor is Flavor.ENVOY:  # one chain per destination identity, shared by the sources and nodes
+                        assert target == names.dst_pod_chain(ident(e.ip_identity[dst]))
+                        # the pin crosses exactly one hop: into stage 3, whose upstream is the tunnel
+                        assert filter_state_sharing(chain)["envoy.network.upstream_subject_alt_names"] == "ONCE", (sc, node, dst)
+                        assert tcp_proxy(chain).cluster == names.OUTBOUND_POD
+                        stage3 = pod_route(res, target, dst)
+                        assert "envoy.network.upstream_subject_alt_names" not in filter_state(stage3), stage3.name
+                        assert tcp_proxy(stage3).cluster == "BlackHoleCluster"  # only without a source identity
                     pinned.add(flavor)
     assert pod_chains >= 20
     assert pinned == set(FLAVORS)
@@ -1023,29 +1149,62 @@ def test_envoy_flavor_mechanisms() -> None:
         Share = value_pb2.FilterStateValue.SharedWithUpstream
         stage1 = [ch for ch in listener(res, "ztunnel_outbound").filter_chains if ch.name not in CATCH_ALL_CHAINS]
         assert len(stage1) == len(expect("bookinfo").local_ids[node])
-        for ch in stage1:
+
+        def states_then_proxy(ch):
+            """(object key -> (format, sharing, factory)) of the chain's set_filter_state, and its tcp_proxy."""
             [sfs, tcp] = filters(ch)
             assert isinstance(sfs, set_filter_state_pb2.Config) and isinstance(tcp, tcp_proxy_pb2.TcpProxy)
-            got = {v.object_key: (v.format_string.text_format_source.inline_string, Share.Name(v.shared_with_upstream), v.factory_key)
-                   for v in sfs.on_new_connection}
+            return {v.object_key: (v.format_string.text_format_source.inline_string, Share.Name(v.shared_with_upstream), v.factory_key)
+                    for v in sfs.on_new_connection}, tcp
+
+        for ch in stage1:
+            got, tcp = states_then_proxy(ch)
             assert got == {
                 "envoy.filters.listener.original_dst.local_ip": ("%DOWNSTREAM_LOCAL_ADDRESS%", "ONCE", ""),
                 "envoy.filters.listener.original_dst.remote_ip": ("%DOWNSTREAM_REMOTE_ADDRESS%", "TRANSITIVE", ""),
                 names.SOURCE_IDENTITY_STATE: (source_of(ch.name), "TRANSITIVE", "envoy.string"),
             }, ch.name
             assert tcp.cluster == names.OUTBOUND_DISPATCH
-        # ... whose cluster is one internal endpoint: the stage-2 listener of the same name
-        dispatch = cluster(res, names.OUTBOUND_DISPATCH)
-        assert dispatch.type == cluster_pb2.Cluster.STATIC
-        [group] = dispatch.load_assignment.endpoints
-        [lbe] = group.lb_endpoints
-        assert lbe.endpoint.address.envoy_internal_address.server_listener_name == names.OUTBOUND_DISPATCH
-        assert dispatch.transport_socket.name == "envoy.transport_sockets.internal_upstream"
-        assert listener(res, names.OUTBOUND_DISPATCH).HasField("internal_listener")
+        # ... whose cluster is one internal endpoint: the stage-2 listener of the same name (and
+        # likewise stage 2 -> stage 3)
+        for stage in (names.OUTBOUND_DISPATCH, names.OUTBOUND_POD):
+            static = cluster(res, stage)
+            assert static.type == cluster_pb2.Cluster.STATIC
+            [group] = static.load_assignment.endpoints
+            [lbe] = group.lb_endpoints
+            assert lbe.endpoint.address.envoy_internal_address.server_listener_name == stage
+            assert static.transport_socket.name == "envoy.transport_sockets.internal_upstream"
+            assert listener(res, stage).HasField("internal_listener")
         # service chains (stage 2) go straight to their EDS cluster of the same name
         for ch in listener(res, names.OUTBOUND_DISPATCH).filter_chains:
             if ch.name.endswith("_outbound_internal"):
                 assert [type(f) for f in filters(ch)] == [tcp_proxy_pb2.TcpProxy] and tcp_proxy(ch).cluster == ch.name
+        # pod chains (stage 2): pin the destination identity and hand the original destination to
+        # stage 3 (both the next hop only), then go to stage 3; nothing logged twice
+        pod_chains = [ch for ch in listener(res, names.OUTBOUND_DISPATCH).filter_chains if ch.name.startswith("fc-outbound_pod_to_")]
+        mesh_ids = set(expect("bookinfo").ip_identity.values())
+        assert sorted(ch.name for ch in pod_chains) == sorted(names.dst_pod_chain(ident(i)) for i in mesh_ids)
+        for ch in pod_chains:
+            got, tcp = states_then_proxy(ch)
+            assert got == {
+                "envoy.network.upstream_subject_alt_names": (source_of(ch.name), "ONCE", ""),
+                "envoy.filters.listener.original_dst.local_ip": ("%DOWNSTREAM_LOCAL_ADDRESS%", "ONCE", ""),
+            }, ch.name
+            assert tcp.cluster == names.OUTBOUND_POD and not tcp.access_log and not tcp.HasField("tunneling_config")
+        # stage 3: HBONE to the original destination through the source's own pod tunnel cluster
+        for name, prefix in ((names.POD_TUNNEL_CHAIN, names.OUTBOUND_POD_TUNNEL_CLUS_PREFIX),
+                             (names.POD_LOCAL_TUNNEL_CHAIN, names.OUTBOUND_POD_LOCAL_TUNNEL_CLUS_PREFIX)):
+            [ch] = [c for c in listener(res, names.OUTBOUND_POD).filter_chains if c.name == name]
+            [sfs, tcp] = filters(ch)
+            assert isinstance(sfs, set_filter_state_pb2.Config) and isinstance(tcp, tcp_proxy_pb2.TcpProxy)
+            got = {v.object_key: (v.format_string.text_format_source.inline_string, Share.Name(v.shared_with_upstream))
+                   for v in sfs.on_new_connection}
+            assert got == {names.TCP_PROXY_CLUSTER_STATE: (names.per_source(prefix), "NONE")}, name
+            assert tcp.cluster == "BlackHoleCluster"  # only without a source identity
+            assert tcp.tunneling_config.hostname == "%DOWNSTREAM_LOCAL_ADDRESS%"
+            [log] = tcp.access_log
+            fmt = unpack(log.typed_config).log_format.text_format_source.inline_string
+            assert fmt.endswith(" capture outbound pod (no waypoint proxy)\n"), name
 
 
 @pytest.mark.parametrize("flavor", FLAVORS, ids=[f.value for f in FLAVORS])
@@ -1082,6 +1241,11 @@ def test_registry_only_has_no_default_chain(tmp_path: Path) -> None:
         stage2 = [lis for lis in res.listeners if lis.name == names.OUTBOUND_DISPATCH]
         assert len(stage2) == (1 if node in ("n1", "n2") else 0), node
         assert not [lis for lis in stage2 if lis.HasField("default_filter_chain")], node
+        # stage 3 only sees mesh pod IPs: unchanged by the policy (other node via on_no_match)
+        stage3 = [lis for lis in res.listeners if lis.name == names.OUTBOUND_POD]
+        assert len(stage3) == len(stage2), node
+        for lis in stage3:
+            assert action_name(lis.filter_chain_matcher.on_no_match) == names.POD_TUNNEL_CHAIN
         assert problems(res) == []
         # unknown sources still pass through (matcher action), the chain must exist
         assert "PassthroughFilterChain" in {ch.name for ch in out.filter_chains}

@@ -93,8 +93,9 @@ class Explanation:
             if ep.plain:
                 lines.append(f"  endpoint {ep.endpoint_id}: plain TCP (not in the mesh)")
             else:
+                via = f"via internal listener {ep.internal_listener} -> " if ep.internal_listener else ""
                 lines.append(
-                    f"  endpoint {ep.endpoint_id}: via internal listener {ep.internal_listener} -> HBONE to {ep.tunnel_address}"
+                    f"  endpoint {ep.endpoint_id}: {via}HBONE to {ep.tunnel_address}"
                     f" (CONNECT {ep.destination}, expected server {ep.server_identity})"
                 )
         if self.tunnel_listener:

@@ -31,9 +31,11 @@ from .translate.endpoints import build_cla
 from .translate.secrets import build_root_secret, build_workload_secret
 
 from envoy.config.endpoint.v3 import endpoint_pb2
+from envoy.config.listener.v3 import listener_pb2
 from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 
 EDS = type_url(endpoint_pb2.ClusterLoadAssignment())
+LDS = type_url(listener_pb2.Listener())
 SDS = type_url(secret_pb2.Secret())
 
 ResourceSet = dict[str, list[tuple[str, bytes]]]
@@ -42,11 +44,11 @@ ResourceSet = dict[str, list[tuple[str, bytes]]]
 def serialize(res: NodeResources, shared: dict[int, tuple[Any, bytes]] | None = None) -> ResourceSet:
     """type URL -> [(name, deterministic bytes)] in emission order (what the snapshot cache takes).
 
-    ``shared`` (id(message) -> (message, bytes)) serializes a CLA that several nodes share
-    (``shared_cla``) once and hands every node the same bytes object."""
+    ``shared`` (id(message) -> (message, bytes)) serializes a message several nodes share
+    (``shared_cla``, stage 2 of the capture path) once and hands every node the same bytes."""
     out: ResourceSet = {}
     for url, items in res.named().items():
-        if shared is None or url != EDS:
+        if shared is None or url not in (EDS, LDS):
             out[url] = [(name, msg.SerializeToString(deterministic=True)) for name, msg in items]
             continue
         lst = out[url] = []
@@ -106,7 +108,7 @@ class IncrementalTranslator:
         self._mesh: Any = None
         self._secret_bytes: dict[Identity, tuple[CertPair, bytes]] = {}
         self._root_bytes: tuple[str, bytes] | None = None
-        self._cla_bytes: dict[int, tuple[Any, bytes]] = {}  # one snapshots() call: shared CLAs' bytes
+        self._shared_bytes: dict[int, tuple[Any, bytes]] = {}  # one snapshots() call: shared messages' bytes
         self.stats = RunStats()
 
     def snapshots(self, index: MeshIndex, nodes: list[str] | None = None) -> dict[str, ResourceSet]:
@@ -171,7 +173,7 @@ class IncrementalTranslator:
             for gone in sorted(set(self._memo) - set(wanted)):
                 del self._memo[gone]
                 stats.removed.append(gone)
-        self._cla_bytes.clear()  # the bytes live on in the resource sets
+        self._shared_bytes.clear()  # the bytes live on in the resource sets
         self.stats = stats
         return out
 
@@ -198,7 +200,7 @@ class IncrementalTranslator:
     def _full(self, view: NodeView, local: tuple[tuple[Any, ...], ...], workloads: tuple[tuple[Any, ...], ...],
               shapes: tuple[tuple[Any, ...], ...]) -> _NodeMemo:
         res = translate(view, self.flavor, self.certs, check=self.check)
-        rs = serialize(res, self._cla_bytes)
+        rs = serialize(res, self._shared_bytes)
         cla_targets = service_clusters(view, self.flavor)
         secrets = {ident: body for ident, (_, body) in zip([*view.local_identities, None], rs[SDS])}
         return _NodeMemo(local, workloads, shapes, view.targets, rs, cla_targets, secrets)

@@ -17,16 +17,16 @@ from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 
 from ..model import Flavor
 from ..model.index import NodeView
-from . import names, refcheck
+from . import dispatch, endpoints, names, refcheck
 from .clusters import build_fixed_clusters, build_service_cluster
-from .dispatch import build_dispatch_cluster, build_dispatch_listener
+from .dispatch import build_dispatch_listener, build_pod_listener, build_stage_clusters
 from .endpoints import shared_cla
 from .inbound import build_ztunnel_inbound, build_ztunnel_inbound_plaintext
 from .outbound import build_ztunnel_outbound
 from .secrets import CertPair, CertProvider, build_root_secret, build_workload_secret
 from .tunnel import build_outbound_tunnel_lis, build_tunnel_clusters
 
-__all__ = ["NodeResources", "translate", "service_clusters", "CertPair", "CertProvider", "TranslationError", "type_url"]
+__all__ = ["NodeResources", "translate", "clear_memos", "service_clusters", "CertPair", "CertProvider", "TranslationError", "type_url"]
 
 
 class TranslationError(ValueError):
@@ -75,6 +75,14 @@ def service_clusters(view: NodeView, flavor: Flavor) -> dict[str, tuple[str, int
     return out
 
 
+def clear_memos() -> None:
+    """Forget what translation shares across nodes and calls (stage 2, CLAs, endpoints). Only
+    for measuring cold costs: the memos are keyed on their inputs and never go stale."""
+    dispatch._last.clear()
+    endpoints._shared.clear()
+    endpoints._lb_endpoint_memo.cache_clear()
+
+
 def translate(view: NodeView, flavor: Flavor, certs: CertProvider, *, check: bool = True) -> NodeResources:
     mesh = view.mesh
     listeners = [
@@ -84,7 +92,7 @@ def translate(view: NodeView, flavor: Flavor, certs: CertProvider, *, check: boo
     ]
     if flavor is Flavor.ENVOY:
         if view.local_identities:
-            listeners += [build_dispatch_listener(view), build_outbound_tunnel_lis(None, flavor)]
+            listeners += [build_dispatch_listener(view), build_pod_listener(view), build_outbound_tunnel_lis(None, flavor)]
     else:
         listeners += [build_outbound_tunnel_lis(ident, flavor) for ident in view.local_identities]
 
@@ -94,7 +102,7 @@ def translate(view: NodeView, flavor: Flavor, certs: CertProvider, *, check: boo
     for i in range(3):  # 2022 order: all outbound_tunnel_clus, then pod, then pod-local
         clusters += [group[i] for group in tunnel]
     if flavor is Flavor.ENVOY and view.local_identities:
-        clusters.append(build_dispatch_cluster())
+        clusters += build_stage_clusters()
     clusters += build_fixed_clusters(mesh)
 
     endpoints = [shared_cla(name, lis, view.targets[i], view.node_name) for name, (lis, i) in service.items()]

@@ -1,19 +1,22 @@
-"""``ztunnel_outbound_dispatch``: stage 2 of the stock flavor's capture path (internal listener).
+"""``ztunnel_outbound_dispatch`` and ``ztunnel_outbound_pod``: stages 2 and 3 of the stock
+flavor's capture path (internal listeners).
 
-Every connection a node-local pod makes reaches it from its source identity's chain on
+Every connection a node-local pod makes reaches stage 2 from its source identity's chain on
 ``ztunnel_outbound`` (stage 1), with the original destination, the client address and the source
-identity in filter state. Here destination IP -> port picks a chain shared by every source:
+identity in filter state. Stage 2 matches destination IP -> port and is **the same on every
+node** (built once per model, interned once by the cache):
 
 * a service port -> its EDS cluster ``to_<port>_<host>_outbound_internal`` (one per service port,
   not per source x service port), whose endpoints go through ``outbound_tunnel_lis``;
-* a mesh pod IP -> one chain per destination identity and same/other node, which pins the
-  server's SPIFFE ID (D8) and names the source's own pod tunnel cluster through
-  ``envoy.tcp_proxy.cluster`` (so the client certificate stays the source's);
+* a mesh pod IP -> one chain per destination identity that pins the server's SPIFFE ID (D8) and
+  hands the connection to stage 3;
 * anything else -> passthrough (``ALLOW_ANY``) or nothing (``REGISTRY_ONLY``), as before.
 
-Per node: chains = service ports + identities with a mesh pod + identities with a pod on this
-node + passthrough; matcher keys = VIPs + pod IPs. All but the last two terms are the same on
-every node, so that part is built once per model and copied.
+Stage 3 is the only per-node part of the pod path: this node's pod IPs -> the same-node chain
+(HBONE to 15088), anything else -> the other-node chain (15008). Both name the source's own
+pod tunnel cluster through ``envoy.tcp_proxy.cluster``, so the client certificate stays the
+source's. Per node: stage 2 = service ports + mesh identities + 1 chains, VIPs + pod IPs keys
+(shared); stage 3 = 2 chains, local pod IPs keys.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from ..model import Flavor, Identity, MeshConfig, OutboundPolicy
 from ..model.index import NodeView, ServiceTarget, Workload
 from . import blocks, names
 from .clusters import internal_upstream
-from .outbound import DestinationMap, OnMatch, destination_matcher, passthrough_chain, to_chain
+from .outbound import DestinationMap, destination_matcher, passthrough_chain, to_chain
 
 FLAVOR = Flavor.ENVOY  # the 2022 shape has no stage 2
 
@@ -40,16 +43,29 @@ def service_chain(cluster: str) -> listener_components_pb2.FilterChain:
     )
 
 
-def pod_chain(dst: Identity, *, same_node: bool) -> listener_components_pb2.FilterChain:
-    name = names.dst_pod_chain(dst, same_node=same_node)
-    prefix = names.OUTBOUND_POD_LOCAL_TUNNEL_CLUS_PREFIX if same_node else names.OUTBOUND_POD_TUNNEL_CLUS_PREFIX
+def pod_chain(dst: Identity) -> listener_components_pb2.FilterChain:
+    """Stage 2, pod IP: expect ``dst``'s certificate on the tunnel; stage 3 picks the port."""
+    name = names.dst_pod_chain(dst)
     return listener_components_pb2.FilterChain(
         name=name,
         filters=[
             blocks.set_filter_states(
-                blocks.filter_state_value("envoy.network.upstream_subject_alt_names", dst.spiffe),  # D8
-                blocks.filter_state_value(names.TCP_PROXY_CLUSTER_STATE, names.per_source(prefix)),
+                blocks.filter_state_value("envoy.network.upstream_subject_alt_names", dst.spiffe, share="ONCE"),  # D8
+                blocks.filter_state_value("envoy.filters.listener.original_dst.local_ip", "%DOWNSTREAM_LOCAL_ADDRESS%", share="ONCE"),
             ),
+            blocks.tcp_proxy(name, names.OUTBOUND_POD, log=None, flavor=FLAVOR),
+        ],
+    )
+
+
+def pod_tunnel_chain(*, same_node: bool) -> listener_components_pb2.FilterChain:
+    """Stage 3: HBONE to the pod with the source's pod tunnel cluster (its client certificate)."""
+    name = names.POD_LOCAL_TUNNEL_CHAIN if same_node else names.POD_TUNNEL_CHAIN
+    prefix = names.OUTBOUND_POD_LOCAL_TUNNEL_CLUS_PREFIX if same_node else names.OUTBOUND_POD_TUNNEL_CLUS_PREFIX
+    return listener_components_pb2.FilterChain(
+        name=name,
+        filters=[
+            blocks.set_filter_states(blocks.filter_state_value(names.TCP_PROXY_CLUSTER_STATE, names.per_source(prefix))),
             blocks.tcp_proxy(
                 name,
                 names.BLACKHOLE_CLUSTER,  # only if the source identity is missing
@@ -63,9 +79,7 @@ def pod_chain(dst: Identity, *, same_node: bool) -> listener_components_pb2.Filt
 
 @dataclass(frozen=True)
 class _Shared:
-    """The part of stage 2 every node has: service chains and, for every identity with a mesh
-    pod, its other-node pod chain, with every VIP and pod IP keyed. Built once per model (keyed
-    on the index's own tuples) and copied per node, which then re-keys only its own pods."""
+    """Stage 2, built once per model (keyed on the index's own tuples) and handed to every node."""
 
     targets: tuple[ServiceTarget, ...]
     workloads: tuple[Workload, ...]
@@ -77,9 +91,8 @@ _last: list[_Shared] = []  # the latest model's (one entry)
 
 
 def plan_dispatch(targets: tuple[ServiceTarget, ...], workloads: tuple[Workload, ...]) -> tuple[dict[str, listener_components_pb2.FilterChain], DestinationMap]:
-    """Chains (first seen wins) and the destination map seen from a node with no pods, in the
-    2022 generator's order and precedence: first port wins on a VIP, a pod IP overrides a VIP
-    with the same address."""
+    """Chains (first seen wins) and the destination map, in the 2022 generator's order and
+    precedence: first port wins on a VIP, a pod IP overrides a VIP with the same address."""
     chains: dict[str, listener_components_pb2.FilterChain] = {}
     dst_map: DestinationMap = {}
     for t in targets:
@@ -95,8 +108,8 @@ def plan_dispatch(targets: tuple[ServiceTarget, ...], workloads: tuple[Workload,
     for wl in workloads:
         chain = pod_chains.get(wl.identity)
         if chain is None:
-            chain = pod_chains[wl.identity] = names.dst_pod_chain(wl.identity, same_node=False)
-            chains[chain] = pod_chain(wl.identity, same_node=False)
+            chain = pod_chains[wl.identity] = names.dst_pod_chain(wl.identity)
+            chains[chain] = pod_chain(wl.identity)
         for ip in wl.pod.ips:
             dst_map[ip] = chain
     return chains, dst_map
@@ -112,7 +125,7 @@ def _shared(view: NodeView) -> listener_pb2.Listener:
         internal_listener=listener_pb2.Listener.InternalListenerConfig(),
         # restore the original destination (matched below) and the client address (kept upstream)
         listener_filters=[blocks.original_dst_filter(), blocks.original_src_filter()],
-        filter_chains=chains.values(),
+        filter_chains=[*chains.values(), passthrough_chain(FLAVOR)],
     )
     matcher = destination_matcher(dst_map)
     if matcher is not None:
@@ -124,32 +137,39 @@ def _shared(view: NodeView) -> listener_pb2.Listener:
 
 
 def build_dispatch_listener(view: NodeView) -> listener_pb2.Listener:
-    """The shared part, plus this node's own pods re-keyed to same-node chains (15088)."""
-    lis = listener_pb2.Listener()
-    lis.CopyFrom(_shared(view))
-    keys = lis.filter_chain_matcher.matcher_tree.exact_match_map.map
-    local: dict[Identity, OnMatch] = {}
-    for wl in view.local_workloads:
-        action = local.get(wl.identity)
-        if action is None:
-            chain = pod_chain(wl.identity, same_node=True)
-            lis.filter_chains.append(chain)
-            action = local[wl.identity] = to_chain(chain.name)
-        for ip in wl.pod.ips:
-            keys[ip].CopyFrom(action)
-    lis.filter_chains.append(passthrough_chain(FLAVOR))
+    """Stage 2: the same message on every node of one model (never mutate it)."""
+    return _shared(view)
+
+
+def build_pod_listener(view: NodeView) -> listener_pb2.Listener:
+    """Stage 3: this node's pod IPs go to the same-node chain, the rest to the other-node one."""
+    local, remote = pod_tunnel_chain(same_node=True), pod_tunnel_chain(same_node=False)
+    keys = {ip: local.name for wl in view.local_workloads for ip in wl.pod.ips}
+    lis = listener_pb2.Listener(
+        name=names.OUTBOUND_POD,
+        internal_listener=listener_pb2.Listener.InternalListenerConfig(),
+        listener_filters=[blocks.original_dst_filter(), blocks.original_src_filter()],
+        filter_chains=[remote, local],
+    )
+    matcher = destination_matcher(keys)
+    if matcher is not None:
+        matcher.on_no_match.CopyFrom(to_chain(remote.name))
+        lis.filter_chain_matcher.CopyFrom(matcher)
+    else:
+        lis.default_filter_chain.CopyFrom(remote)
     return lis
 
 
-def build_dispatch_cluster() -> cluster_pb2.Cluster:
-    """Stage 1 -> stage 2: one internal endpoint; filter state crosses with the connection."""
+def _internal_cluster(listener: str) -> cluster_pb2.Cluster:
+    """A STATIC cluster with one internal endpoint: hand the connection (and the filter state
+    shared with it) to ``listener``."""
     endpoint = ec.LbEndpoint(
-        endpoint=ec.Endpoint(address=address_pb2.Address(envoy_internal_address=address_pb2.EnvoyInternalAddress(server_listener_name=names.OUTBOUND_DISPATCH)))
+        endpoint=ec.Endpoint(address=address_pb2.Address(envoy_internal_address=address_pb2.EnvoyInternalAddress(server_listener_name=listener)))
     )
-    cla = endpoint_pb2.ClusterLoadAssignment(cluster_name=names.OUTBOUND_DISPATCH, endpoints=[ec.LocalityLbEndpoints(lb_endpoints=[endpoint])])
-    return cluster_pb2.Cluster(
-        name=names.OUTBOUND_DISPATCH,
-        type=cluster_pb2.Cluster.STATIC,
-        load_assignment=cla,
-        transport_socket=internal_upstream(),
-    )
+    cla = endpoint_pb2.ClusterLoadAssignment(cluster_name=listener, endpoints=[ec.LocalityLbEndpoints(lb_endpoints=[endpoint])])
+    return cluster_pb2.Cluster(name=listener, type=cluster_pb2.Cluster.STATIC, load_assignment=cla, transport_socket=internal_upstream())
+
+
+def build_stage_clusters() -> list[cluster_pb2.Cluster]:
+    """Stage 1 -> stage 2, stage 2 -> stage 3."""
+    return [_internal_cluster(names.OUTBOUND_DISPATCH), _internal_cluster(names.OUTBOUND_POD)]

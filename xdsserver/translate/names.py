@@ -35,6 +35,7 @@ XDS_GRPC_CLUSTER = "xds-grpc"
 # stock flavor's linear layout (README "Performance"): stage 2 of the capture path, shared by
 # every source identity, and the one HBONE-originating internal listener behind service clusters
 OUTBOUND_DISPATCH = "ztunnel_outbound_dispatch"  # internal listener + the STATIC cluster reaching it
+OUTBOUND_POD = "ztunnel_outbound_pod"  # stage 3 for pod IPs: same node (15088) or not (15008)
 OUTBOUND_TUNNEL_LIS = "outbound_tunnel_lis"
 # filter state carrying the source's SPIFFE ID from stage 1 through every internal hop
 SOURCE_IDENTITY_STATE = "io.xdsserver.source_identity"
@@ -63,10 +64,13 @@ def source_chain(src: Identity) -> str:
     return f"outbound_from_{src.spiffe}"
 
 
-def dst_pod_chain(dst: Identity, *, same_node: bool) -> str:
-    """Stock flavor, stage 2: pod-IP chain per destination identity (D8), shared by sources."""
-    kind = "outbound_pod_local_tunnel" if same_node else "outbound_pod_tunnel"
-    return f"fc-{kind}_to_{dst.spiffe}"
+def dst_pod_chain(dst: Identity) -> str:
+    """Stock flavor, stage 2: pod-IP chain per destination identity (D8), shared by sources and nodes."""
+    return f"fc-outbound_pod_to_{dst.spiffe}"
+
+
+POD_TUNNEL_CHAIN = "fc-outbound_pod_tunnel"  # stage 3: the pod is on another node
+POD_LOCAL_TUNNEL_CHAIN = "fc-outbound_pod_local_tunnel"  # stage 3: the pod is on this node
 
 
 def per_source(prefix: str) -> str:

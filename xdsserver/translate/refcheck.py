@@ -96,6 +96,22 @@ def _matcher_actions(m: matcher_pb2.Matcher) -> Iterator[str]:
                 yield name
 
 
+_actions_seen: dict[int, tuple[listener_pb2.Listener, frozenset[str]]] = {}
+
+
+def _actions_of(lis: listener_pb2.Listener) -> frozenset[str]:
+    """The distinct matcher actions of a listener, remembered per message object: stage 2 is one
+    message shared by every node (messages are never mutated once built)."""
+    hit = _actions_seen.get(id(lis))
+    if hit is not None and hit[0] is lis:
+        return hit[1]
+    out = frozenset(_matcher_actions(lis.filter_chain_matcher))
+    if len(_actions_seen) > 1 << 10:
+        _actions_seen.clear()
+    _actions_seen[id(lis)] = (lis, out)
+    return out
+
+
 def _sds_names(ts: Any) -> Iterator[str]:
     """Secret names a TLS transport socket references (both directions, every SDS slot)."""
     cfg = ts.typed_config
@@ -132,7 +148,7 @@ def check(
     for lis in listeners:
         chains = {fc.name for fc in lis.filter_chains}  # a set: one lookup per matcher action
         if lis.HasField("filter_chain_matcher"):
-            for action in _matcher_actions(lis.filter_chain_matcher):
+            for action in _actions_of(lis):
                 if action not in chains:
                     problems.append(f"listener {lis.name}: matcher action names missing filter chain {action!r}")
         all_chains = list(lis.filter_chains) + ([lis.default_filter_chain] if lis.HasField("default_filter_chain") else [])
