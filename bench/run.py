@@ -68,7 +68,7 @@ def machine() -> dict[str, Any]:
 
 
 def run_scale(scale: bc.Scale, *, load: bool, load_m: tuple[int, ...] | None, envoy: bool, log: Any,
-              pipelines: tuple[str, ...] = ("today", "incremental"), load_events: tuple[str, ...] | None = None) -> dict[str, Any]:
+              pipelines: tuple[str, ...] | None = None, load_events: tuple[str, ...] | None = None) -> dict[str, Any]:
     certs = ephemeral_certs()
     out: dict[str, Any] = {"scale": scale.name, "shape": {"nodes": scale.nodes, "pods": scale.pods, "services": scale.services, "seed": scale.seed}}
     t0 = time.perf_counter()
@@ -100,7 +100,7 @@ def run_scale(scale: bc.Scale, *, load: bool, load_m: tuple[int, ...] | None, en
 
         out["load"] = {}
         first = True
-        for pipeline in pipelines:
+        for pipeline in pipelines or scale.load_pipelines:
             for m in load_m or scale.load_m:
                 out["load"].setdefault(pipeline, {})[str(m)] = asyncio.run(
                     run_load(scale, certs, m, with_envoy=envoy and first, pipeline=pipeline, events=load_events, log=log))

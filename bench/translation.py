@@ -166,9 +166,7 @@ def incremental(objs: list[dict[str, Any]], index: MeshIndex, certs: Any, sample
         new_index = bc.index_of(new_objs, memo)
         t_model = time.perf_counter() - t0
         # incremental, from the base memo (a fresh copy of the memo per event)
-        inc_e = IncrementalTranslator(FLAVOR, certs)
-        inc_e._memo = dict(inc._memo)  # memos are never mutated in place
-        inc_e._mesh = inc._mesh
+        inc_e = inc.fork()
         t0 = time.perf_counter()
         snaps = inc_e.snapshots(new_index, nodes)
         t_inc = time.perf_counter() - t0

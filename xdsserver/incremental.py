@@ -125,11 +125,20 @@ class IncrementalTranslator:
         out: dict[str, ResourceSet] = {}
         staged: dict[str, _NodeMemo] = {}  # committed only if every node translates (all-or-nothing)
         changed_targets: dict[int, frozenset[int]] = {}  # id(old targets) -> changed indexes
+        pairs: dict[Identity, CertPair] = {}  # certificates asked for in this call
+        compared: dict[tuple[int, int], bool] = {}  # nodes' memos share their tuples: compare each pair once
+
+        def same(old: tuple[Any, ...], new: tuple[Any, ...]) -> bool:
+            k = (id(old), id(new))
+            if k not in compared:
+                compared[k] = old is new or old == new
+            return compared[k]
+
         for node in wanted:
             view = index.node_view(node)
             memo = self._memo.get(node)
             local = tuple(_workload_shape(wl) for wl in view.local_workloads)
-            if memo is None or memo.local != local or memo.workloads != workloads or memo.shapes != shapes:
+            if memo is None or memo.local != local or not same(memo.workloads, workloads) or not same(memo.shapes, shapes):
                 staged[node] = self._full(view, local, workloads, shapes)
                 out[node] = staged[node].resources
                 stats.full.append(node)
@@ -140,9 +149,9 @@ class IncrementalTranslator:
                     i for i, (a, b) in enumerate(zip(memo.targets, targets)) if a is not b and a.backends != b.backends
                 )
             changed = changed_targets[key]
-            secrets = self._secrets(view.local_identities)
+            secrets = self._secrets(view.local_identities, pairs)
             if not changed and secrets == memo.secrets:
-                staged[node] = replace(memo, targets=targets)
+                staged[node] = replace(memo, targets=targets, workloads=workloads, shapes=shapes)
                 out[node] = memo.resources
                 stats.untouched.append(node)
                 continue
@@ -165,7 +174,7 @@ class IncrementalTranslator:
                 res[EDS] = list(clas.items())
             if secrets != memo.secrets:  # certificate rotation: same names, new bodies
                 res[SDS] = [(name, secrets[ident]) for (name, _), ident in zip(res[SDS], [*view.local_identities, None])]
-            staged[node] = replace(memo, resources=res, targets=targets, secrets=secrets)
+            staged[node] = replace(memo, resources=res, targets=targets, workloads=workloads, shapes=shapes, secrets=secrets)
             out[node] = res
             stats.patched[node] = n
         self._memo.update(staged)
@@ -177,18 +186,30 @@ class IncrementalTranslator:
         self.stats = stats
         return out
 
+    def fork(self) -> "IncrementalTranslator":
+        """A translator that starts from this one's memos (which are never mutated in place), so
+        a benchmark can apply several alternative changes to one base state."""
+        other = IncrementalTranslator(self.flavor, self.certs, check=self.check)
+        other._memo, other._mesh = dict(self._memo), self._mesh
+        other._secret_bytes, other._root_bytes = dict(self._secret_bytes), self._root_bytes
+        return other
+
     def forget(self, node: str) -> None:
         self._memo.pop(node, None)
 
     # -- internals --------------------------------------------------------------------------------
-    def _secrets(self, identities: tuple[Identity, ...]) -> dict[Identity | None, bytes]:
+    def _secrets(self, identities: tuple[Identity, ...], pairs: dict[Identity, CertPair] | None = None) -> dict[Identity | None, bytes]:
         """Workload secrets by identity and the root bundle (key None), in translate()'s order.
-        Bytes are reused while an identity's certificate is the same (rotation makes a new one)."""
+        Bytes are reused while an identity's certificate is the same (rotation makes a new one);
+        ``pairs`` asks the CA once per identity per call, not once per node."""
+        pairs = {} if pairs is None else pairs
         out: dict[Identity | None, bytes] = {}
         for ident in identities:
-            pair = self.certs.workload(ident)
+            pair = pairs.get(ident)
+            if pair is None:
+                pair = pairs[ident] = self.certs.workload(ident)
             hit = self._secret_bytes.get(ident)
-            if hit is None or hit[0] != pair:
+            if hit is None or (hit[0] is not pair and hit[0] != pair):
                 hit = self._secret_bytes[ident] = (pair, build_workload_secret(ident, pair).SerializeToString(deterministic=True))
             out[ident] = hit[1]
         root = self.certs.root_pem()
