@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 
 from xdsserver import synth
-from xdsserver.incremental import EDS, IncrementalTranslator, serialize
+from xdsserver.incremental import EDS, LDS, IncrementalTranslator, serialize
 from xdsserver.model import Flavor
 from xdsserver.model.index import MeshIndex
 from xdsserver.pipeline import ephemeral_certs
 from xdsserver.sources.manifests import load_model
-from xdsserver.translate import translate
+from xdsserver.translate import names, translate
 
 import sys
 
@@ -90,3 +90,27 @@ def test_failed_translation_keeps_the_memo(base, certs, monkeypatch) -> None:
     monkeypatch.undo()
     assert inc.snapshots(index) == before
     assert inc.stats.untouched == list(index.node_names)
+
+
+def test_pod_added_retranslates_only_its_node(base, certs) -> None:
+    """A pod elsewhere changes a node only through stage 2 (one shared message) and the CLAs it
+    joins: other nodes are patched, not translated, and the bytes still equal a full translation."""
+    objs, index = base
+    inc = IncrementalTranslator(Flavor.ENVOY, certs)
+    before = inc.snapshots(index)
+    new_objs, what = bc.EVENTS["pod_added"](objs, index)
+    new_index = bc.index_of(new_objs)
+    after = inc.snapshots(new_index)
+    assert after == full(new_index, certs)
+    stats = inc.stats
+    old_keys = {wl.key for wl in index.workloads}
+    [new_pod] = [wl for wl in new_index.workloads if wl.key not in old_keys]
+    assert stats.full == [new_pod.node_name], what
+    assert sorted(stats.patched) == sorted(set(new_index.node_names) - set(stats.full))
+    stage2 = {id(dict(after[n][LDS])[names.OUTBOUND_DISPATCH]) for n in after}
+    assert len(stage2) == 1  # one bytes object on every node
+    for n in stats.patched:
+        for t in after[n]:
+            for (name, a), (_, b) in zip(after[n][t], before[n][t]):
+                if not (t == EDS or (t == LDS and name == names.OUTBOUND_DISPATCH)):
+                    assert a is b, (n, name)

@@ -8,9 +8,10 @@ built from, and on the next :class:`~xdsserver.model.index.MeshIndex`:
 * **relevance filter** -- a node whose inputs are unchanged is not translated at all and keeps
   the very same :class:`ResourceSet` object (a change no node depends on costs no translation and
   no push);
-* **endpoint-only changes** -- when a node's *structure* (local workloads, all workloads, the
-  services' VIPs/ports) is unchanged, only the ClusterLoadAssignments of targets whose backends
-  changed are rebuilt; every other resource's bytes are reused. Such a CLA is the same on every
+* **endpoint-only changes** -- when a node's *structure* (its local workloads, the services'
+  VIPs/ports) is unchanged, only the ClusterLoadAssignments of targets whose backends changed
+  are rebuilt (and, stock flavor, when pods elsewhere came or went, the shared stage-2
+  listener, built and serialized once for all nodes); every other resource's bytes are reused. Such a CLA is the same on every
   node that hosts none of the target's backends, so it is built and serialized once per change
   and its bytes are shared across those nodes;
 * anything else falls back to a full ``translate`` (with its reference check) for that node.
@@ -27,7 +28,9 @@ from typing import Any
 from .model import Flavor, Identity
 from .model.index import MeshIndex, NodeView, ServiceTarget, Workload
 from .translate import CertPair, CertProvider, NodeResources, service_clusters, translate, type_url
+from .translate.dispatch import build_dispatch_listener
 from .translate.endpoints import build_cla
+from .translate.names import OUTBOUND_DISPATCH
 from .translate.secrets import build_root_secret, build_workload_secret
 
 from envoy.config.endpoint.v3 import endpoint_pb2
@@ -138,7 +141,8 @@ class IncrementalTranslator:
             view = index.node_view(node)
             memo = self._memo.get(node)
             local = tuple(_workload_shape(wl) for wl in view.local_workloads)
-            if memo is None or memo.local != local or not same(memo.workloads, workloads) or not same(memo.shapes, shapes):
+            moved = memo is not None and not same(memo.workloads, workloads)  # a pod elsewhere came, went or changed
+            if memo is None or memo.local != local or not same(memo.shapes, shapes) or (moved and self.flavor is not Flavor.ENVOY):
                 staged[node] = self._full(view, local, workloads, shapes)
                 out[node] = staged[node].resources
                 stats.full.append(node)
@@ -150,13 +154,19 @@ class IncrementalTranslator:
                 )
             changed = changed_targets[key]
             secrets = self._secrets(view.local_identities, pairs)
-            if not changed and secrets == memo.secrets:
+            if not changed and not moved and secrets == memo.secrets:
                 staged[node] = replace(memo, targets=targets, workloads=workloads, shapes=shapes)
                 out[node] = memo.resources
                 stats.untouched.append(node)
                 continue
             res = dict(memo.resources)
             n = 0
+            if moved:  # stock flavor: of everything a node has, only stage 2 depends on other nodes' pods
+                stage2 = build_dispatch_listener(view)
+                hit = self._shared_bytes.get(id(stage2))
+                if hit is None or hit[0] is not stage2:
+                    hit = self._shared_bytes[id(stage2)] = (stage2, stage2.SerializeToString(deterministic=True))
+                res[LDS] = [(name, hit[1] if name == OUTBOUND_DISPATCH else body) for name, body in res[LDS]]
             if changed:
                 clas = dict(res[EDS])
                 for name, (lis, i) in memo.cla_targets.items():
