@@ -151,9 +151,9 @@ def set_filter_states(*values: value_pb2.FilterStateValue) -> listener_component
     return listener_components_pb2.Filter(name="envoy.filters.network.set_filter_state", typed_config=pack(cfg))
 
 
-def set_filter_state(object_key: str, value: str, *, shared_once: bool = False) -> listener_components_pb2.Filter:
+def set_filter_state(object_key: str, value: str) -> listener_components_pb2.Filter:
     """One ``set_filter_state`` network filter setting ``object_key`` from a format string."""
-    return set_filter_states(filter_state_value(object_key, value, share="ONCE" if shared_once else "NONE"))
+    return set_filter_states(filter_state_value(object_key, value))
 
 
 def cidr(ip: str) -> address_pb2.CidrRange:

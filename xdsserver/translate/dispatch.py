@@ -32,15 +32,9 @@ from ..model import Flavor, Identity, MeshConfig, OutboundPolicy
 from ..model.index import NodeView, ServiceTarget, Workload
 from . import blocks, names
 from .clusters import internal_upstream
-from .outbound import DestinationMap, destination_matcher, passthrough_chain, to_chain
+from .outbound import DestinationMap, destination_matcher, passthrough_chain, service_chain, to_chain
 
 FLAVOR = Flavor.ENVOY  # the 2022 shape has no stage 2
-
-
-def service_chain(cluster: str) -> listener_components_pb2.FilterChain:
-    return listener_components_pb2.FilterChain(
-        name=cluster, filters=[blocks.tcp_proxy(cluster, cluster, log="capture outbound (no waypoint proxy)", flavor=FLAVOR)]
-    )
 
 
 def pod_chain(dst: Identity) -> listener_components_pb2.FilterChain:
@@ -98,7 +92,7 @@ def plan_dispatch(targets: tuple[ServiceTarget, ...], workloads: tuple[Workload,
     for t in targets:
         chain = names.service_port_cluster(t.port.name, t.hostname)
         if chain not in chains:
-            chains[chain] = service_chain(chain)
+            chains[chain] = service_chain(chain, FLAVOR)
         for vip in t.service.cluster_ips:
             entry = dst_map.get(vip)
             if not isinstance(entry, dict):

@@ -70,14 +70,12 @@ class OutboundPlan:
 
 
 
-def service_chain(src: Identity, cluster: str, flavor: Flavor) -> listener_components_pb2.FilterChain:
-    filters = []
-    if flavor is Flavor.ENVOY:
-        # stock-envoy.md §5.6: hand the client address to the internal listener, whose
-        # original_dst + original_src filters make the HBONE leg leave with the client's IP.
-        filters.append(blocks.set_filter_state("envoy.filters.listener.original_dst.remote_ip", "%DOWNSTREAM_REMOTE_ADDRESS%", shared_once=True))
-    filters.append(blocks.tcp_proxy(cluster, cluster, log="capture outbound (no waypoint proxy)", flavor=flavor))
-    return listener_components_pb2.FilterChain(name=cluster, filters=filters)
+def service_chain(cluster: str, flavor: Flavor) -> listener_components_pb2.FilterChain:
+    """A service chain, named like its cluster: per service port in stage 2 (stock), per
+    (source identity x service port) in istio-2022."""
+    return listener_components_pb2.FilterChain(
+        name=cluster, filters=[blocks.tcp_proxy(cluster, cluster, log="capture outbound (no waypoint proxy)", flavor=flavor)]
+    )
 
 
 def pod_chain(cluster: str, dst: Identity, flavor: Flavor) -> listener_components_pb2.FilterChain:
@@ -134,7 +132,7 @@ def plan_outbound(view: NodeView, flavor: Flavor) -> OutboundPlan:
         dst_map: dict[str, str | dict[str, str]] = {}
         for t in view.targets:
             chain = names.service_cluster(src.identity, t.port.name, t.hostname)
-            plan.chains.setdefault(chain, service_chain(src.identity, chain, flavor))
+            plan.chains.setdefault(chain, service_chain(chain, flavor))
             for vip in t.service.cluster_ips:
                 entry = dst_map.get(vip)
                 if not isinstance(entry, dict):
