@@ -34,7 +34,18 @@ from xdsserver.lab.netns import list_netns, run  # noqa: E402
 from xdsserver.pipeline import build_cluster  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-PREFIX = "xdstest"
+# XDS_LAB_PREFIX lets several developers' labs run side by side on one machine (each its own
+# namespaces and state dir); CI uses the default.
+PREFIX = os.environ.get("XDS_LAB_PREFIX", "xdstest")
+# Namespaces of *other* labs (names "<prefix>-...", state in /run/xdsserver-lab/<prefix>) may come
+# and go while this module runs; the guard compares only the namespaces that belong to no lab.
+_LAB_STATE = Path("/run/xdsserver-lab")
+
+
+def foreign_netns() -> list[str]:
+    labs = {p.name for p in _LAB_STATE.iterdir()} if _LAB_STATE.is_dir() else set()
+    labs.add(PREFIX)
+    return [ns for ns in list_netns() if ns.split("-", 1)[0] not in labs]
 TOOLS = ("ip", "iptables", "iptables-save", "iptables-restore", "ipset", "sysctl")
 
 
@@ -65,10 +76,10 @@ def root_namespace_untouched():
     assert not missing, f"missing tools {missing}: run scripts/setup-lab (as root)"
     Lab(prefix=PREFIX).down()  # a stale lab from a crashed run
     before = root_snapshot()
-    netns_before = [ns for ns in list_netns() if not ns.startswith(f"{PREFIX}-")]
+    netns_before = foreign_netns()
     yield
     assert owned_netns(PREFIX) == []
-    assert [ns for ns in list_netns() if not ns.startswith(f"{PREFIX}-")] == netns_before
+    assert foreign_netns() == netns_before
     after = root_snapshot()
     for key in before:
         assert after[key] == before[key], f"root namespace {key} changed"
