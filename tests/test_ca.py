@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from xdsserver.ca import (
+    BACKDATE,
     REDACTED,
     CertificateAuthority,
     node_from_peer_cert,
@@ -193,7 +194,7 @@ def test_repr_and_str_never_show_the_private_key() -> None:
 # ------------------------------------------------------------------ cache and rotation
 
 
-def test_cache_reuses_until_half_life_then_reissues() -> None:
+def test_cache_reuses_until_the_epoch_ends_then_reissues() -> None:
     clock = FakeClock()
     ca = CertificateAuthority.load_or_create(None, clock=clock)
     first = ca.issue_workload(ID)
@@ -211,62 +212,61 @@ def test_cache_reuses_until_half_life_then_reissues() -> None:
     second = ca.issue_workload(ID)
     assert second.cert_chain_pem != first.cert_chain_pem
     assert second.private_key_pem != first.private_key_pem
-    assert second.not_after == clock.now + timedelta(hours=24)
+    # epochs are back to back: the next certificate starts where the previous one's half-life is
+    assert second.not_before == first.renew_at - BACKDATE
+    assert second.not_after == first.renew_at + timedelta(hours=24) + BACKDATE
     assert ca.rotate_due() == []
     assert ca.issue_workload(ID) is second
 
 
-def test_clock_going_back_before_not_before_reissues() -> None:
+def test_clock_going_back_an_epoch_reissues() -> None:
     clock = FakeClock()
     ca = CertificateAuthority.load_or_create(None, clock=clock)
     first = ca.issue_workload(ID)
-    clock.now = T0 - timedelta(hours=1)
+    clock.now = T0 - timedelta(hours=13)
     assert ca.rotate_due() == [ID]
     assert ca.issue_workload(ID) != first
 
 
-def test_cache_survives_reload_from_directory(tmp_path: Path) -> None:
+def test_restart_and_replicas_issue_byte_identical_certificates(tmp_path: Path) -> None:
+    """Replicas sharing a root agree on every Secret (issue 13): derived keys, serials, validity and
+    a deterministic signature; a restart likewise changes nothing, and no key is written to disk."""
     clock = FakeClock()
     ca = CertificateAuthority.load_or_create(tmp_path, clock=clock)
     ids = [workload_id(TD, "default", f"sa-{i}") for i in range(3)]
     issued = {i: ca.issue_workload(i) for i in ids}
-    files = sorted((tmp_path / "workloads").iterdir())
-    assert len(files) == 3
-    assert all(stat.S_IMODE(f.stat().st_mode) == 0o600 for f in files)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["root-cert.pem", "root-key.pem"]
 
-    clock.now = T0 + timedelta(hours=3)  # a restart a few hours later
-    again = CertificateAuthority.load_or_create(tmp_path, clock=clock)
-    assert again.identities() == sorted(ids)
+    clock.now = T0 + timedelta(hours=3)  # another replica, or a restart a few hours later
+    replica = CertificateAuthority.load_or_create(tmp_path, clock=clock)
     for i in ids:
-        reloaded = again.issue_workload(i)
-        assert reloaded == issued[i], "restart must not change certificates (Secret versions)"
-    assert again.next_rotation() == min(c.renew_at for c in issued.values())
+        again = replica.issue_workload(i)
+        assert again == issued[i], "replicas and restarts must not change certificates (Secret versions)"
+    assert len({c.private_key_pem for c in issued.values()}) == 3, "one key per identity"
+    assert len({leaf(c.cert_chain_pem).serial_number for c in issued.values()}) == 3
 
     clock.now = T0 + timedelta(hours=13)
-    assert CertificateAuthority.load_or_create(tmp_path, clock=clock).rotate_due() == sorted(ids)
+    assert replica.rotate_due() == sorted(ids)
+    # the next epoch: new keys, still the same on every replica
+    nxt = replica.issue_workload(ids[0])
+    assert nxt != issued[ids[0]]
+    assert CertificateAuthority.load_or_create(tmp_path, clock=clock).issue_workload(ids[0]) == nxt
 
 
-def test_discard_forgets_memory_and_disk(tmp_path: Path) -> None:
-    ca = CertificateAuthority.load_or_create(tmp_path)
+def test_another_root_derives_other_keys(tmp_path: Path) -> None:
+    a = CertificateAuthority.load_or_create(tmp_path / "a", clock=FakeClock())
+    b = CertificateAuthority.load_or_create(tmp_path / "b", clock=FakeClock())
+    wa, wb = a.issue_workload(ID), b.issue_workload(ID)
+    assert wa.private_key_pem != wb.private_key_pem
+    leaf(wb.cert_chain_pem).verify_directly_issued_by(root_of(b))
+
+
+def test_discard_forgets() -> None:
+    ca = CertificateAuthority.load_or_create(None)
     ca.issue_workload(ID)
     ca.discard(ID)
     ca.discard(ID)  # idempotent
-    assert ca.cached(ID) is None
-    assert list((tmp_path / "workloads").iterdir()) == []
-
-
-def test_cached_certs_of_another_root_are_ignored(tmp_path: Path) -> None:
-    a = CertificateAuthority.load_or_create(tmp_path / "a")
-    old = a.issue_workload(ID)
-    b_dir = tmp_path / "b"
-    CertificateAuthority.load_or_create(b_dir)
-    shutil.copytree(tmp_path / "a" / "workloads", b_dir / "workloads")
-    (b_dir / "workloads" / "junk.pem").write_text("garbage")
-    b = CertificateAuthority.load_or_create(b_dir)
-    assert b.identities() == []
-    new = b.issue_workload(ID)
-    assert new != old
-    leaf(new.cert_chain_pem).verify_directly_issued_by(root_of(b))
+    assert ca.cached(ID) is None and ca.identities() == []
 
 
 # ------------------------------------------------------------------ user-supplied CA
@@ -302,12 +302,12 @@ def _key(key: ec.EllipticCurvePrivateKey) -> str:
 
 def test_from_pem_self_signed_root(tmp_path: Path) -> None:
     root, key = _make_ca("user root")
-    ca = CertificateAuthority.from_pem(_pem(root), _key(key), clock=FakeClock(), cache_dir=tmp_path)
+    ca = CertificateAuthority.from_pem(_pem(root), _key(key), clock=FakeClock())
     assert ca.root_pem == _pem(root)
     wc = ca.issue_workload(ID)
     leaf(wc.cert_chain_pem).verify_directly_issued_by(root)
-    again = CertificateAuthority.from_pem(_pem(root), _key(key), clock=FakeClock(), cache_dir=tmp_path)
-    assert again.issue_workload(ID) == wc
+    again = CertificateAuthority.from_pem(_pem(root), _key(key), clock=FakeClock())
+    assert again.issue_workload(ID) == wc, "replicas given the same signing CA agree"
 
 
 def test_from_pem_intermediate_puts_it_in_the_chain() -> None:
@@ -495,3 +495,23 @@ def test_foreign_ca_is_rejected_in_a_real_handshake(tmp_path: Path) -> None:
     client = _ctx(ssl.PROTOCOL_TLS_CLIENT, foreign, foreign.issue_node_client("w", ZTUNNEL_ID), tmp_path / "c")
     with pytest.raises(ssl.SSLError):
         _handshake(server, client, "xds.test")
+
+
+def test_rsa_signing_ca_is_deterministic_too() -> None:
+    """PKCS#1 v1.5 signatures are deterministic; replicas on an RSA signing CA agree as well."""
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "rsa root")])
+    root = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(1).not_valid_before(T0 - timedelta(days=1)).not_valid_after(T0 + timedelta(days=365))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()).decode()
+    a = CertificateAuthority.from_pem(_pem(root), key_pem, clock=FakeClock())
+    b = CertificateAuthority.from_pem(_pem(root), key_pem, clock=FakeClock())
+    wa = a.issue_workload(ID)
+    assert wa == b.issue_workload(ID)
+    leaf(wa.cert_chain_pem).verify_directly_issued_by(root)

@@ -324,7 +324,6 @@ def make_certs(args: Any, trust_domain: str) -> CaCerts:
         d = Path(args.ca_secret_dir)
         ca = CertificateAuthority.from_pem(
             (d / "root-cert.pem").read_text(), (d / "root-key.pem").read_text(), trust_domain=trust_domain,
-            cache_dir=Path(args.ca_dir) / "workloads" if getattr(args, "ca_dir", None) else None,
         )
     else:
         ca = CertificateAuthority.load_or_create(getattr(args, "ca_dir", None), trust_domain=trust_domain)

@@ -11,7 +11,6 @@ from .authority import (
     DEFAULT_WORKLOAD_TTL,
     ROOT_CERT_FILE,
     ROOT_KEY_FILE,
-    WORKLOADS_DIR,
     CertificateAuthority,
     Clock,
 )
@@ -35,7 +34,6 @@ __all__ = [
     "REDACTED",
     "ROOT_CERT_FILE",
     "ROOT_KEY_FILE",
-    "WORKLOADS_DIR",
     "CertificateAuthority",
     "Clock",
     "ServerCert",

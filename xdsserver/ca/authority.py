@@ -1,15 +1,21 @@
 """The built-in CA: a root (or a user-supplied signing CA) that issues SPIFFE workload certificates.
 
-Workload certificates are cached and re-used until half their lifetime has passed, in memory and,
-with a directory, on disk. The reason is the xDS server: resource versions are content hashes, so a
-restart that re-issued every certificate would change every `Secret` version and push new keys to
-every ztunnel although nothing changed. Re-issuing happens only when a certificate is due;
-`rotate_due()` / `next_rotation()` let the server drive that from a timer.
+Workload certificates are a pure function of (signing key, SPIFFE ID, rotation epoch): the key
+pair is derived from the signing key with HKDF, the serial from the identity and epoch, validity
+from the epoch, and the signature is deterministic (RFC 6979 for ECDSA, PKCS#1 v1.5 for RSA).
+The reason is the xDS server: resource versions are content hashes, so two replicas on the same
+root, or one replica after a restart, must produce the same `Secret` bytes, or every ztunnel that
+reconnects elsewhere would get new keys although nothing changed. No private key is written to
+disk. Epochs are half a certificate lifetime long and counted from the signing certificate's
+`not_before` (shared by every replica); a certificate is re-issued when its epoch ends
+(`rotate_due()` / `next_rotation()` let the server drive that from a timer). The README's threat
+model has the trade-off.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import ipaddress
 import logging
 import stat
@@ -22,6 +28,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from .certs import ServerCert, WorkloadCert, cert_uris, pem_certs, write_atomic
@@ -37,11 +44,14 @@ DEFAULT_SERVICE_TTL = timedelta(days=30)
 """Lifetime of the xDS server certificate and of node client certificates (not cached)."""
 DEFAULT_ROOT_TTL = timedelta(days=3650)
 BACKDATE = timedelta(minutes=5)
-"""`not_before` lies this far in the past so peers with a slightly slow clock accept new certs."""
+"""`not_before` lies this far in the past so peers with a slightly slow clock accept new certs
+(workload certificates: this far before their epoch starts; they also end this far after
+`epoch start + ttl`, so the half-life falls exactly on the next epoch)."""
+_P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+_KDF_SALT = b"xdsserver/workload-cert/v1"
 
 ROOT_CERT_FILE = "root-cert.pem"
 ROOT_KEY_FILE = "root-key.pem"
-WORKLOADS_DIR = "workloads"
 
 
 def _utc_now() -> datetime:
@@ -62,10 +72,6 @@ def _spki(key: object) -> bytes:
     return key.public_bytes(  # type: ignore[attr-defined]
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-
-
-def _cache_file_name(spiffe_id: str) -> str:
-    return hashlib.sha256(spiffe_id.encode()).hexdigest()[:32] + ".pem"
 
 
 def _is_ca(cert: x509.Certificate) -> bool:
@@ -110,7 +116,6 @@ class CertificateAuthority:
         intermediates: Sequence[x509.Certificate],
         root_cert: x509.Certificate,
         trust_domain: str,
-        cache_dir: Path | None,
         clock: Clock | None,
         workload_ttl: timedelta = DEFAULT_WORKLOAD_TTL,
     ) -> None:
@@ -122,13 +127,16 @@ class CertificateAuthority:
         self._root_cert = root_cert
         self._root_pem = pem_certs([root_cert])
         self._trust_domain = validate_trust_domain(trust_domain)
-        self._cache_dir = cache_dir
         self._clock = clock or _utc_now
         self._workload_ttl = workload_ttl
+        self._epoch_len = workload_ttl / 2
+        self._anchor = signing_cert.not_valid_before_utc
+        # the secret every derived workload key comes from: only holders of the signing key know it
+        self._kdf_key = hashlib.sha256(
+            signing_key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        ).digest()
         self._lock = threading.RLock()
-        self._cache: dict[str, WorkloadCert] = {}
-        if cache_dir is not None:
-            self._load_cache(cache_dir)
+        self._cache: dict[str, tuple[int, WorkloadCert]] = {}  # SPIFFE ID -> (epoch, certificate)
 
     # ------------------------------------------------------------------ construction
 
@@ -144,8 +152,8 @@ class CertificateAuthority:
     ) -> CertificateAuthority:
         """Load the self-signed root from `directory`, or generate and persist one there.
 
-        Files: `root-cert.pem`, `root-key.pem` (mode 0600) and `workloads/` (the certificate
-        cache). `directory=None` keeps everything in memory (a new root per process).
+        Files: `root-cert.pem` and `root-key.pem` (mode 0600); workload certificates are derived,
+        never stored. `directory=None` keeps the root in memory (a new root per process).
         """
         validate_trust_domain(trust_domain)
         now = _aware((clock or _utc_now)())
@@ -153,7 +161,7 @@ class CertificateAuthority:
             cert, key = _new_root(trust_domain, now, root_ttl)
             return cls(
                 signing_cert=cert, signing_key=key, intermediates=(), root_cert=cert,
-                trust_domain=trust_domain, cache_dir=None, clock=clock, workload_ttl=workload_ttl,
+                trust_domain=trust_domain, clock=clock, workload_ttl=workload_ttl,
             )
         directory = Path(directory)
         cert_path, key_path = directory / ROOT_CERT_FILE, directory / ROOT_KEY_FILE
@@ -181,8 +189,7 @@ class CertificateAuthority:
             log.info("generated a new CA root in %s", cert_path)
         return cls(
             signing_cert=signing_cert, signing_key=signing_key, intermediates=intermediates,
-            root_cert=root, trust_domain=trust_domain, cache_dir=directory / WORKLOADS_DIR,
-            clock=clock, workload_ttl=workload_ttl,
+            root_cert=root, trust_domain=trust_domain, clock=clock, workload_ttl=workload_ttl,
         )
 
     @classmethod
@@ -193,7 +200,6 @@ class CertificateAuthority:
         *,
         root_pem: str | bytes | None = None,
         trust_domain: str = "cluster.local",
-        cache_dir: Path | str | None = None,
         clock: Clock | None = None,
         workload_ttl: timedelta = DEFAULT_WORKLOAD_TTL,
     ) -> CertificateAuthority:
@@ -201,7 +207,8 @@ class CertificateAuthority:
 
         `cert_pem` is the signing CA certificate, optionally followed by its intermediates (and
         the root). Without `root_pem` the last certificate of `cert_pem` must be self-signed and
-        is the trust anchor. Give `cache_dir` to keep issued certificates across restarts.
+        is the trust anchor. Replicas given the same signing CA issue identical workload
+        certificates.
         """
         validate_trust_domain(trust_domain)
         now = _aware((clock or _utc_now)())
@@ -211,9 +218,7 @@ class CertificateAuthority:
         )
         return cls(
             signing_cert=signing_cert, signing_key=signing_key, intermediates=intermediates,
-            root_cert=root, trust_domain=trust_domain,
-            cache_dir=None if cache_dir is None else Path(cache_dir), clock=clock,
-            workload_ttl=workload_ttl,
+            root_cert=root, trust_domain=trust_domain, clock=clock, workload_ttl=workload_ttl,
         )
 
     # ------------------------------------------------------------------ properties
@@ -239,36 +244,32 @@ class CertificateAuthority:
     def __repr__(self) -> str:
         return (
             f"CertificateAuthority(trust_domain={self._trust_domain!r}, "
-            f"root_sha256={self.root_fingerprint[:16]}..., cache_dir={self._cache_dir})"
+            f"root_sha256={self.root_fingerprint[:16]}...)"
         )
 
     # ------------------------------------------------------------------ workload certificates
 
     def issue_workload(self, spiffe_id: str) -> WorkloadCert:
-        """The certificate for `spiffe_id`: the cached one until its half-life, else a new one.
+        """The certificate of `spiffe_id` for the current epoch (the same bytes on every replica).
 
         Raises ValueError for a malformed SPIFFE ID or one outside this CA's trust domain.
         """
         parse_workload_id(spiffe_id, trust_domain=self._trust_domain)
         with self._lock:
-            now = self._now()
+            epoch = self._epoch(self._now())
             cached = self._cache.get(spiffe_id)
-            if cached is not None and not _due(cached, now):
-                return cached
-            cert = self._issue(
-                [spiffe_id], [], [],
-                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH],
-                self._workload_ttl, now,
-            )
-            self._cache[spiffe_id] = cert
-            self._persist(cert)
-            log.debug("issued workload certificate %s (renew at %s)", spiffe_id, cert.renew_at.isoformat())
+            if cached is not None and cached[0] == epoch:
+                return cached[1]
+            cert = self._derive_workload(spiffe_id, epoch)
+            self._cache[spiffe_id] = (epoch, cert)
+            log.debug("issued workload certificate %s, epoch %d (renew at %s)", spiffe_id, epoch, cert.renew_at.isoformat())
             return cert
 
     def cached(self, spiffe_id: str) -> WorkloadCert | None:
         """The cached certificate for `spiffe_id` (possibly due), without issuing."""
         with self._lock:
-            return self._cache.get(spiffe_id)
+            entry = self._cache.get(spiffe_id)
+            return None if entry is None else entry[1]
 
     def identities(self) -> list[str]:
         """SPIFFE IDs with a cached certificate, sorted."""
@@ -276,26 +277,25 @@ class CertificateAuthority:
             return sorted(self._cache)
 
     def rotate_due(self, now: datetime | None = None) -> list[str]:
-        """Sorted SPIFFE IDs whose cached certificate passed its half-life (or is not yet valid).
+        """Sorted SPIFFE IDs whose cached certificate belongs to another epoch than `now`'s.
 
         Nothing is re-issued here: the server calls `issue_workload()` for the IDs it still
         serves (and `discard()` for the others), then pushes the changed Secrets.
         """
-        now = self._now() if now is None else _aware(now)
+        epoch = self._epoch(self._now() if now is None else _aware(now))
         with self._lock:
-            return sorted(i for i, c in self._cache.items() if _due(c, now))
+            return sorted(i for i, (e, _) in self._cache.items() if e != epoch)
 
     def next_rotation(self) -> datetime | None:
-        """The earliest half-life among cached certificates: when to run `rotate_due()` next."""
+        """When the earliest cached certificate's epoch ends: when to run `rotate_due()` next."""
         with self._lock:
-            return min((c.renew_at for c in self._cache.values()), default=None)
+            epochs = [e for e, _ in self._cache.values()]
+        return None if not epochs else self._epoch_start(min(epochs) + 1)
 
     def discard(self, spiffe_id: str) -> None:
-        """Forget the cached certificate of an identity no longer served (memory and disk)."""
+        """Forget the cached certificate of an identity no longer served."""
         with self._lock:
             self._cache.pop(spiffe_id, None)
-            if self._cache_dir is not None:
-                (self._cache_dir / _cache_file_name(spiffe_id)).unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ other certificates
 
@@ -352,6 +352,24 @@ class CertificateAuthority:
             raise ValueError(f"URI SAN {uri!r} must start with {prefix!r} (this CA's trust domain)")
         return uri
 
+    def _epoch(self, now: datetime) -> int:
+        return (now - self._anchor) // self._epoch_len
+
+    def _epoch_start(self, epoch: int) -> datetime:
+        return self._anchor + epoch * self._epoch_len
+
+    def _derive_workload(self, spiffe_id: str, epoch: int) -> WorkloadCert:
+        """Key, serial and validity from (signing key, identity, epoch); a deterministic signature."""
+        info = f"{spiffe_id}\n{epoch}".encode()
+        okm = HKDF(algorithm=hashes.SHA256(), length=48, salt=_KDF_SALT, info=b"key\n" + info).derive(self._kdf_key)
+        key = ec.derive_private_key(int.from_bytes(okm, "big") % (_P256_ORDER - 1) + 1, ec.SECP256R1())
+        serial = int.from_bytes(hmac.digest(self._kdf_key, b"serial\n" + info, "sha256")[:19], "big") | 1
+        start = self._epoch_start(epoch)
+        return self._issue(
+            [spiffe_id], [], [], [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH],
+            self._workload_ttl, start, key=key, serial=serial, not_after=start + self._workload_ttl + BACKDATE,
+        )
+
     def _issue(
         self,
         uris: Sequence[str],
@@ -360,12 +378,18 @@ class CertificateAuthority:
         ekus: Sequence[x509.ObjectIdentifier],
         ttl: timedelta,
         now: datetime,
+        *,
+        key: ec.EllipticCurvePrivateKey | None = None,
+        serial: int | None = None,
+        not_after: datetime | None = None,
     ) -> WorkloadCert:
+        """Sign a leaf; with `key`/`serial`/`not_after` given (workloads) the result is deterministic."""
         if ttl <= timedelta(0):
             raise ValueError(f"certificate lifetime must be positive, got {ttl}")
-        key = ec.generate_private_key(ec.SECP256R1())
+        deterministic = key is not None
+        key = key or ec.generate_private_key(ec.SECP256R1())
         not_before = (now - BACKDATE).replace(microsecond=0)
-        not_after = min((now + ttl).replace(microsecond=0), self._signing_cert.not_valid_after_utc)
+        not_after = min((not_after or now + ttl).replace(microsecond=0), self._signing_cert.not_valid_after_utc)
         sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(u) for u in uris]
         sans += [x509.DNSName(d) for d in dns]
         sans += [x509.IPAddress(i) for i in ips]
@@ -374,7 +398,7 @@ class CertificateAuthority:
             .subject_name(x509.Name([]))
             .issuer_name(self._signing_cert.subject)
             .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
+            .serial_number(serial or x509.random_serial_number())
             .not_valid_before(not_before)
             .not_valid_after(not_after)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
@@ -391,7 +415,7 @@ class CertificateAuthority:
             .add_extension(x509.SubjectAlternativeName(sans), critical=True)
             .add_extension(_aki(self._signing_cert), critical=False)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-            .sign(self._signing_key, hashes.SHA256())
+            .sign(self._signing_key, hashes.SHA256(), ecdsa_deterministic=deterministic if isinstance(self._signing_key, ec.EllipticCurvePrivateKey) else None)
         )
         return self._workload_cert(cert, _key_pem(key))
 
@@ -405,52 +429,6 @@ class CertificateAuthority:
             not_after=leaf.not_valid_after_utc,
             uris=tuple(uris),
         )
-
-    def _persist(self, cert: WorkloadCert) -> None:
-        if self._cache_dir is None:
-            return
-        try:
-            self._cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-            write_atomic(
-                self._cache_dir / _cache_file_name(cert.spiffe_id),
-                cert.leaf_pem + cert.private_key_pem,
-                mode=0o600,
-            )
-        except OSError as exc:
-            # Serving a fresh certificate matters more than caching it; a restart re-issues.
-            log.error("cannot persist certificate of %s in %s: %s", cert.spiffe_id, self._cache_dir, exc)
-
-    def _load_cache(self, cache_dir: Path) -> None:
-        if not cache_dir.is_dir():
-            return
-        for path in sorted(cache_dir.glob("*.pem")):
-            try:
-                cert = self._load_cached_file(path)
-            except (ValueError, TypeError, OSError) as exc:
-                log.warning("ignoring cached certificate %s: %s", path, exc)
-                continue
-            self._cache[cert.spiffe_id] = cert
-        log.info("loaded %d cached workload certificates from %s", len(self._cache), cache_dir)
-
-    def _load_cached_file(self, path: Path) -> WorkloadCert:
-        data = path.read_bytes()
-        leaf = x509.load_pem_x509_certificates(data)[0]
-        key = serialization.load_pem_private_key(data, password=None)
-        uris = cert_uris(leaf)
-        if not uris:
-            raise ValueError("no URI SAN")
-        parse_workload_id(uris[0], trust_domain=self._trust_domain)
-        if path.name != _cache_file_name(uris[0]):
-            raise ValueError(f"file name does not match its SPIFFE ID {uris[0]}")
-        if not issued_by(leaf, self._signing_cert):
-            raise ValueError("not issued by the current CA (root changed?)")
-        if _spki(key.public_key()) != _spki(leaf.public_key()):
-            raise ValueError("private key does not match the certificate")
-        return self._workload_cert(leaf, _key_pem(key))  # type: ignore[arg-type]
-
-
-def _due(cert: WorkloadCert, now: datetime) -> bool:
-    return now >= cert.renew_at or now < cert.not_before
 
 
 def _bytes(pem: str | bytes) -> bytes:
@@ -567,7 +545,6 @@ __all__ = [
     "DEFAULT_WORKLOAD_TTL",
     "ROOT_CERT_FILE",
     "ROOT_KEY_FILE",
-    "WORKLOADS_DIR",
     "CertificateAuthority",
     "Clock",
 ]
