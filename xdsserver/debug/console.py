@@ -206,12 +206,13 @@ def _key_order(k: str) -> tuple[int, Any]:
 def _secret_summary(s: secret_pb2.Secret) -> dict[str, Any]:
     """Name, kind, SANs and validity of a Secret's certificate; never its private key."""
     if s.HasField("tls_certificate"):
-        kind, pem = "certificate", s.tls_certificate.certificate_chain.inline_bytes
+        kind, src = "certificate", s.tls_certificate.certificate_chain
     elif s.HasField("validation_context"):
-        kind, pem = "trust anchor", s.validation_context.trusted_ca.inline_bytes
+        kind, src = "trust anchor", s.validation_context.trusted_ca
     else:
         return {"name": s.name, "kind": "other"}
     out: dict[str, Any] = {"name": s.name, "kind": kind}
+    pem = src.inline_bytes or src.inline_string.encode()
     try:
         cert = x509.load_pem_x509_certificates(pem)[0]
     except ValueError:

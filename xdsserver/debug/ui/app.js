@@ -152,7 +152,7 @@ function renderOverviewInto(d) {
   const input = h("div", { class: "panel", id: "input" },
     h("h2", { text: "Input" }),
     kv([["sources", inp.sources.join(", ") || "—"], ["loaded", inp.loaded_at ? new Date(inp.loaded_at * 1000).toLocaleString() : "not yet"],
-        ["last input error", inp.last_error ? null : "none"]]),
+        ["last input error", inp.last_error ? "below" : "none"]]),
     inp.last_error ? h("pre", { class: "error", text: inp.last_error }) : null);
   const nodes = h("div", { class: "grid nodes", id: "nodes" }, d.nodes.map((n) => nodeCard(n, d)));
   main.replaceChildren(head, attention, stats, nodes, input);
@@ -312,7 +312,7 @@ function policyBadge(v) {
     h("span", { class: `pill ${cls}`, text: `policy ${action || "?"}` }), extra ? h("span", { class: "sub", text: ` ${extra}` }) : null);
 }
 
-const edge = (label) => [h("div", { class: "edge" }), label ? h("div", { class: "edge-label", text: label }) : null];
+const edge = (label) => label ? [h("div", { class: "edge" }), h("div", { class: "edge-label", text: label })] : [h("div", { class: "edge" })];
 
 function drawWalk(d) {
   const ex = d.explain, labels = d.labels || {};
