@@ -20,7 +20,7 @@ import pytest
 
 from harness import REPO, Envoy, Serve, http_get, http_send, poll
 
-pytestmark = pytest.mark.envoy
+pytestmark = [pytest.mark.envoy, pytest.mark.browser]
 CHROMIUM = "/usr/bin/chromium"
 BOOKINFO = REPO / "golden" / "bookinfo" / "manifests"
 PRODUCTPAGE = "default/productpage-v1-7c548b785b-mhjm6"
@@ -145,6 +145,7 @@ def test_path_productpage_to_reviews_vip_matches_explain(page: Any, mesh: Serve,
     assert [stages.nth(i).get_attribute("data-listener") for i in range(stages.count())] == [s["listener"] for s in cli["stages"]]
     assert page.get_attribute("#walk", "data-verdict") == "tunnel"
     shoot(page, tmp_path, "path-reviews")
+    page.locator("#walk").screenshot(path=str(ARTIFACTS / "path-walk.png"))  # the drawing alone (README)
     # passthrough is drawn as such: a destination outside the mesh
     page.fill("#path-dst", "192.0.2.10:443")
     page.click("#path-go")

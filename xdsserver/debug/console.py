@@ -82,7 +82,8 @@ def _node_entry(cp: "ControlPlane", node: str, rows: list[dict[str, Any]], conns
         s = streams.setdefault(r["stream"], {"stream": r["stream"], "mode": r["mode"], "peer": c.get("peer", ""),
                                              "age": c.get("age"), "types": []})
         s["types"].append({"type": r["type"], "sent_version": r["sent_version"], "acked_version": r["acked_version"],
-                           "since_send": r["since_send"], "nack": r["last_nack"]})
+                           "since_send": r["since_send"], "nack": r["last_nack"],
+                           "nack_active": (node, r["type"]) in active_nacks})
     problems: list[dict[str, str]] = []
     for (n, t), rec in sorted(active_nacks.items()):
         if n == node:

@@ -173,13 +173,14 @@ function nodeCard(n, d) {
     card.append(h("div", { class: "stream-head" }, `stream ${s.stream} · ${s.mode} · ${s.peer || "local"} · connected `, age(s.age)));
     const rows = s.types.map((t) => {
       const acked = t.acked_version || "—";
-      const vcls = t.nack ? "ver nacked" : t.sent_version !== t.acked_version ? "ver pending" : "ver";
+      const vcls = t.nack_active ? "ver nacked" : t.sent_version !== t.acked_version ? "ver pending" : "ver";
       return h("tr", { "data-type": t.type },
         h("td", {}, h("strong", { text: t.type })),
         h("td", { class: "ver", text: t.sent_version || "—", title: "sent version" }),
         h("td", { class: vcls, "data-acked": t.acked_version || "", text: acked }),
         h("td", {}, t.since_send === null ? "—" : age(t.since_send)),
-        h("td", { class: "ver" }, t.nack ? h("span", { class: "pill nack", title: t.nack.message, text: `NACK ${t.nack.version}` }) : ""));
+        h("td", { class: "ver" }, t.nack ? h("span", { class: `pill ${t.nack_active ? "nack" : "info"}`, title: t.nack.message,
+          text: `${t.nack_active ? "NACK" : "last NACK"} ${t.nack.version}` }) : ""));
     });
     card.append(h("table", {}, h("thead", {}, h("tr", {}, ["type", "sent", "ACKed", "last push", ""].map((x) => h("th", { text: x })))),
       h("tbody", {}, rows)));
