@@ -56,6 +56,18 @@ class Inbound:
 
 
 @dataclass
+class Stage:
+    """One listener crossed on the source node: the structured form of ``matched`` + ``hops``
+    (what the console draws; the text form is unchanged)."""
+
+    listener: str
+    matched: list[str] = field(default_factory=list)  # this listener's matcher trail
+    chain: str = ""
+    cluster: str = ""
+    internal_listener: str = ""  # the next stage ('' on the deciding stage)
+
+
+@dataclass
 class Explanation:
     node: str
     src: str
@@ -73,6 +85,7 @@ class Explanation:
     expected_server_identity: str = ""
     inbound: list[Inbound] = field(default_factory=list)
     reason: str = ""
+    stages: list[Stage] = field(default_factory=list)  # capture listener, then each internal stage
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -249,7 +262,10 @@ def explain(nodes: dict[str, NodeResources], node: str, src: str, dst: str) -> E
     values = {"port": dst_port, "source-ip": src, "ip": dst_ip}
     shared: dict[str, str] = {}  # filter state crossing internal hops (set with shared_with_upstream)
     for _ in range(4):  # bounded: capture listener + internal stages
+        trail_start = len(ex.matched)
         chain = _select_chain(lis, values, ex)
+        stage = Stage(lis.name, [m.removeprefix(f"{lis.name}: ") for m in ex.matched[trail_start:]], chain.name if chain else "")
+        ex.stages.append(stage)
         if chain is None:
             return ex
         tcp, states = _filters(chain)
@@ -260,6 +276,7 @@ def explain(nodes: dict[str, NodeResources], node: str, src: str, dst: str) -> E
         shared.update({k: v for k, v in here.items() if k != names.TCP_PROXY_CLUSTER_STATE})
         cluster_name = here.get(names.TCP_PROXY_CLUSTER_STATE, tcp.cluster)
         nxt = _internal_target(_cluster(res, cluster_name))
+        stage.cluster, stage.internal_listener = cluster_name, nxt
         if not nxt:
             break
         ex.hops.append(f"{lis.name} chain {chain.name} -> cluster {cluster_name} -> internal listener {nxt}")

@@ -3,14 +3,18 @@ ACKed, why a connection goes where it goes, and Prometheus metrics.
 
 Endpoints: ``/ready``, ``/healthz``, ``/metrics``, ``/debug/config_dump?node=``, ``/debug/syncz``,
 ``/debug/nackz``, ``/debug/connections``, ``/debug/registryz``, ``/debug/explain?node=&src=&dst=``,
-``/debug/nodes``; with ``--test-hooks`` also ``POST/DELETE /debug/test/inject``.
+``/debug/nodes``; with ``--test-hooks`` also ``POST/DELETE /debug/test/inject``. The web console:
+``/ui/`` (static, vendored, no external asset) and its JSON under ``/ui/api/`` (``console.py``),
+live updates as server-sent events on ``/ui/api/events``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import enum
 import json
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -18,11 +22,24 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..dump import build_config_dump, to_dict
 from ..explain import explain
+from . import console
 
 if TYPE_CHECKING:
     from ..app import ControlPlane
 
 CP_KEY = web.AppKey("control_plane", object)
+STOP_KEY = web.AppKey("stop_streams", asyncio.Event)
+UI_DIR = Path(__file__).with_name("ui")
+UI_FILES = {"index.html": "text/html", "app.js": "text/javascript", "style.css": "text/css"}
+# Everything the console loads comes from this server: a CDN or inline script would be refused.
+UI_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
+                               "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
+    "X-Content-Type-Options": "nosniff",
+    "Cache-Control": "no-cache",
+}
+EVENT_TICK_S = 0.2  # how often an event stream looks at the state (in-process, cheap)
+EVENT_REFRESH_S = 5.0  # an unchanged overview is re-sent this often (ages, liveness)
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -175,9 +192,96 @@ async def clear_inject(request: web.Request) -> web.Response:
     return _json({"cleared": True})
 
 
+async def ui_redirect(request: web.Request) -> web.Response:
+    raise web.HTTPFound("/ui/")
+
+
+async def ui_file(request: web.Request) -> web.Response:
+    name = request.match_info.get("name") or "index.html"
+    if name not in UI_FILES:  # a fixed set: no path from the request reaches the file system
+        raise web.HTTPNotFound()
+    return web.Response(body=(UI_DIR / name).read_bytes(), content_type=UI_FILES[name], charset="utf-8", headers=UI_HEADERS)
+
+
+async def ui_overview(request: web.Request) -> web.Response:
+    return _json(console.overview(_cp(request)))
+
+
+async def ui_node(request: web.Request) -> web.Response:
+    node, err = _node_or_error(request)
+    if err:
+        return err
+    assert node is not None
+    return _json(console.node_page(_cp(request), node))
+
+
+async def ui_targets(request: web.Request) -> web.Response:
+    return _json(console.targets(_cp(request)))
+
+
+async def ui_path(request: web.Request) -> web.Response:
+    cp = _cp(request)
+    src, dst = request.query.get("src", ""), request.query.get("dst", "")
+    if not src or not dst:
+        return _json({"error": "query parameters 'src' (pod or IP) and 'dst' (Service:port, pod:port or IP:port) are required"}, 400)
+    if cp.state.model is None:
+        return _json({"error": "no model loaded"}, 503)
+    try:
+        return _json(console.path(cp, src, dst, request.query.get("node", "")))
+    except ValueError as exc:
+        return _json({"error": str(exc)}, 400)
+
+
+async def ui_events(request: web.Request) -> web.StreamResponse:
+    """Server-sent events: the overview whenever it changes (a push, an ACK, a NACK, a reload)."""
+    cp, stop = _cp(request), request.app[STOP_KEY]
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    await resp.prepare(request)
+    last, sent_at = "", 0.0
+    loop = asyncio.get_running_loop()
+    try:
+        while not stop.is_set():
+            data = console.overview(cp)
+            digest = json.dumps(_stable(data), sort_keys=True, default=_default)
+            if digest != last or loop.time() - sent_at >= EVENT_REFRESH_S:
+                body = json.dumps(data, sort_keys=True, default=_default)
+                await resp.write(f"event: overview\ndata: {body}\n\n".encode())
+                last, sent_at = digest, loop.time()
+            try:
+                await asyncio.wait_for(stop.wait(), EVENT_TICK_S)
+            except asyncio.TimeoutError:
+                pass
+    except (ConnectionResetError, asyncio.CancelledError):
+        pass
+    return resp
+
+
+def _stable(data: Any) -> Any:
+    """The overview without the fields that change with the clock alone."""
+    if isinstance(data, dict):
+        return {k: _stable(v) for k, v in data.items() if k not in ("server_time", "since_send", "age")}
+    if isinstance(data, list):
+        return [_stable(v) for v in data]
+    return data
+
+
+async def _stop_streams(app: web.Application) -> None:
+    app[STOP_KEY].set()
+
+
 def make_app(cp: "ControlPlane") -> web.Application:
     app = web.Application()
     app[CP_KEY] = cp
+    app[STOP_KEY] = asyncio.Event()
+    app.on_shutdown.append(_stop_streams)  # open event streams end before the runner waits for handlers
+    app.router.add_get("/ui", ui_redirect)
+    app.router.add_get("/ui/", ui_file)
+    app.router.add_get("/ui/api/overview", ui_overview)
+    app.router.add_get("/ui/api/node", ui_node)
+    app.router.add_get("/ui/api/targets", ui_targets)
+    app.router.add_get("/ui/api/path", ui_path)
+    app.router.add_get("/ui/api/events", ui_events)
+    app.router.add_get("/ui/{name}", ui_file)
     app.router.add_get("/ready", ready)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
