@@ -142,3 +142,32 @@ def test_invalid_peer_authentication_mode():
 
 def test_action_enum_roundtrip():
     assert _model(ALLOW_CLIENT).authorization_policies[0].action is Action.ALLOW
+
+
+# -- incremental: a policy change translates (and pushes) only the nodes whose pods it selects --
+def test_policy_change_translates_only_selected_nodes():
+    from pathlib import Path
+
+    from xdsserver.incremental import IncrementalTranslator, serialize
+    from xdsserver.model import Flavor
+    from xdsserver.model.index import MeshIndex
+    from xdsserver.pipeline import ephemeral_certs
+    from xdsserver.sources.manifests import read_objects
+    from xdsserver.translate import translate
+
+    base = list(read_objects(Path(__file__).resolve().parent.parent / "golden" / "client-server" / "manifests"))
+    certs = ephemeral_certs()
+    inc = IncrementalTranslator(Flavor.ENVOY, certs)
+    inc.snapshots(MeshIndex(build_model(base)))
+
+    def step(*extra: dict) -> tuple[list[str], list[str]]:
+        index = MeshIndex(build_model([*base, *(SourceObject(f"x#{i}", o) for i, o in enumerate(extra))]))
+        out = inc.snapshots(index)
+        assert out == {n: serialize(translate(index.node_view(n), Flavor.ENVOY, certs)) for n in index.node_names}
+        return inc.stats.changed_nodes, inc.stats.untouched
+
+    server_only = _ap("s", {"selector": {"matchLabels": {"app": "server"}}, "rules": [{}]}, ns="ambient")
+    assert step(server_only) == (["ambient-worker2"], ["ambient-worker"])  # server runs on worker2
+    assert step(server_only, _ap("nobody", {"selector": {"matchLabels": {"app": "none"}}}, ns="ambient"))[0] == []
+    assert step()[0] == ["ambient-worker2"]  # removed: only that node again
+    assert step(_pa("strict", "STRICT", ns="ambient"))[0] == ["ambient-worker", "ambient-worker2"]
