@@ -171,3 +171,34 @@ def test_policy_change_translates_only_selected_nodes():
     assert step(server_only, _ap("nobody", {"selector": {"matchLabels": {"app": "none"}}}, ns="ambient"))[0] == []
     assert step()[0] == ["ambient-worker2"]  # removed: only that node again
     assert step(_pa("strict", "STRICT", ns="ambient"))[0] == ["ambient-worker", "ambient-worker2"]
+
+
+BAD_YAML = {
+    "unknown-action": "action: MAYBE\n  rules: [{}]",
+    "malformed-cidr": "rules: [{from: [{source: {ipBlocks: [10.1.2.300/24]}}]}]",
+    "port-out-of-range": "rules: [{to: [{operation: {ports: ['0']}}]}]",
+    "custom": "action: CUSTOM\n  provider: {name: ext}",
+    "wrong-type": "rules: [{from: [{source: {principals: cluster.local/ns/a/sa/b}}]}]",
+}
+
+
+@pytest.mark.parametrize("body", BAD_YAML.values(), ids=BAD_YAML.keys())
+def test_invalid_policy_keeps_the_served_config(tmp_path, body):
+    """The control plane itself: a bad policy file is reported and no node's snapshot changes."""
+    import shutil
+    from pathlib import Path
+
+    from prometheus_client import CollectorRegistry
+
+    from xdsserver.app import ControlPlane, ManifestSource
+    from xdsserver.pipeline import ephemeral_certs
+
+    shutil.copytree(Path(__file__).resolve().parent.parent / "golden" / "policy" / "manifests", tmp_path / "m")
+    cp = ControlPlane(load_objects=ManifestSource(tmp_path / "m").objects, certs=ephemeral_certs(), registry=CollectorRegistry())
+    assert cp.rebuild()
+    before = {n: cp.cache.get(n) for n in cp.cache.nodes()}
+    (tmp_path / "m" / "zz-bad.yaml").write_text(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: bad, namespace: ambient}\nspec:\n  " + body + "\n")
+    assert cp.rebuild() is False
+    assert "zz-bad.yaml" in cp.state.last_error and "AuthorizationPolicy ambient/bad: spec." in cp.state.last_error
+    assert {n: cp.cache.get(n) for n in cp.cache.nodes()} == before
