@@ -138,3 +138,32 @@ def test_policy_added_and_removed_while_traffic_flows(lab):
     finally:
         extra.unlink()
     poll(lambda: call(lab, "client", SERVER, 8080) is not None, what="DENY removed")
+
+
+def test_plaintext_against_principal_rule_and_ip_blocks(lab):
+    """With STRICT lifted for the server (workload-level PERMISSIVE beats namespace STRICT), a
+    plaintext client still fails the principal rule; an ipBlocks rule then admits exactly its IP."""
+    extra = lab.manifests / "zz-permissive.yaml"
+    extra.write_text(
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: server-permissive, namespace: ambient}\n"
+        "spec: {selector: {matchLabels: {app: server}}, mtls: {mode: PERMISSIVE}}\n"
+    )
+    try:
+        denied = "inbound_policy_allow_.rbac.denied"
+        before = stat(lab, "ambient-worker2", denied)
+        poll(lambda: call(lab, "legacy-5b7f", SERVER, 8080, "/no-principal") is None and stat(lab, "ambient-worker2", denied) > before,
+             what="the ALLOW stage (not STRICT) refuses plaintext: no principal")
+        assert "/no-principal" not in lab.pod_log(SERVER_POD)
+        extra.write_text(extra.read_text() + (
+            "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: allow-legacy-ip, namespace: ambient}\n"
+            "spec:\n  selector: {matchLabels: {app: server}}\n  rules: [{from: [{source: {ipBlocks: [10.244.1.5/32]}}], to: [{operation: {ports: ['8080']}}]}]\n"))
+        answers: list[dict] = []
+        poll(lambda: bool(a := call(lab, "legacy-5b7f", SERVER, 8080)) and bool(answers.append(a) or True), what="ipBlocks rule admits the plaintext client")
+        assert answers[-1]["peer"].rsplit(":", 1)[0] == LEGACY  # client IP kept
+        assert call(lab, "client", SERVER, 9090, "/not-in-block") is None  # 10.244.1.4 is outside the block
+        assert "/not-in-block" not in lab.pod_log(SERVER_POD)
+        v = policy_of(lab, "ambient-worker", CLIENT, f"{SERVER}:9090")
+        assert not v.allowed
+    finally:
+        extra.unlink()
+    poll(lambda: call(lab, "legacy-5b7f", SERVER, 8080, "/strict-again") is None, what="STRICT back")
