@@ -90,20 +90,37 @@ DENIED = "http.inbound_hcm.rbac.inbound_policy_allow_.denied"
 SHADOW = "http.inbound_hcm.rbac.istio_dry_run_deny_.policy.ns[ambient]-policy[dry-run-deny-admin]-rule[0].shadow_denied"
 
 
+SAME_NODE_CLIENT = "10.244.2.6"  # client-same-node, sa client, on the server's node
+CLIENTS = {"cross-node": ("client-6db7", CLIENT, "ambient-worker"), "same-node": ("client-same-node", SAME_NODE_CLIENT, "ambient-worker2")}
+
+
 @pytest.mark.parametrize("host,port", [(SERVER, 8080), (VIP, 9080)], ids=["pod-ip", "vip"])
-def test_principal_allowed_on_the_application_port(lab, host, port):
+@pytest.mark.parametrize("who", CLIENTS, ids=CLIENTS)
+def test_principal_allowed_on_the_application_port(lab, who, host, port):
+    pod, ip, node = CLIENTS[who]
     before = stat(lab, "ambient-worker2", ALLOW)
-    answer = call(lab, "client", host, port)
+    answer = call(lab, pod, host, port)
     assert answer is not None and answer["local"] == f"{SERVER}:8080"
-    assert answer["peer"].rsplit(":", 1)[0] == CLIENT  # client IP kept
+    assert answer["peer"].rsplit(":", 1)[0] == ip  # client IP kept
     poll(lambda: stat(lab, "ambient-worker2", ALLOW) == before + 1, 10, "allow counted")
-    v = policy_of(lab, "ambient-worker", CLIENT, f"{host}:{port}")
+    v = policy_of(lab, node, ip, f"{host}:{port}")
     assert v.allowed and v.decided_by == "ns[ambient]-policy[allow-client]-rule[0]"
+
+
+@pytest.mark.parametrize("host,port", [(SERVER, 9090), (VIP, 9091)], ids=["pod-ip", "vip"])
+@pytest.mark.parametrize("who", CLIENTS, ids=CLIENTS)
+def test_port_rule_denies_9090_by_pod_ip_and_vip(lab, who, host, port):
+    pod, ip, node = CLIENTS[who]
+    before = stat(lab, "ambient-worker2", DENIED)
+    assert call(lab, pod, host, port, f"/deny-{who}-{port}") is None
+    assert f"/deny-{who}-{port}" not in lab.pod_log(SERVER_POD)
+    poll(lambda: stat(lab, "ambient-worker2", DENIED) == before + 1, 10, "denial counted")
+    assert not policy_of(lab, node, ip, f"{host}:{port}").allowed
 
 
 def test_other_port_of_the_same_pod_denied_and_dry_run_counts(lab):
     denied, shadow = stat(lab, "ambient-worker2", DENIED), stat(lab, "ambient-worker2", SHADOW)
-    assert call(lab, "client", SERVER, 9090, "/denied-9090") is None
+    assert call(lab, "client-6db7", SERVER, 9090, "/denied-9090") is None
     assert "/denied-9090" not in lab.pod_log(SERVER_POD)  # the pod saw nothing
     poll(lambda: stat(lab, "ambient-worker2", DENIED) == denied + 1, 10, "denial counted")
     poll(lambda: stat(lab, "ambient-worker2", SHADOW) == shadow + 1, 10, "dry-run DENY counted, not enforced")
@@ -132,12 +149,12 @@ def test_policy_added_and_removed_while_traffic_flows(lab):
         "  rules: [{from: [{source: {namespaces: [ambient]}}]}]\n"
     )
     try:
-        poll(lambda: call(lab, "client", SERVER, 8080, "/while-denied") is None, what="namespace DENY applied")
+        poll(lambda: call(lab, "client-6db7", SERVER, 8080, "/while-denied") is None, what="namespace DENY applied")
         v = policy_of(lab, "ambient-worker", CLIENT, f"{SERVER}:8080")
         assert not v.allowed and v.decided_by == "ns[ambient]-policy[deny-ambient]-rule[0]"
     finally:
         extra.unlink()
-    poll(lambda: call(lab, "client", SERVER, 8080) is not None, what="DENY removed")
+    poll(lambda: call(lab, "client-6db7", SERVER, 8080) is not None, what="DENY removed")
 
 
 def test_plaintext_against_principal_rule_and_ip_blocks(lab):
@@ -160,7 +177,7 @@ def test_plaintext_against_principal_rule_and_ip_blocks(lab):
         answers: list[dict] = []
         poll(lambda: bool(a := call(lab, "legacy-5b7f", SERVER, 8080)) and bool(answers.append(a) or True), what="ipBlocks rule admits the plaintext client")
         assert answers[-1]["peer"].rsplit(":", 1)[0] == LEGACY  # client IP kept
-        assert call(lab, "client", SERVER, 9090, "/not-in-block") is None  # 10.244.1.4 is outside the block
+        assert call(lab, "client-6db7", SERVER, 9090, "/not-in-block") is None  # 10.244.1.4 is outside the block
         assert "/not-in-block" not in lab.pod_log(SERVER_POD)
         v = policy_of(lab, "ambient-worker", CLIENT, f"{SERVER}:9090")
         assert not v.allowed
