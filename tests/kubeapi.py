@@ -65,6 +65,9 @@ RESOURCES: dict[str, Resource] = {
         Resource("Namespace", "v1", "namespaces", False),
         Resource("Node", "v1", "nodes", False),
         Resource("EndpointSlice", "discovery.k8s.io/v1", "endpointslices", True),
+        # Istio's security CRDs (charts/xdsserver/crds), served at their v1 version
+        Resource("AuthorizationPolicy", "security.istio.io/v1", "authorizationpolicies", True),
+        Resource("PeerAuthentication", "security.istio.io/v1", "peerauthentications", True),
     )
 }
 

@@ -240,6 +240,7 @@ def test_rbac_is_least_privilege(chart: Any) -> None:
             (("",), ("namespaces", "nodes", "pods", "serviceaccounts", "services"), ("get", "list", "watch")),
             (("authentication.k8s.io",), ("tokenreviews",), ("create",)),
             (("discovery.k8s.io",), ("endpointslices",), ("get", "list", "watch")),
+            (("security.istio.io",), ("authorizationpolicies", "peerauthentications"), ("get", "list", "watch")),
         ]
         assert all(set(r) == {"apiGroups", "resources", "verbs"} for r in role["rules"])  # no nonResourceURLs
         binding = one(docs, "ClusterRoleBinding")

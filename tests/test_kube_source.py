@@ -25,7 +25,8 @@ try:  # tests/ may or may not be a package, depending on what else lives there
 except ImportError:
     from kubeapi import KubeAPIStandIn  # type: ignore[no-redef]
 from xdsserver.sources import SourceObject
-from xdsserver.sources.kube import NODE, POD, KubeSource, api_client_from_env
+from xdsserver.sources.kube import DEFAULT_KINDS, NODE, POD, KubeSource, api_client_from_env
+from xdsserver.sources.objects import build_model
 
 LOGGER = "xdsserver.sources.kube"
 
@@ -207,7 +208,7 @@ async def test_initial_sync_through_real_client(server: KubeAPIStandIn, start: A
     w = server.watch_requests("Pod")[0].query
     assert w["resourceVersion"] == src.stats["resource_versions"]["Pod"]
     assert (w["allowWatchBookmarks"], w["timeoutSeconds"]) == ("true", "30")
-    assert src.stats["lists"] == 6 and src.stats["relists"] == 0
+    assert src.stats["lists"] == len(DEFAULT_KINDS) and src.stats["relists"] == 0
 
 
 async def test_events_update_cache_and_coalesce_on_change(server: KubeAPIStandIn, start: Any) -> None:
@@ -253,14 +254,14 @@ async def test_dropped_watch_resumes_from_last_rv(server: KubeAPIStandIn, start:
     src = await start()
     server.create(pod("before", "10.244.2.1"))
     await eventually(lambda: "before" in cached(src, "Pod"), "pod created before the drop")
-    await eventually(lambda: server.open_watches() == 6, "all watches open")
+    await eventually(lambda: server.open_watches() == len(DEFAULT_KINDS), "all watches open")
     rv_before = src.stats["resource_versions"]["Pod"]
     assert rv_before == server.get("Pod", "before", "default")["metadata"]["resourceVersion"]
     n_watches = len(server.watch_requests("Pod"))
     events_before = dict(src.stats["events"])
 
     # Drop, then change things before the client can reconnect (no await in between).
-    assert server.drop_watches(mode) == 6
+    assert server.drop_watches(mode) == len(DEFAULT_KINDS)
     server.create(pod("gap-a", "10.244.2.2"))
     server.create(pod("gap-b", "10.244.2.3"))
     server.update(pod("sleep-1", "10.244.2.4"))
@@ -280,8 +281,8 @@ async def test_dropped_watch_resumes_from_last_rv(server: KubeAPIStandIn, start:
     assert ev["ADDED"] - events_before["ADDED"] == 2
     assert ev["MODIFIED"] - events_before["MODIFIED"] == 1
     assert ev["DELETED"] - events_before["DELETED"] == 1
-    await eventually(lambda: server.open_watches() == 6, "every kind watching again")
-    assert src.stats["watch_restarts"] == 6
+    await eventually(lambda: server.open_watches() == len(DEFAULT_KINDS), "every kind watching again")
+    assert src.stats["watch_restarts"] == len(DEFAULT_KINDS)
     assert [so.obj for so in src.objects() if so.kind == "Pod"] == server.all("Pod")
 
 
@@ -450,3 +451,22 @@ async def test_default_validator(server: KubeAPIStandIn, start: Any, caplog: pyt
     assert "bad-ip" not in cached(src, "Pod")
     assert src.stats["skipped_malformed"] == 1
     assert "Pod default/bad-ip: field status.podIP" in caplog.text
+
+
+async def test_security_kinds_listed_and_watched(server: KubeAPIStandIn, start: Any) -> None:
+    """Stand-in API server (no real one here): AuthorizationPolicy and PeerAuthentication are
+    listed and watched like every other kind and reach the model (issue 12)."""
+    populate(server)
+    ap = {"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+          "metadata": {"name": "deny-all", "namespace": "default"}, "spec": {}}
+    server.create(ap)
+    src = await start()
+    assert "deny-all" in cached(src, "AuthorizationPolicy")
+    server.create({"apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication",
+                   "metadata": {"name": "strict", "namespace": "default"}, "spec": {"mtls": {"mode": "STRICT"}}})
+    await eventually(lambda: "strict" in cached(src, "PeerAuthentication"), "PeerAuthentication watched")
+    model = build_model(src.objects())
+    assert [p.key for p in model.authorization_policies] == ["default/deny-all"]
+    assert [p.name for p in model.peer_authentications] == ["strict"]
+    server.delete("AuthorizationPolicy", "deny-all", "default")
+    await eventually(lambda: "deny-all" not in cached(src, "AuthorizationPolicy"), "deletion watched")

@@ -21,6 +21,7 @@ from google.protobuf import wrappers_pb2
 
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
+from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as http_rbac_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 from envoy.extensions.filters.network.set_filter_state.v3 import set_filter_state_pb2
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
@@ -28,6 +29,7 @@ from envoy.extensions.matching.common_inputs.network.v3 import network_inputs_pb
 from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 from xds.type.matcher.v3 import matcher_pb2
 
+from .explain_policy import Conn as PolicyConn, PolicyVerdict, evaluate as policy_evaluate
 from .model import host_port, ports
 from .translate import NodeResources, names
 
@@ -53,6 +55,7 @@ class Inbound:
     destination_guard: str
     cluster: str
     final_destination: str
+    policy: PolicyVerdict | None = None  # L4 authorization on the destination (explain_policy)
 
 
 @dataclass
@@ -123,6 +126,10 @@ class Explanation:
                 f"{'yes' if ib.client_cert_required else 'no'}, peers {ib.trusted_peer_prefix}*)"
             )
             lines.append(f"    route guard x-envoy-original-dst-host ~ {ib.destination_guard} -> {ib.cluster} -> {ib.final_destination}")
+            if ib.policy is not None:
+                lines.append(f"    policy: {'allowed' if ib.policy.allowed else 'denied'} ({ib.policy.decided_by})")
+                lines.extend(f"    dry-run: {d}" for d in ib.policy.dry_run)
+                lines.extend(f"    audit: {a}" for a in ib.policy.audited)
         lines.append(f"  verdict: {self.verdict}" + (f" ({self.reason})" if self.reason else ""))
         return "\n".join(lines)
 
@@ -199,7 +206,7 @@ def _in_prefix(ip: str, fcm: listener_components_pb2.FilterChainMatch) -> bool:
     return False
 
 
-def explain_inbound(nodes: dict[str, NodeResources], dst_ip: str, destination: str) -> Inbound | None:
+def explain_inbound(nodes: dict[str, NodeResources], dst_ip: str, destination: str, *, src: str = "", principal: str = "") -> Inbound | None:
     for node in sorted(nodes):
         lis = _listener(nodes[node], names.ZTUNNEL_INBOUND)
         if lis is None:
@@ -214,7 +221,10 @@ def explain_inbound(nodes: dict[str, NodeResources], dst_ip: str, destination: s
             hcm = _unpack(chain.filters[-1].typed_config, hcm_pb2.HttpConnectionManager)
             route = hcm.route_config.virtual_hosts[0].routes[0]
             guard = route.match.headers[0].string_match.safe_regex.regex if route.match.headers else "(any)"
-            return Inbound(node, lis.name, chain.name, secret, ctx.require_client_certificate.value, prefix, guard, route.route.cluster, destination)
+            rbacs = [_unpack(f.typed_config, http_rbac_pb2.RBAC) for f in hcm.http_filters if f.name.startswith("envoy.filters.http.rbac")]
+            port = int(destination.rpartition(":")[2])
+            verdict = policy_evaluate(rbacs, PolicyConn(src, dst_ip, port, principal, destination)) if src else None
+            return Inbound(node, lis.name, chain.name, secret, ctx.require_client_certificate.value, prefix, guard, route.route.cluster, destination, verdict)
     return None
 
 
@@ -316,7 +326,7 @@ def explain(nodes: dict[str, NodeResources], node: str, src: str, dst: str) -> E
             ex.client_identity, _ = _secret_name(tclus.transport_socket, tls_pb2.UpstreamTlsContext)
         for ep in ex.endpoints:
             if not ep.plain:
-                ib = explain_inbound(nodes, ep.tunnel_address.rpartition(":")[0].strip("[]"), ep.destination)
+                ib = explain_inbound(nodes, ep.tunnel_address.rpartition(":")[0].strip("[]"), ep.destination, src=src, principal=ex.client_identity)
                 if ib:
                     ex.inbound.append(ib)
         ex.verdict = "tunnel" if any(not e.plain for e in ex.endpoints) else ("direct" if ex.endpoints else "rejected")
@@ -331,7 +341,7 @@ def explain(nodes: dict[str, NodeResources], node: str, src: str, dst: str) -> E
     ex.expected_server_identity = here.get("envoy.network.upstream_subject_alt_names", "")
     ep = Endpoint(ex.dst, host_port(dst_ip, port), ex.dst, ex.expected_server_identity)
     ex.endpoints.append(ep)
-    ib = explain_inbound(nodes, dst_ip, ex.dst)
+    ib = explain_inbound(nodes, dst_ip, ex.dst, src=src, principal=ex.client_identity)
     if ib:
         ex.inbound.append(ib)
     ex.verdict = "tunnel"

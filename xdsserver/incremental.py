@@ -74,6 +74,15 @@ def _workload_shape(wl: Workload) -> tuple[Any, ...]:
     return (wl.pod.namespace, wl.pod.name, wl.pod.ips, wl.identity, wl.pod.node_name)
 
 
+def _policy_shape(view: NodeView) -> tuple[Any, ...]:
+    """The L4 policies selecting this node's pods (and the labels that pick them): a policy that
+    selects nothing here is not in the view, so it costs this node no translation and no push."""
+    if not view.authorization_policies and not view.peer_authentications:
+        return ()
+    labels = tuple((wl.pod.key, wl.pod.labels) for wl in view.local_workloads)
+    return (("policy", view.authorization_policies, view.peer_authentications, labels),)
+
+
 @dataclass
 class _NodeMemo:
     local: tuple[tuple[Any, ...], ...]
@@ -140,7 +149,7 @@ class IncrementalTranslator:
         for node in wanted:
             view = index.node_view(node)
             memo = self._memo.get(node)
-            local = tuple(_workload_shape(wl) for wl in view.local_workloads)
+            local = tuple(_workload_shape(wl) for wl in view.local_workloads) + _policy_shape(view)
             moved = memo is not None and not same(memo.workloads, workloads)  # a pod elsewhere came, went or changed
             if memo is None or memo.local != local or not same(memo.shapes, shapes) or (moved and self.flavor is not Flavor.ENVOY):
                 staged[node] = self._full(view, local, workloads, shapes)

@@ -143,6 +143,9 @@ async def registryz(request: web.Request) -> web.Response:
             "last_error": st.last_error,
             "sources": st.model.sources,
             "mesh": st.model.mesh,
+            "authorization_policies": [dataclasses.asdict(p) for p in st.model.authorization_policies],
+            "peer_authentications": [dataclasses.asdict(p) for p in st.model.peer_authentications],
+            "policy_warnings": st.model.policy_warnings,
             "nodes": [dataclasses.asdict(n) for n in st.model.nodes] or list(idx.node_names),
             "namespaces": [{"name": ns.name, "labels": dict(ns.labels), "enrolled": idx.namespace_enrolled(ns.name)} for ns in st.model.namespaces],
             "pods": [

@@ -10,6 +10,10 @@ from __future__ import annotations
 import enum
 import ipaddress
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .policy import AuthorizationPolicy, PeerAuthentication
 
 
 class Flavor(enum.Enum):
@@ -150,6 +154,7 @@ class MeshConfig:
     outbound_policy: OutboundPolicy = OutboundPolicy.ALLOW_ANY
     # Namespaces never enrolled even if labelled (istio-cni / auto-labeller exclusions).
     excluded_namespaces: tuple[str, ...] = ("kube-system", "kube-public", "kube-node-lease", "istio-system")
+    root_namespace: str = "istio-system"  # policies here apply mesh-wide (Istio's rootNamespace)
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +171,10 @@ class Model:
     # otherwise derived from the selector; ready and not-ready both kept (readiness decides EDS).
     endpoints: tuple[tuple[tuple[str, str], tuple[Endpoint, ...]], ...] = ()
     sources: tuple[str, ...] = field(default=())  # where it was loaded from (for debug output)
+    # L4 security policy (model/policy.py), sorted by (namespace, name); warnings name policy and rule
+    authorization_policies: tuple["AuthorizationPolicy", ...] = ()
+    peer_authentications: tuple["PeerAuthentication", ...] = ()
+    policy_warnings: tuple[str, ...] = ()
 
 
 def canonical_ip(text: str) -> str:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from . import Endpoint, Identity, MeshConfig, Model, Pod, Service, ServicePort
+from .policy import AuthorizationPolicy, PeerAuthentication, applicable, selects
 
 POD_OPT_OUT_VALUE = "none"
 
@@ -67,6 +68,9 @@ class NodeView:
     local_identities: tuple[Identity, ...]  # identities of local workloads, sorted
     workloads: tuple[Workload, ...]  # every enrolled pod cluster-wide (pod-IP destinations)
     targets: tuple[ServiceTarget, ...]  # services by (creation, name.namespace), ports by (port, name)
+    # L4 policy, only what selects a local workload (model/policy.py); empty: no RBAC emitted
+    authorization_policies: tuple[AuthorizationPolicy, ...] = ()
+    peer_authentications: tuple[PeerAuthentication, ...] = ()
 
 
 def service_sort_key(svc: Service) -> tuple[str, str]:
@@ -180,7 +184,19 @@ class MeshIndex:
             local_identities=tuple(sorted({wl.identity for wl in local})),
             workloads=self.workloads,
             targets=self.targets,
+            authorization_policies=self.local_policies(local),
+            peer_authentications=tuple(
+                pa for pa in self.model.peer_authentications
+                if any(pa.namespace in (wl.pod.namespace, self.mesh.root_namespace) and selects(pa.selector, wl.pod.label_map) for wl in local)
+            ),
         )
+
+    def local_policies(self, local: tuple[Workload, ...]) -> tuple[AuthorizationPolicy, ...]:
+        """The policies that select at least one of these workloads (a policy selecting nothing
+        here changes nothing here: incremental pushes follow from this)."""
+        root = self.mesh.root_namespace
+        chosen = {p.key: p for wl in local for p in applicable(self.model.authorization_policies, root, wl.pod.namespace, wl.pod.label_map)}
+        return tuple(chosen[k] for k in sorted(chosen))
 
     def enrolled_pods_on(self, node_name: str) -> tuple[Pod, ...]:
         return tuple(wl.pod for wl in self.workloads_by_node.get(node_name, ()))

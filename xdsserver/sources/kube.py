@@ -32,6 +32,7 @@ without validation.
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import json
 import logging
@@ -63,6 +64,7 @@ class KindSpec:
     api_class: str  # name in kubernetes.aio.client, e.g. "CoreV1Api"
     list_method: str  # generated method name, without the "_without_preload_content" suffix
     namespaced: bool
+    args: tuple[str, ...] = ()  # leading positional arguments (custom objects: group, version, plural)
 
 
 POD = KindSpec("Pod", "v1", "CoreV1Api", "list_pod_for_all_namespaces", True)
@@ -77,7 +79,14 @@ SERVICE_ACCOUNT = KindSpec(
 )
 NODE = KindSpec("Node", "v1", "CoreV1Api", "list_node", False)
 
-DEFAULT_KINDS: tuple[KindSpec, ...] = (POD, SERVICE, ENDPOINT_SLICE, NAMESPACE, SERVICE_ACCOUNT, NODE)
+# Istio's security kinds (CRDs: the chart's crds/ or an Istio installation), served version v1
+AUTHORIZATION_POLICY = KindSpec("AuthorizationPolicy", "security.istio.io/v1", "CustomObjectsApi", "list_cluster_custom_object", True,
+                                ("security.istio.io", "v1", "authorizationpolicies"))
+PEER_AUTHENTICATION = KindSpec("PeerAuthentication", "security.istio.io/v1", "CustomObjectsApi", "list_cluster_custom_object", True,
+                               ("security.istio.io", "v1", "peerauthentications"))
+
+DEFAULT_KINDS: tuple[KindSpec, ...] = (POD, SERVICE, ENDPOINT_SLICE, NAMESPACE, SERVICE_ACCOUNT, NODE,
+                                       AUTHORIZATION_POLICY, PEER_AUTHENTICATION)
 
 # Errors after which we retry (list) or re-watch; anything else is a bug and propagates.
 _RETRYABLE = (aiohttp.ClientError, OSError, TimeoutError, ValueError, kclient.ApiException)
@@ -229,6 +238,8 @@ class KubeSource:
 
     async def _run_kind(self, spec: KindSpec) -> None:
         fn = getattr(getattr(kclient, spec.api_class)(self._api), f"{spec.list_method}_without_preload_content")
+        if spec.args:
+            fn = functools.partial(fn, *spec.args)
         backoff = _Backoff(*self._backoff)
         need_list, watched = True, False
         while True:

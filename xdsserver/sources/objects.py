@@ -33,7 +33,9 @@ from ..model import (
     ServicePort,
     canonical_ip,
 )
+from ..model.policy import AuthorizationPolicy, PeerAuthentication
 from . import SourceObject
+from .policy import POLICY_KINDS, authorization_policy, peer_authentication
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +116,7 @@ def mesh_from_spec(spec: dict[str, Any]) -> MeshConfig:
         connect_timeout_s=float(str(spec.get("connectTimeout", f"{base.connect_timeout_s}s")).rstrip("s")),
         outbound_policy=OutboundPolicy(spec.get("outboundTrafficPolicy", base.outbound_policy.value)),
         excluded_namespaces=tuple(enr.get("excludedNamespaces", base.excluded_namespaces)),
+        root_namespace=spec.get("rootNamespace", base.root_namespace),
     )
 
 
@@ -273,6 +276,8 @@ def build_model_lenient(objects: Iterable[SourceObject], mesh: MeshConfig | None
     good: dict[str, list[SourceObject]] = {k: [] for k in KINDS}
     seen: dict[tuple[str, str], str] = {}
     objs = list(objects)
+    policies, policy_errors, policy_warnings = _policies(o for o in objs if isinstance(o.obj, dict) and o.kind in POLICY_KINDS)
+    errors.extend(policy_errors)
     for so in objs:
         errs = validate(so)
         if errs:
@@ -374,10 +379,35 @@ def build_model_lenient(objects: Iterable[SourceObject], mesh: MeshConfig | None
         nodes=tuple(sorted((_node(s.obj) for s in good["Node"]), key=lambda n: n.name)),
         endpoints=tuple(sorted((k, tuple(sorted(v, key=lambda e: (e.ip, e.port)))) for k, v in endpoints.items())),
         sources=tuple(sorted({so.origin.split("#")[0] for so in objs})),
+        authorization_policies=tuple(p for p in policies if isinstance(p, AuthorizationPolicy)),
+        peer_authentications=tuple(p for p in policies if isinstance(p, PeerAuthentication)),
+        policy_warnings=tuple(policy_warnings),
     )
+    for w in policy_warnings:
+        log.warning("policy: %s", w)
     if memo is not None:
         memo.commit()
     return model, errors
+
+
+def _policies(objs: Iterable[SourceObject]) -> tuple[list[AuthorizationPolicy | PeerAuthentication], list[InputError], list[str]]:
+    """Both security kinds, sorted by (kind, namespace, name); duplicates are errors."""
+    out: dict[tuple[str, str, str], AuthorizationPolicy | PeerAuthentication] = {}
+    errors: list[InputError] = []
+    warnings: list[str] = []
+    for so in objs:
+        conv = authorization_policy if so.kind == "AuthorizationPolicy" else peer_authentication
+        obj, problems, warns = conv(so)
+        errors.extend(InputError(so.origin, so.ref, f, m) for f, m in problems)
+        if obj is None:
+            continue
+        key = (so.kind, obj.namespace, obj.name)
+        if key in out:
+            errors.append(InputError(so.origin, so.ref, "metadata.name", f"duplicate object (first defined in {out[key].origin})"))
+            continue
+        out[key] = obj
+        warnings.extend(warns)
+    return [out[k] for k in sorted(out)], errors, warnings
 
 
 def _service_port_errors(so: SourceObject) -> list[InputError]:

@@ -17,7 +17,7 @@ from envoy.type.matcher.v3 import regex_pb2, string_pb2
 
 from ..model import Flavor, MeshConfig, is_ipv6, ports
 from ..model.index import NodeView, Workload
-from . import blocks, names
+from . import blocks, names, policy
 
 HCM = hcm_pb2.HttpConnectionManager
 
@@ -37,7 +37,7 @@ def destination_guard(ips: tuple[str, ...]) -> route_components_pb2.HeaderMatche
     )
 
 
-def _connect_hcm(wl: Workload, flavor: Flavor) -> listener_components_pb2.Filter:
+def _connect_hcm(view: NodeView, wl: Workload, flavor: Flavor) -> listener_components_pb2.Filter:
     route = route_components_pb2.Route(
         match=route_components_pb2.RouteMatch(
             connect_matcher=route_components_pb2.RouteMatch.ConnectMatcher(), headers=[destination_guard(wl.pod.ips)]
@@ -54,7 +54,7 @@ def _connect_hcm(wl: Workload, flavor: Flavor) -> listener_components_pb2.Filter
         route_config=route_pb2.RouteConfiguration(
             name=names.LOCAL_ROUTE, virtual_hosts=[route_components_pb2.VirtualHost(name=names.LOCAL_SERVICE, domains=["*"], routes=[route])]
         ),
-        http_filters=[hcm_pb2.HttpFilter(name="envoy.filters.http.router", typed_config=blocks.pack(router_pb2.Router()))],
+        http_filters=[*policy.http_filters(view, wl), hcm_pb2.HttpFilter(name="envoy.filters.http.router", typed_config=blocks.pack(router_pb2.Router()))],
         http2_protocol_options=protocol_pb2.Http2ProtocolOptions(allow_connect=True),
         upgrade_configs=[HCM.UpgradeConfig(upgrade_type="CONNECT")],
     )
@@ -87,7 +87,7 @@ def build_ztunnel_inbound(view: NodeView, flavor: Flavor) -> listener_pb2.Listen
                 name=names.inbound_chain(wl.ip),
                 filter_chain_match=_match(wl),
                 transport_socket=blocks.downstream_tls(names.workload_secret(wl.identity), mesh, flavor),
-                filters=[_connect_hcm(wl, flavor)],
+                filters=[_connect_hcm(view, wl, flavor)],
             )
         )
     lis.filter_chains.append(
@@ -106,7 +106,8 @@ def build_ztunnel_inbound_plaintext(view: NodeView, flavor: Flavor) -> listener_
             listener_components_pb2.FilterChain(
                 name=names.inbound_chain(wl.ip),
                 filter_chain_match=_match(wl),
-                filters=[blocks.tcp_proxy(names.VIRTUAL_INBOUND_PLAINTEXT_STAT, names.VIRTUAL_INBOUND, log=None, flavor=flavor)],
+                filters=[*policy.network_filters(view, wl),
+                         blocks.tcp_proxy(names.VIRTUAL_INBOUND_PLAINTEXT_STAT, names.VIRTUAL_INBOUND, log=None, flavor=flavor)],
             )
         )
     lis.filter_chains.append(
