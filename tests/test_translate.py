@@ -1161,7 +1161,7 @@ def test_envoy_flavor_mechanisms() -> None:
             got, tcp = states_then_proxy(ch)
             assert got == {
                 "envoy.filters.listener.original_dst.local_ip": ("%DOWNSTREAM_LOCAL_ADDRESS%", "ONCE", ""),
-                "envoy.filters.listener.original_dst.remote_ip": ("%DOWNSTREAM_REMOTE_ADDRESS%", "TRANSITIVE", ""),
+                "envoy.filters.listener.original_dst.remote_ip": ("%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%:0", "TRANSITIVE", ""),  # no port: pooled HBONE
                 names.SOURCE_IDENTITY_STATE: (source_of(ch.name), "TRANSITIVE", "envoy.string"),
             }, ch.name
             assert tcp.cluster == names.OUTBOUND_DISPATCH
@@ -1282,3 +1282,22 @@ def test_private_keys_only_in_secrets_and_redacted_in_dumps() -> None:
         for s in res.secrets:
             if s.name != "ROOTCA":
                 assert "PRIVATE KEY" in s.tls_certificate.private_key.inline_string  # the real key goes to Envoy
+
+
+def test_hbone_idle_timeout_and_keepalive_come_from_mesh_config():
+    """Pooled HBONE (issue 10): idle connections close after MeshConfig's hboneIdleTimeout
+    (default 60 s); TCP keepalive notices a peer that vanished without FIN."""
+    from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
+    from xdsserver.sources.objects import mesh_from_spec
+    from xdsserver.translate.tunnel import build_tunnel_clusters
+
+    src = Identity("cluster.local", "default", "sleep")
+    for spec, want in (({}, 60.0), ({"hboneIdleTimeout": "2.5s"}, 2.5)):
+        mesh = mesh_from_spec(spec)
+        assert mesh.hbone_idle_timeout_s == want
+        for c in build_tunnel_clusters(src, mesh, Flavor.ENVOY):
+            opts = http_protocol_options_pb2.HttpProtocolOptions()
+            c.typed_extension_protocol_options["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"].Unpack(opts)
+            assert opts.common_http_protocol_options.idle_timeout.ToNanoseconds() == int(want * 1e9), c.name
+            assert opts.explicit_http_config.http2_protocol_options.allow_connect
+            assert c.upstream_connection_options.tcp_keepalive.keepalive_time.value == 60, c.name

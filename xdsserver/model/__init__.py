@@ -151,6 +151,10 @@ class MeshConfig:
     enrollment_label: str = "istio.io/dataplane-mode"
     enrollment_value: str = "ambient"
     connect_timeout_s: float = 10.0
+    # An HBONE (mTLS HTTP/2) connection with no CONNECT stream is closed after this long: long
+    # enough that a client's next connection reuses it (no handshake), short enough that idle
+    # sockets are bounded by recently active (source identity, source IP, destination) triples.
+    hbone_idle_timeout_s: float = 60.0
     outbound_policy: OutboundPolicy = OutboundPolicy.ALLOW_ANY
     # Namespaces never enrolled even if labelled (istio-cni / auto-labeller exclusions).
     excluded_namespaces: tuple[str, ...] = ("kube-system", "kube-public", "kube-node-lease", "istio-system")

@@ -114,10 +114,15 @@ def mesh_from_spec(spec: dict[str, Any]) -> MeshConfig:
         enrollment_label=label.get("key", base.enrollment_label),
         enrollment_value=label.get("value", base.enrollment_value),
         connect_timeout_s=float(str(spec.get("connectTimeout", f"{base.connect_timeout_s}s")).rstrip("s")),
+        hbone_idle_timeout_s=_seconds(spec.get("hboneIdleTimeout"), base.hbone_idle_timeout_s),
         outbound_policy=OutboundPolicy(spec.get("outboundTrafficPolicy", base.outbound_policy.value)),
         excluded_namespaces=tuple(enr.get("excludedNamespaces", base.excluded_namespaces)),
         root_namespace=spec.get("rootNamespace", base.root_namespace),
     )
+
+
+def _seconds(value: Any, default: float) -> float:
+    return default if value is None else float(str(value).rstrip("s"))
 
 
 def validate_mesh_spec(origin: str, spec: Any) -> list[InputError]:

@@ -227,12 +227,15 @@ def downstream_tls(secret: str, mesh: MeshConfig, flavor: Flavor) -> base_pb2.Tr
     return base_pb2.TransportSocket(name="envoy.transport_sockets.tls", typed_config=pack(ctx))
 
 
-def h2_connect_options() -> dict[str, any_pb2.Any]:
+def h2_connect_options(idle_timeout_s: float | None = None) -> dict[str, any_pb2.Any]:
+    """HTTP/2 with CONNECT; ``idle_timeout_s`` closes a pooled connection left without streams."""
     opts = http_protocol_options_pb2.HttpProtocolOptions(
         explicit_http_config=http_protocol_options_pb2.HttpProtocolOptions.ExplicitHttpConfig(
             http2_protocol_options=protocol_pb2.Http2ProtocolOptions(allow_connect=True)
         )
     )
+    if idle_timeout_s is not None:
+        opts.common_http_protocol_options.idle_timeout.CopyFrom(seconds(idle_timeout_s))
     return {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": pack(opts)}
 
 

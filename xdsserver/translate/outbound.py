@@ -31,6 +31,7 @@ from . import blocks, names
 Matcher = matcher_pb2.Matcher
 OnMatch = matcher_pb2.Matcher.OnMatch
 
+CLIENT_IP_ANY_PORT = "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%:0"
 ECDS_WORKLOAD_METADATA_TYPE = "type.googleapis.com/istio.telemetry.workloadmetadata.v1.WorkloadMetadataResources"
 
 
@@ -104,8 +105,11 @@ def source_chain(src: Identity) -> listener_components_pb2.FilterChain:
             blocks.set_filter_states(
                 # stage 2 matches on the original destination (its original_dst restores it) ...
                 blocks.filter_state_value("envoy.filters.listener.original_dst.local_ip", "%DOWNSTREAM_LOCAL_ADDRESS%", share="ONCE"),
-                # ... and every later hop leaves with the client's address (stock-envoy.md §5.6)
-                blocks.filter_state_value("envoy.filters.listener.original_dst.remote_ip", "%DOWNSTREAM_REMOTE_ADDRESS%", share="TRANSITIVE"),
+                # ... and every later hop leaves with the client's IP (stock-envoy.md §5.6). Port 0,
+                # not the client's port: objects shared with upstream are part of Envoy's connection
+                # pool key, so ip:port gave every client connection its own HBONE connection
+                # (original_src binds the IP only; the server still sees the client pod's IP).
+                blocks.filter_state_value("envoy.filters.listener.original_dst.remote_ip", CLIENT_IP_ANY_PORT, share="TRANSITIVE"),
                 # which client certificate: names.per_source turns it into the tunnel cluster
                 blocks.filter_state_value(names.SOURCE_IDENTITY_STATE, src.spiffe, share="TRANSITIVE", factory_key="envoy.string"),
             ),

@@ -20,6 +20,7 @@ from ..model import Flavor, Identity, MeshConfig, ports
 from . import blocks, names
 
 _DEST = "%DYNAMIC_METADATA(tunnel:destination)%"
+HBONE_KEEPALIVE_S = 60  # first probe after a minute idle; 3 x 10 s more and the connection is dropped
 _DEST_2022_HEADER = '%DYNAMIC_METADATA(["tunnel", "destination"])%'
 
 
@@ -73,7 +74,16 @@ def _tunnel_cluster(name: str, src: Identity, mesh: MeshConfig, flavor: Flavor, 
         original_dst_lb_config=lb,
         transport_socket=blocks.upstream_tls(names.workload_secret(src), mesh, flavor),
     )
-    for k, v in blocks.h2_connect_options().items():
+    if flavor is Flavor.ENVOY:
+        # pooled HBONE: idle connections close (MeshConfig hboneIdleTimeout); a peer that vanished
+        # without FIN is noticed by TCP keepalive instead of holding a pooled connection forever
+        opts = blocks.h2_connect_options(mesh.hbone_idle_timeout_s)
+        c.upstream_connection_options.tcp_keepalive.keepalive_time.value = HBONE_KEEPALIVE_S
+        c.upstream_connection_options.tcp_keepalive.keepalive_interval.value = 10
+        c.upstream_connection_options.tcp_keepalive.keepalive_probes.value = 3
+    else:
+        opts = blocks.h2_connect_options()
+    for k, v in opts.items():
         c.typed_extension_protocol_options[k].CopyFrom(v)
     return c
 

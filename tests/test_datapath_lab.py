@@ -1,0 +1,216 @@
+"""Data path with real packets: pooled HBONE (issue 10) and large transfers.
+
+One lab (seed 003's client-server plus a second mesh identity on the client's node and a short
+HBONE idle timeout) shared by every test here. Envoy's own stats and access logs are the evidence:
+handshakes and connections per tunnel cluster on the source ztunnel, and on the destination which
+HBONE connection (its remote ip:port) carried which client identity.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shlex
+import shutil
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+pytestmark = [
+    pytest.mark.netns,
+    pytest.mark.envoy,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces, iptables, TPROXY)"),
+]
+
+from xdsserver.lab.lab import Lab, owned_netns  # noqa: E402
+from xdsserver.lab.netns import ns_connect  # noqa: E402
+from xdsserver.lab.client import request  # noqa: E402
+from xdsserver.lab.podserver import pattern  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+PREFIX = os.environ.get("XDS_LAB_PREFIX", "xdsdp") + "d"  # never the prefix test_lab.py uses
+IDLE_S = 3
+SRC, DST = "ambient-worker", "ambient-worker2"
+CLIENT_IP, OTHER_IP, SERVER = "10.244.1.4", "10.244.1.6", ("10.244.2.5", 8080)
+VIP = ("10.96.0.105", 9080)
+
+EXTRA = f"""
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {{name: other, namespace: ambient}}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: other-7d9f8c6b5-x2k4p
+  namespace: ambient
+  uid: d3000000-0000-4000-8000-0000000000a1
+  labels: {{app: other}}
+  creationTimestamp: '2022-10-01T00:00:00Z'
+spec:
+  nodeName: {SRC}
+  serviceAccountName: other
+  containers: [{{name: other, image: example/app}}]
+status:
+  phase: Running
+  podIP: {OTHER_IP}
+  podIPs: [{{ip: {OTHER_IP}}}]
+  conditions: [{{type: Ready, status: 'True'}}]
+---
+apiVersion: xdsserver.io/v1alpha1
+kind: MeshConfig
+spec:
+  hboneIdleTimeout: {IDLE_S}s
+"""
+
+
+@pytest.fixture(scope="module")
+def lab(request, tmp_path_factory):
+    dst = tmp_path_factory.mktemp("datapath") / "manifests"
+    shutil.copytree(ROOT / "golden" / "client-server" / "manifests", dst)
+    (dst / "extra.yaml").write_text(EXTRA.lstrip("\n"))
+    lab = Lab(dst, prefix=PREFIX, log=lambda m: print(m, file=sys.stderr))
+
+    def down() -> None:
+        procs = list(lab.procs.values())
+        lab.down()
+        assert owned_netns(PREFIX) == [] and not [p for p in procs if p.alive()]
+
+    request.addfinalizer(down)
+    lab.up(timeout=90)
+    return lab
+
+
+def stats(lab: Lab, node: str, needle: str) -> dict[str, int]:
+    out = {}
+    for line in lab.envoy_admin(node, f"/stats?filter={needle}").splitlines():
+        k, _, v = line.rpartition(": ")
+        if v.isdigit():
+            out[k] = int(v)
+    return out
+
+
+def tunnel_stat(lab: Lab, prefix: str, sa: str, stat: str) -> int:
+    key = f"cluster.{prefix}_spiffe_cluster.local/ns/ambient/sa/{sa}.{stat}"
+    return stats(lab, SRC, "tunnel_clus").get(key, 0)
+
+
+def poll(pred, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s: {what}")
+        time.sleep(0.1)
+
+
+def wait_idle_closed(lab: Lab) -> None:
+    """Every HBONE connection of the source ztunnel closed by the idle timeout."""
+    poll(lambda: sum(v for k, v in stats(lab, SRC, "tunnel_clus").items() if k.endswith(".upstream_cx_active")) == 0,
+         IDLE_S * 5 + 10, "idle HBONE connections are closed")
+
+
+def hbone_conns_by_identity(lab: Lab) -> dict[str, set[str]]:
+    """Destination's access log: HBONE connection (remote ip:port) -> client SPIFFE IDs it carried."""
+    out: dict[str, set[str]] = {}
+    for line in lab.access_log(DST).splitlines():
+        try:
+            t = shlex.split(line)
+        except ValueError:
+            continue
+        if not line.rstrip().endswith("inbound hcm") or len(t) < 20:
+            continue
+        peer = next((x.split("=", 1)[1] for x in t if x.startswith("peer=")), "")
+        out.setdefault(t[19], set()).add(peer)
+    return out
+
+
+class TestPooledHbone:
+    def test_sequential_connections_share_one_hbone_connection(self, lab):
+        ns = lab.pod_netns("client-6db7cfc846")
+        for prefix, (host, port) in (("outbound_pod_tunnel_clus", SERVER), ("outbound_tunnel_clus", VIP)):
+            before = tunnel_stat(lab, prefix, "client", "ssl.handshake")
+            peers = set()
+            for _ in range(50):
+                r = request(ns, host, port, "/", timeout=10)
+                assert r.status == 200
+                peers.add(r.json()["peer"])
+            handshakes = tunnel_stat(lab, prefix, "client", "ssl.handshake") - before
+            assert handshakes <= 2, f"{prefix}: {handshakes} TLS handshakes for 50 sequential connections"
+            assert tunnel_stat(lab, prefix, "client", "upstream_rq_total") >= 50
+            # the server still sees the client pod (its IP; every connection its own port)
+            assert {p.rsplit(":", 1)[0] for p in peers} == {CLIENT_IP} and len(peers) == 50
+
+    def test_identities_never_share_an_hbone_connection(self, lab):
+        for pod in ("client-6db7cfc846", "other-7d9f8c6b5"):
+            ns = lab.pod_netns(pod)
+            with ThreadPoolExecutor(max_workers=4) as pool:  # concurrent: a pool would be tempted to share
+                assert all(r.status == 200 for r in pool.map(lambda _: request(ns, *SERVER, "/", timeout=10), range(8)))
+        assert tunnel_stat(lab, "outbound_pod_tunnel_clus", "other", "upstream_rq_total") >= 8
+        want = {"spiffe://cluster.local/ns/ambient/sa/client", "spiffe://cluster.local/ns/ambient/sa/other"}
+        poll(lambda: want <= set().union(*hbone_conns_by_identity(lab).values()), 10, "both identities in the access log")
+        conns = hbone_conns_by_identity(lab)
+        mixed = {c: ids for c, ids in conns.items() if len(ids) != 1}
+        assert not mixed, f"HBONE connections carrying more than one client identity: {mixed}"
+        by_ip = {c.rsplit(":", 1)[0] for c in conns}
+        assert by_ip >= {CLIENT_IP, OTHER_IP}  # each HBONE connection leaves from its client's pod IP
+
+    def test_idle_hbone_connections_are_closed_after_the_timeout(self, lab):
+        ns = lab.pod_netns("client-6db7cfc846")
+        assert request(ns, *SERVER, "/", timeout=10).status == 200
+        assert tunnel_stat(lab, "outbound_pod_tunnel_clus", "client", "upstream_cx_active") >= 1
+        wait_idle_closed(lab)
+        poll(lambda: stats(lab, DST, "listener.0.0.0.0_15008.downstream_cx_active").get("listener.0.0.0.0_15008.downstream_cx_active", 0) == 0,
+             10, "the destination ztunnel holds no HBONE connection")
+        # and a new connection after that opens a fresh one and works
+        assert request(ns, *SERVER, "/", timeout=10).status == 200
+
+
+def download(ns: str, host: str, port: int, n: int, seed: str, read_delay: float = 0.0) -> tuple[int, str, str]:
+    """HTTP/1.0 GET /bytes/n (the server closes first). Returns (body bytes, sha256, how it ended)."""
+    s = ns_connect(ns, host, port, 60)
+    s.sendall(f"GET /bytes/{n}?seed={seed} HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
+    head, h, got, end = b"", hashlib.sha256(), 0, "eof"
+    try:
+        while True:
+            c = s.recv(1 << 16)
+            if not c:
+                break
+            if head is not None:
+                head += c
+                if b"\r\n\r\n" not in head:
+                    continue
+                c = head.split(b"\r\n\r\n", 1)[1]
+                head = None
+            h.update(c)
+            got += len(c)
+            if read_delay:
+                time.sleep(read_delay)
+    except ConnectionResetError:
+        end = "reset"
+    finally:
+        s.close()
+    return got, h.hexdigest(), end
+
+
+SIZE = 200 * 2**20
+# Open (issue 10, point 0): when the server closes first, the destination ztunnel's HCM ends the
+# CONNECT stream with RST_STREAM because the client's side is still open; bytes still buffered in
+# either ztunnel's HTTP/2 stream are dropped, and the runtime guard in the bootstrap turns the
+# source's reset into a clean close. 1 at a time passes here; 8 at a time loses 2-5 of 8 tails.
+TRUNCATION = "server-closes-first truncation under load (README known limits)"
+
+
+class TestLargeTransfers:
+    @pytest.mark.parametrize("target", [VIP, SERVER], ids=["vip", "pod-ip"])
+    @pytest.mark.parametrize("parallel", [1, pytest.param(8, marks=pytest.mark.xfail(reason=TRUNCATION, strict=False))])
+    def test_fast_readers_get_every_byte(self, lab, target, parallel):
+        ns = lab.pod_netns("client-6db7cfc846")
+        want = hashlib.sha256(pattern(SIZE, "big")).hexdigest()
+        with ThreadPoolExecutor(max_workers=parallel) as pool:
+            results = list(pool.map(lambda _: download(ns, *target, SIZE, "big"), range(parallel)))
+        bad = [(n, end) for n, digest, end in results if n != SIZE or digest != want]
+        assert not bad, f"{len(bad)} of {parallel} downloads of {SIZE} bytes incomplete: {bad}"
