@@ -1,7 +1,7 @@
 """Node agent core: reconcile computes only the difference, and applies it to a real kernel.
 
 The netns test creates one namespace ``$XDS_AGENT_TEST_PREFIX-node`` (default ``agtt``; never
-``xdstest``) with a dummy ``istioin`` device, and runs the reconcile there with real ipset and
+``xdstest``) with a veth ``istioin`` device, and runs the reconcile there with real ipset and
 ip route: first run installs, second run changes nothing, a member and a route deleted by hand
 are restored, a pod removed from the plan leaves both; the `node-agent --once` command is
 idempotent and changes nothing on bad input.
