@@ -76,3 +76,12 @@ def test_only_the_kube_source_and_node_auth_talk_to_the_api() -> None:
     bad = [f"{p.relative_to(PKG)}" for p in sorted(PKG.rglob("*.py")) if p not in allowed
            and any(m == "kubernetes" or m.startswith("kubernetes.") for m in imports(p))]
     assert not bad, bad
+
+
+def test_node_agent_uses_the_plan_not_the_xds_side() -> None:
+    """The agent is fed by sources/model and the redirect plan; it never reaches into translation,
+    the xDS server, the CA, the debug server or the lab (the lab runs it, not the other way)."""
+    allowed = ("xdsserver.agent", "xdsserver.redirect", "xdsserver.model", "xdsserver.sources", "xdsserver.cli")
+    bad = [f"{p.relative_to(PKG)} imports {m}" for p in modules("agent") for m in imports(p)
+           if m.startswith("xdsserver") and not m.startswith(allowed)]
+    assert not bad, "\n".join(bad)
