@@ -32,6 +32,8 @@ from xdsserver.lab.podserver import pattern  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 PREFIX = os.environ.get("XDS_LAB_PREFIX", "xdsdp") + "d"  # never the prefix test_lab.py uses
+
+from labguard import root_namespace_untouched  # noqa: E402,F401 (module-scoped autouse guard)
 IDLE_S = 3
 SRC, DST = "ambient-worker", "ambient-worker2"
 CLIENT_IP, OTHER_IP, SERVER = "10.244.1.4", "10.244.1.6", ("10.244.2.5", 8080)

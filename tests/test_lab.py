@@ -37,52 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # XDS_LAB_PREFIX lets several developers' labs run side by side on one machine (each its own
 # namespaces and state dir); CI uses the default.
 PREFIX = os.environ.get("XDS_LAB_PREFIX", "xdstest")
-# Namespaces of *other* labs (names "<prefix>-...", state in /run/xdsserver-lab/<prefix>) may come
-# and go while this module runs; the guard compares only the namespaces that belong to no lab.
-_LAB_STATE = Path("/run/xdsserver-lab")
-
-
-def foreign_netns() -> list[str]:
-    labs = {p.name for p in _LAB_STATE.iterdir()} if _LAB_STATE.is_dir() else set()
-    labs.add(PREFIX)
-    return [ns for ns in list_netns() if ns.split("-", 1)[0] not in labs]
-TOOLS = ("ip", "iptables", "iptables-save", "iptables-restore", "ipset", "sysctl")
-
-
-# -- root namespace guard ----------------------------------------------------------------------
-def root_snapshot() -> dict[str, str]:
-    cmds = {
-        "links": ["ip", "-d", "link", "show"],
-        "addrs": ["ip", "addr", "show"],
-        "rules4": ["ip", "-4", "rule", "show"],
-        "rules6": ["ip", "-6", "rule", "show"],
-        "routes4": ["ip", "-4", "route", "show", "table", "all"],
-        "routes6": ["ip", "-6", "route", "show", "table", "all"],
-        "iptables": ["iptables-save"],
-        "ipsets": ["ipset", "list", "-n"],
-    }
-    out = {}
-    for name, argv in cmds.items():
-        text = run(None, argv, check=False)
-        if name == "iptables":  # drop timestamps and packet counters
-            text = "\n".join(re.sub(r"\[\d+:\d+\]", "", l) for l in text.splitlines() if not l.startswith("#"))
-        out[name] = text
-    return out
-
-
-@pytest.fixture(scope="module", autouse=True)
-def root_namespace_untouched():
-    missing = [t for t in TOOLS if shutil.which(t) is None]
-    assert not missing, f"missing tools {missing}: run scripts/setup-lab (as root)"
-    Lab(prefix=PREFIX).down()  # a stale lab from a crashed run
-    before = root_snapshot()
-    netns_before = foreign_netns()
-    yield
-    assert owned_netns(PREFIX) == []
-    assert foreign_netns() == netns_before
-    after = root_snapshot()
-    for key in before:
-        assert after[key] == before[key], f"root namespace {key} changed"
+from labguard import root_namespace_untouched  # noqa: E402,F401 (module-scoped autouse guard)
 
 
 def bring_up(request_, scenario: str, tmp_path_factory) -> Lab:

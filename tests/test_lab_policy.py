@@ -37,6 +37,8 @@ CLIENT, SERVER, LEGACY = "10.244.1.4", "10.244.2.5", "10.244.1.5"
 SERVER_POD = "ambient/server-f44ffdf6f-dqgm2"
 VIP = "10.96.0.105"
 
+from labguard import root_namespace_untouched  # noqa: E402,F401 (module-scoped autouse guard)
+
 
 @pytest.fixture(scope="module")
 def lab(request, tmp_path_factory):
