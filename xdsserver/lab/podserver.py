@@ -16,6 +16,8 @@ import hashlib
 import json
 import random
 import signal
+import socket
+import struct
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -66,7 +68,9 @@ class Handler(BaseHTTPRequestHandler):
             if not 0 <= n <= MAX_BYTES:
                 self.send_error(400, "size out of range")
                 return
-            seed = parse_qs(url.query).get("seed", ["xds-lab"])[0]
+            query = parse_qs(url.query)
+            seed = query.get("seed", ["xds-lab"])[0]
+            abort_at = int(query.get("abort", ["-1"])[0])  # send this many body bytes, then RST
             data = pattern(n, seed)
             self.send_response(200)
             self.send_header("Content-Type", "application/octet-stream")
@@ -74,8 +78,14 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("X-Sha256", hashlib.sha256(data).hexdigest())
             self.end_headers()
             view = memoryview(data)
-            for i in range(0, n, CHUNK):
-                self.wfile.write(view[i : i + CHUNK])
+            end = n if abort_at < 0 else min(abort_at, n)
+            for i in range(0, end, CHUNK):
+                self.wfile.write(view[i : min(i + CHUNK, end)])
+            if abort_at >= 0:  # a forced upstream failure: the peer must see a reset, not a clean end
+                self.wfile.flush()
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                self.connection.close()
+                self.close_connection = True
             return
         self._json({"pod": self.pod, "peer": peer, "local": local})
 

@@ -227,12 +227,15 @@ def downstream_tls(secret: str, mesh: MeshConfig, flavor: Flavor) -> base_pb2.Tr
     return base_pb2.TransportSocket(name="envoy.transport_sockets.tls", typed_config=pack(ctx))
 
 
-def h2_connect_options(idle_timeout_s: float | None = None) -> dict[str, any_pb2.Any]:
-    """HTTP/2 with CONNECT; ``idle_timeout_s`` closes a pooled connection left without streams."""
+def h2_connect_options(idle_timeout_s: float | None = None, window: int | None = None) -> dict[str, any_pb2.Any]:
+    """HTTP/2 with CONNECT; ``idle_timeout_s`` closes a pooled connection left without streams;
+    ``window`` sets the stream and connection receive windows."""
+    h2 = protocol_pb2.Http2ProtocolOptions(allow_connect=True)
+    if window is not None:
+        h2.initial_stream_window_size.value = window
+        h2.initial_connection_window_size.value = window
     opts = http_protocol_options_pb2.HttpProtocolOptions(
-        explicit_http_config=http_protocol_options_pb2.HttpProtocolOptions.ExplicitHttpConfig(
-            http2_protocol_options=protocol_pb2.Http2ProtocolOptions(allow_connect=True)
-        )
+        explicit_http_config=http_protocol_options_pb2.HttpProtocolOptions.ExplicitHttpConfig(http2_protocol_options=h2)
     )
     if idle_timeout_s is not None:
         opts.common_http_protocol_options.idle_timeout.CopyFrom(seconds(idle_timeout_s))

@@ -26,6 +26,8 @@ layered_runtime:
       # Envoy 1.40 treats the close of an internal-listener connection as an upstream reset and
       # abort-resets the client, dropping buffered response bytes (flag UR); see templates/bootstrap.yaml.
       envoy.reloadable_features.propagate_upstream_rst_through_tunneled_tcp_proxy: false
+      # Keep what a server-closes-first CONNECT stream delivered before its RST_STREAM(NO_ERROR).
+      envoy.reloadable_features.http_preserve_rst_no_error: true
   - name: admin
     admin_layer: {}
 dynamic_resources:
