@@ -334,6 +334,7 @@ async def serve(args: Any, *, started: Callable[[ControlPlane], None] | None = N
     from .cli import bundled_example
     from .debug.http import start_debug
     from .sources.manifests import load_mesh_config
+    from .xds.limits import limits_from_args
     from .xds.server import start_server
 
     mesh = load_mesh_config(args.mesh_config) if getattr(args, "mesh_config", None) else None
@@ -364,6 +365,7 @@ async def serve(args: Any, *, started: Callable[[ControlPlane], None] | None = N
         registry=registry, delta_only=getattr(args, "delta_only", False), test_hooks=getattr(args, "test_hooks", False),
         authorize=authorize,
     )
+    cp.server.limits = limits_from_args(args)  # xds/limits.py: per-node/total streams, request size, shedding
     runner = Runner(cp, Debounce(getattr(args, "debounce_quiet", 0.1), getattr(args, "debounce_max", 10.0)))
 
     # Servers first: streams are refused (UNAVAILABLE) and /ready is 503 until the first good
