@@ -140,12 +140,12 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         handlers = {
             "StreamAggregatedResources": grpc.stream_stream_rpc_method_handler(
                 self.StreamAggregatedResources,
-                request_deserializer=discovery_pb2.DiscoveryRequest.FromString,
+                request_deserializer=_decoder(discovery_pb2.DiscoveryRequest),
                 response_serializer=_as_bytes,
             ),
             "DeltaAggregatedResources": grpc.stream_stream_rpc_method_handler(
                 self.DeltaAggregatedResources,
-                request_deserializer=discovery_pb2.DeltaDiscoveryRequest.FromString,
+                request_deserializer=_decoder(discovery_pb2.DeltaDiscoveryRequest),
                 response_serializer=_as_bytes,
             ),
         }
@@ -167,6 +167,8 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
             first = await requests.__anext__()
         except StopAsyncIteration:
             return
+        if isinstance(first, Undecodable):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(first))
         # Refusals come after the first request is read: a status sent while the client is still
         # writing races its write, and gRPC core may then report INTERNAL instead of our status.
         if mode == "sotw" and self.delta_only:
@@ -308,6 +310,8 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         return name
 
     async def _check(self, req, conn: _Conn, context) -> None:
+        if isinstance(req, Undecodable):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"stream {conn.id} (node {conn.node!r}): {req}")
         count = _name_count(req)
         if count > self.limits.max_resource_names:
             await self._refuse_names(conn, context, f"request for {req.type_url!r} names {count} resources", req.type_url)
@@ -491,6 +495,30 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
 def _ordered(types) -> list[str]:
     present = set(types)
     return [t for t in PUSH_ORDER if t in present] + sorted(present.difference(PUSH_ORDER))
+
+
+class Undecodable:
+    """A request whose bytes are not a valid message: answered with INVALID_ARGUMENT, not UNKNOWN."""
+
+    def __init__(self, kind: str, error: Exception):
+        self.kind, self.error = kind, error
+
+    def __str__(self) -> str:
+        return f"request is not a valid {self.kind}: {self.error}"
+
+
+def _decoder(message_type) -> Callable[[bytes], Any]:
+    """A request deserializer that does not raise: gRPC would end the stream with UNKNOWN and
+    log a traceback for every malformed message."""
+    from google.protobuf.message import DecodeError
+
+    def decode(data: bytes):
+        try:
+            return message_type.FromString(data)
+        except DecodeError as exc:
+            return Undecodable(message_type.DESCRIPTOR.name, exc)
+
+    return decode
 
 
 def _name_count(req) -> int:
