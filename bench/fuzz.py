@@ -289,7 +289,7 @@ class XdsCampaign:
                     self.counts["write_refused"] += 1
             for mode in used:
                 try:
-                    resp = await asyncio.wait_for(calls[mode].read(), 0.3)
+                    resp = await asyncio.wait_for(calls[mode].read(), 0.1)
                     self.counts["answered" if resp is not grpc.aio.EOF else "eof"] += 1
                 except asyncio.TimeoutError:
                     self.counts["no_answer"] += 1  # e.g. unknown type or stale nonce: ignored

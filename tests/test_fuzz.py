@@ -40,3 +40,16 @@ def test_fuzzed_debug_queries_are_never_5xx(tmp_path):
         serve.stop()
     print(f"\nhttp: {dict(camp.counts)}")
     assert not camp.failures, "\n".join(sorted(set(camp.failures))[:20])
+
+
+def test_fuzz_finding_bad_service_account_name_is_a_rejection_not_a_crash():
+    """Found by the 10,000-case run: `spec.serviceAccountName: "-1"` reached the CA (ValueError)."""
+    import copy
+
+    camp = fuzz.ManifestCampaign()
+    objs = copy.deepcopy(camp.base)
+    pod = next(o for o in objs if o.kind == "Pod" and o.obj["metadata"]["namespace"] != "istio-system")
+    pod.obj["spec"]["serviceAccountName"] = "-1"
+    camp.run_case("objects", objs)
+    assert not camp.failures, camp.failures
+    assert camp.counts["rejected"] == 1
