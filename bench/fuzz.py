@@ -369,10 +369,13 @@ KEYS = ["node", "src", "dst", "format", "type", "reason", "name", "limit", "x"]
 @st.composite
 def http_query(draw) -> str:
     path = draw(st.one_of(st.sampled_from(PATHS), st.text(alphabet="/abcdeui.%?&=~", max_size=20).map(lambda s: "/" + s)))
-    pairs = draw(st.lists(st.tuples(st.one_of(st.sampled_from(KEYS), st.text(max_size=5)),
-                                    st.one_of(st.text(max_size=30), st.sampled_from(["10.0.0.1:99999", "[::1]:80", "1.2.3.4",
+    pairs = draw(st.lists(st.tuples(st.one_of(st.sampled_from(KEYS), st.sampled_from(KEYS), st.text(max_size=5)),
+                                    st.one_of(st.text(max_size=30), st.sampled_from(["ambient-worker", "ambient-worker2", "10.244.1.5", "10.244.2.5:8080", "10.0.0.1:99999", "[::1]:80", "1.2.3.4", "1.2.3.4:", "10.244.1.5:0",
                                                                                      "text", "json", "a" * 3000, "%zz", ":"]))),
                           max_size=4))
+    if draw(st.integers(0, 2)) == 0:  # the parameters a handler needs, so its parsing is reached
+        value = st.one_of(st.text(max_size=12), st.sampled_from(["ambient-worker", "10.244.1.5", "10.244.2.5:8080", "1.2.3.4:", ":80"]))
+        pairs = [("node", draw(value)), ("src", draw(value)), ("dst", draw(value)), *pairs]
     query = "&".join(f"{urllib.parse.quote(k, safe='')}={urllib.parse.quote(v, safe='')}" for k, v in pairs)
     if draw(st.integers(0, 5)) == 0:
         query += draw(st.sampled_from(["&&", "=", "%", "%%", "&=&", "node", "%C0%AF"]))

@@ -90,6 +90,7 @@ class _Conn:
     max_queued: int = 0  # high-water mark of requests read but not yet handled
     shed: bool = False
     closed: bool = False
+    pushing: bool = False  # between taking a new snapshot and having handed every response to gRPC
     release: Callable[[], None] = lambda: None  # drops the cache subscription and the reader
 
 
@@ -130,6 +131,7 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         self.events: collections.Counter[str] = collections.Counter()
         # streams shed because the client stopped reading (latest 64): stream, node, sends, blocked
         self.shed_streams: collections.deque[dict[str, Any]] = collections.deque(maxlen=64)
+        self.ack_listeners: list[Callable[[], None]] = []  # called after every ACK (ordering.py)
         # resources carried by those responses, by (short type, mode): resume must add none
         self.resources_sent: collections.Counter[tuple[str, str]] = collections.Counter()
 
@@ -219,9 +221,11 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
                     if snap is not None and snap is not conn.snapshot:  # removed node: keep last state, no push
                         conn.snapshot = snap
                         started = self._clock()
+                        conn.pushing = True
                         for resp in machine.on_snapshot(snap):
                             async for out in self._send(conn, resp):
                                 yield out
+                        conn.pushing = False
                         if self.metrics:
                             self.metrics.push_time.labels("all").observe(self._clock() - started)
                 if item is not _CHANGED:
@@ -387,6 +391,8 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
             self._record_nack(conn, outcome.nack)
         if outcome.acked_nonce is not None:
             self.events["ack"] += 1
+            for listener in self.ack_listeners:
+                listener()
             rec = self._nacks.get((conn.node, t))
             if rec is not None and rec["nonce"] != outcome.acked_nonce:  # a later response was accepted
                 rec["active"] = False
@@ -448,6 +454,23 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
             self.metrics.send_time.observe(self._clock() - now)
 
     # -- introspection ---------------------------------------------------------------------------
+    def lds_acked(self, node: str) -> bool | None:
+        """Whether every stream of `node` holds and has ACKed the node's current listeners
+        (None: no stream). Used by the endpoint barrier (ordering.py)."""
+        from .types import LISTENER
+
+        snap = self.cache.get(node)
+        conns = [c for c in self._conns.values() if c.node == node]
+        if not conns:
+            return None
+        for c in conns:
+            st = c.machine.states.get(LISTENER)
+            if c.pushing or c.change_pending or c.snapshot is not snap or st is None:
+                return False
+            if st.sent_version is None or st.acked_version != st.sent_version:
+                return False
+        return True
+
     def sync_status(self) -> list[dict]:
         """Per connected stream and type: versions, nonces, ACK/NACK state, age of the last send."""
         now = self._clock()
