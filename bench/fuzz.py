@@ -24,6 +24,7 @@ import asyncio
 import collections
 import copy
 import http.client
+import shutil
 import sys
 import tempfile
 import time
@@ -119,6 +120,9 @@ class ManifestCampaign:
         self.failures: list[str] = []
         self.tmp = Path(tempfile.mkdtemp(prefix="xds-fuzz-"))
 
+    def close(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
     def versions(self) -> dict[str, dict[str, str]]:
         return {n: {t: s.type_version(t) for t in s.type_urls()} for n, s in self.cp.cache.items()}
 
@@ -180,7 +184,10 @@ def run_manifests(cases: int, seed: int | None = None) -> ManifestCampaign:
     def case(drawn):
         camp.run_case(*drawn)
 
-    case()
+    try:
+        case()
+    finally:
+        camp.close()
     return camp
 
 
@@ -248,8 +255,12 @@ class XdsCampaign:
         self.failures: list[str] = []
         self.details: collections.Counter[str] = collections.Counter()
         self.loop = asyncio.new_event_loop()  # one loop for every case: grpc.aio channels are bound to it
-        poll(lambda: self._envoy_acked(), what="the Envoy ACKs every type", timeout=60)
-        self.before = self.envoy_state()
+        try:
+            poll(lambda: self._envoy_acked(), what="the Envoy ACKs every type", timeout=60)
+            self.before = self.envoy_state()
+        except BaseException:
+            self.stop()
+            raise
 
     def _envoy_acked(self) -> bool:
         rows = [r for r in self.serve.get("/debug/syncz") if r["node"] == self.node and not r["node_id"].startswith("fuzz~")]

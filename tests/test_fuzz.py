@@ -51,5 +51,6 @@ def test_fuzz_finding_bad_service_account_name_is_a_rejection_not_a_crash():
     pod = next(o for o in objs if o.kind == "Pod" and o.obj["metadata"]["namespace"] != "istio-system")
     pod.obj["spec"]["serviceAccountName"] = "-1"
     camp.run_case("objects", objs)
+    camp.close()
     assert not camp.failures, camp.failures
     assert camp.counts["rejected"] == 1
