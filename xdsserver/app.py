@@ -36,6 +36,7 @@ from .incremental import IncrementalTranslator, ResourceSet
 from .translate import NodeResources, TranslationError
 from .xds.cache import SnapshotCache, UnsafeSnapshot
 from .xds.metrics import XdsMetrics
+from .ordering import EndpointBarrier, new_endpoint_nodes
 from .xds.server import AdsServer
 
 log = logging.getLogger(__name__)
@@ -163,6 +164,9 @@ class ControlPlane:
         self.metrics = AppMetrics(self.registry)
         self.cache = SnapshotCache(self.xds_metrics)
         self.server = AdsServer(self.cache, metrics=self.xds_metrics, delta_only=delta_only, authorize=authorize)
+        # ordering.py: new endpoints reach clients after the destination ztunnel ACKed its chain
+        self.barrier = EndpointBarrier(self.server.lds_acked)
+        self.server.ack_listeners.append(self.barrier.acked)
         self.state = State()
         self.translator = IncrementalTranslator(flavor, certs)
         self.validation_memo = ValidationMemo()
@@ -192,6 +196,9 @@ class ControlPlane:
             return False
         stats = self.translator.stats
         publish = {n: self._with_injected(n, snaps[n]) for n in {*stats.changed_nodes, *self.injected} if n in snaps}
+        dest = new_endpoint_nodes(self.state.model, model)
+        previous = {n: self._with_injected(n, self.snaps[n]) for n in publish if n in self.snaps}
+        publish, held = self.barrier.split(publish, previous, dest)
         try:
             changes = self.cache.set_snapshots(publish)
         except UnsafeSnapshot as exc:
@@ -213,7 +220,16 @@ class ControlPlane:
                  (time.perf_counter() - t0) * 1000)
         if not self.cache.ready:
             self.cache.mark_ready()
+        if held:
+            self.barrier.release_later(dest, held, self._publish_latest)
         return True
+
+    def _publish_latest(self, nodes: set[str]) -> None:
+        """The endpoint barrier's release: the latest good snapshot of `nodes`."""
+        try:
+            self.cache.set_snapshots({n: self._with_injected(n, self.snaps[n]) for n in nodes if n in self.snaps})
+        except UnsafeSnapshot as exc:
+            log.error("endpoint barrier release refused: %s", exc)
 
     def _reject(self, message: str) -> None:
         self.metrics.input_errors.inc()
@@ -334,6 +350,7 @@ async def serve(args: Any, *, started: Callable[[ControlPlane], None] | None = N
     from .cli import bundled_example
     from .debug.http import start_debug
     from .sources.manifests import load_mesh_config
+    from .xds.limits import limits_from_args
     from .xds.server import start_server
 
     mesh = load_mesh_config(args.mesh_config) if getattr(args, "mesh_config", None) else None
@@ -364,6 +381,10 @@ async def serve(args: Any, *, started: Callable[[ControlPlane], None] | None = N
         registry=registry, delta_only=getattr(args, "delta_only", False), test_hooks=getattr(args, "test_hooks", False),
         authorize=authorize,
     )
+    cp.server.limits = limits_from_args(args)  # xds/limits.py: per-node/total streams, request size, shedding
+    barrier_timeout = getattr(args, "endpoint_barrier_timeout", None)
+    if barrier_timeout is not None:  # ordering.py; 0 pushes endpoints without waiting
+        cp.barrier.timeout, cp.barrier.enabled = barrier_timeout, barrier_timeout > 0
     runner = Runner(cp, Debounce(getattr(args, "debounce_quiet", 0.1), getattr(args, "debounce_max", 10.0)))
 
     # Servers first: streams are refused (UNAVAILABLE) and /ready is 503 until the first good

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from .model import Flavor
+from .xds.limits import add_limit_arguments
 
 log = logging.getLogger("xdsserver")
 
@@ -175,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--debounce-quiet", type=float, default=0.1, help="seconds without changes before a push")
     s.add_argument("--debounce-max", type=float, default=10.0, help="maximum seconds a push may be delayed")
     s.add_argument("--test-hooks", action="store_true", help=argparse.SUPPRESS)
+    add_limit_arguments(s)
+    s.add_argument("--endpoint-barrier-timeout", type=float, default=None,
+                   help="seconds a new endpoint waits for its node's ztunnel to ACK the inbound chain (default 5; 0: no wait)")
     s.set_defaults(func=cmd_serve)
 
     _register_optional(sub)

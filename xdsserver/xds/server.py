@@ -28,6 +28,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
 from .cache import Snapshot, SnapshotCache, SnapshotChange
+from .limits import Limits, flag_of
 from .metrics import XdsMetrics
 from .stream import (
     CHANGE,
@@ -48,7 +49,6 @@ __all__ = ["AdsServer", "NODE_NAME_KEY", "node_name_of", "start_server"]
 
 NODE_NAME_KEY = "NODE_NAME"
 SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
-MAX_RECEIVE_BYTES = 64 * 1024 * 1024
 
 _CHANGED = object()
 _EOF = object()
@@ -84,6 +84,14 @@ class _Conn:
     last_send: dict[str, float] = field(default_factory=dict)
     pending_ack: dict[str, tuple[str, float]] = field(default_factory=dict)  # type -> (nonce, change time)
     unknown_logged: set[str] = field(default_factory=set)
+    task: asyncio.Task | None = None  # the gRPC handler task, cancelled to shed the stream
+    slots: asyncio.Semaphore | None = None  # pending-request slots (backpressure on the reader)
+    sends: int = 0  # responses handed to gRPC on this stream
+    max_queued: int = 0  # high-water mark of requests read but not yet handled
+    shed: bool = False
+    closed: bool = False
+    pushing: bool = False  # between taking a new snapshot and having handed every response to gRPC
+    release: Callable[[], None] = lambda: None  # drops the cache subscription and the reader
 
 
 class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
@@ -102,8 +110,10 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         delta_only: bool = False,
         clock: Callable[[], float] = time.monotonic,
         types: tuple[str, ...] = PUSH_ORDER,
+        limits: Limits | None = None,
     ):
         self.cache = cache
+        self.limits = limits or Limits()
         self.metrics = metrics
         self._authorize = authorize
         self.delta_only = delta_only
@@ -116,8 +126,12 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         self._raw = False  # True once registered through add_to_server (bytes serializer)
         # responses sent, by (short type, reason: request | change | removal)
         self.counters: collections.Counter[tuple[str, str]] = collections.Counter()
-        # protocol events: stale_nonce, nack, ack, unknown_type, resume, streams_opened, streams_refused
+        # protocol events: stale_nonce, nack, ack, unknown_type, resume, streams_opened, streams_refused,
+        # and per limit: refused_streams_per_node, refused_resource_names, streams_shed
         self.events: collections.Counter[str] = collections.Counter()
+        # streams shed because the client stopped reading (latest 64): stream, node, sends, blocked
+        self.shed_streams: collections.deque[dict[str, Any]] = collections.deque(maxlen=64)
+        self.ack_listeners: list[Callable[[], None]] = []  # called after every ACK (ordering.py)
         # resources carried by those responses, by (short type, mode): resume must add none
         self.resources_sent: collections.Counter[tuple[str, str]] = collections.Counter()
 
@@ -128,12 +142,12 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         handlers = {
             "StreamAggregatedResources": grpc.stream_stream_rpc_method_handler(
                 self.StreamAggregatedResources,
-                request_deserializer=discovery_pb2.DiscoveryRequest.FromString,
+                request_deserializer=_decoder(discovery_pb2.DiscoveryRequest),
                 response_serializer=_as_bytes,
             ),
             "DeltaAggregatedResources": grpc.stream_stream_rpc_method_handler(
                 self.DeltaAggregatedResources,
-                request_deserializer=discovery_pb2.DeltaDiscoveryRequest.FromString,
+                request_deserializer=_decoder(discovery_pb2.DeltaDiscoveryRequest),
                 response_serializer=_as_bytes,
             ),
         }
@@ -155,6 +169,8 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
             first = await requests.__anext__()
         except StopAsyncIteration:
             return
+        if isinstance(first, Undecodable):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(first))
         # Refusals come after the first request is read: a status sent while the client is still
         # writing races its write, and gRPC core may then report INTERNAL instead of our status.
         if mode == "sotw" and self.delta_only:
@@ -164,11 +180,13 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
             self.events["streams_refused"] += 1
             await context.abort(grpc.StatusCode.UNAVAILABLE, "xDS server not ready: configuration source not loaded yet")
         node = await self._identify(first, context)
+        await self._admit(node, first, context)
         snap = self.cache.get(node)
         machine = SotwStream(self._nonces, self.types) if mode == "sotw" else DeltaStream(self._nonces, self.types)
         conn = _Conn(
             id=next(self._ids), node=node, node_id=first.node.id, node_key=_node_key(first.node), mode=mode,
             peer=context.peer() or "", machine=machine, snapshot=snap, opened=self._clock(),
+            task=asyncio.current_task(), slots=asyncio.Semaphore(self.limits.max_pending_requests),
         )
         self._conns[conn.id] = conn
         self.events["streams_opened"] += 1
@@ -190,7 +208,8 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
                 loop.call_soon_threadsafe(changed)
 
         unsubscribe = self.cache.subscribe(node, on_change)
-        reader = asyncio.create_task(self._read(requests, conn.queue), name=f"xds-reader-{conn.id}")
+        reader = asyncio.create_task(self._read(requests, conn), name=f"xds-reader-{conn.id}")
+        conn.release = lambda: (unsubscribe(), reader.cancel()) and None
         try:
             item: Any = first
             while item is not _EOF:
@@ -202,38 +221,75 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
                     if snap is not None and snap is not conn.snapshot:  # removed node: keep last state, no push
                         conn.snapshot = snap
                         started = self._clock()
+                        conn.pushing = True
                         for resp in machine.on_snapshot(snap):
                             async for out in self._send(conn, resp):
                                 yield out
+                        conn.pushing = False
                         if self.metrics:
                             self.metrics.push_time.labels("all").observe(self._clock() - started)
                 if item is not _CHANGED:
+                    if item is not first:
+                        conn.slots.release()  # type: ignore[union-attr]
                     await self._check(item, conn, context)
                     outcome = machine.on_request(item, conn.snapshot)
                     self._account(conn, item, outcome)
+                    await self._check_subscriptions(item.type_url, conn, context)
                     for resp in outcome.responses:
                         async for out in self._send(conn, resp):
                             yield out
                 item = await conn.queue.get()
         finally:
-            unsubscribe()
-            reader.cancel()
-            self._conns.pop(conn.id, None)
-            if self.metrics:
-                self.metrics.connected.labels(mode).dec()
-            log.info("xDS %s stream %d closed: node %r", mode, conn.id, node)
+            self._close(conn)
+
+    def _close(self, conn: _Conn) -> None:
+        """Forget a stream (idempotent: its handler's `finally` and the shedder both call it)."""
+        if conn.closed:
+            return
+        conn.closed = True
+        conn.release()
+        self._conns.pop(conn.id, None)
+        if self.metrics:
+            self.metrics.connected.labels(conn.mode).dec()
+        log.info("xDS %s stream %d closed: node %r%s", conn.mode, conn.id, conn.node, " (shed)" if conn.shed else "")
 
     @staticmethod
-    async def _read(requests, queue: asyncio.Queue) -> None:
+    async def _read(requests, conn: _Conn) -> None:
+        """Move requests to the stream's queue, at most `max_pending_requests` ahead of the loop.
+
+        When the slots are used up this stops reading, so gRPC stops granting the client HTTP/2
+        window: a client that writes without end is slowed down, not buffered.
+        """
+        queue, slots = conn.queue, conn.slots
+        assert slots is not None
         try:
-            async for req in requests:
+            while True:
+                await slots.acquire()
+                try:
+                    req = await requests.__anext__()
+                except StopAsyncIteration:
+                    break
                 queue.put_nowait(req)
+                conn.max_queued = max(conn.max_queued, queue.qsize())
         except asyncio.CancelledError:
             raise
         except Exception as e:  # the client went away; the loop ends on _EOF
             log.debug("xDS stream read ended: %r", e)
         finally:
             queue.put_nowait(_EOF)
+
+    async def _admit(self, node: str, first, context) -> None:
+        """Refuse a stream beyond the per-node limit (RESOURCE_EXHAUSTED, naming limit and flag)."""
+        limit = self.limits.max_streams_per_node
+        held = sum(1 for c in self._conns.values() if c.node == node)
+        if held >= limit:
+            self.events["streams_refused"] += 1
+            self.events["refused_streams_per_node"] += 1
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"node {node!r} (id {first.node.id!r}) already has {held} ADS streams open; "
+                f"limit {limit} ({flag_of('max_streams_per_node')})",
+            )
 
     async def _identify(self, first, context) -> str:
         if not first.HasField("node"):
@@ -258,6 +314,11 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         return name
 
     async def _check(self, req, conn: _Conn, context) -> None:
+        if isinstance(req, Undecodable):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"stream {conn.id} (node {conn.node!r}): {req}")
+        count = _name_count(req)
+        if count > self.limits.max_resource_names:
+            await self._refuse_names(conn, context, f"request for {req.type_url!r} names {count} resources", req.type_url)
         if not req.type_url:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, f"stream {conn.id} (node {conn.node!r}): request without type_url (required on ADS)"
@@ -267,6 +328,46 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"stream {conn.id}: node changed mid-stream from {conn.node_key!r} to {_node_key(req.node)!r}",
             )
+
+    async def _check_subscriptions(self, type_url: str, conn: _Conn, context) -> None:
+        """Delta subscriptions accumulate over requests: bound what one type may hold."""
+        st = conn.machine.states.get(type_url)
+        if st is not None and len(st.names) > self.limits.max_resource_names:
+            await self._refuse_names(conn, context, f"stream subscribes to {len(st.names)} {type_url!r} resources", type_url)
+
+    async def _refuse_names(self, conn: _Conn, context, what: str, type_url: str) -> None:
+        self.events["refused_resource_names"] += 1
+        log.warning("xDS stream %d (node %r): %s; refused", conn.id, conn.node, what)
+        await context.abort(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"stream {conn.id} (node {conn.node!r}): {what}; limit {self.limits.max_resource_names} "
+            f"({flag_of('max_resource_names')})",
+        )
+
+    def _shed(self, conn: _Conn, since: float) -> None:
+        """The client has not taken a response for `send_timeout`: stop serving the stream.
+
+        grpc.aio cannot end a call with a blocked write (abort would queue its status behind the
+        write), so the handler task is cancelled: the stream's state, subscription and per-node
+        slot are released now; gRPC closes the call itself when the client reads, goes away, or
+        its connection reaches `max_connection_age` (+ grace).
+        """
+        if conn.closed:
+            return
+        conn.shed = True
+        self.events["streams_shed"] += 1
+        log.warning(
+            "xDS %s stream %d (node %r, %s): a response write blocked for %.1f s (limit %s s, %s); stream shed",
+            conn.mode, conn.id, conn.node, conn.peer, self._clock() - since, self.limits.send_timeout,
+            flag_of("send_timeout"),
+        )
+        self.shed_streams.append(
+            {"stream": conn.id, "node": conn.node, "mode": conn.mode, "sends": conn.sends,
+             "blocked": round(self._clock() - since, 3)}
+        )
+        self._close(conn)
+        if conn.task is not None:
+            conn.task.cancel()
 
     def _account(self, conn: _Conn, req, outcome: RequestOutcome) -> None:
         t = req.type_url
@@ -290,6 +391,8 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
             self._record_nack(conn, outcome.nack)
         if outcome.acked_nonce is not None:
             self.events["ack"] += 1
+            for listener in self.ack_listeners:
+                listener()
             rec = self._nacks.get((conn.node, t))
             if rec is not None and rec["nonce"] != outcome.acked_nonce:  # a later response was accepted
                 rec["active"] = False
@@ -338,11 +441,36 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         if self.metrics:
             self.metrics.pushes.labels(label).inc()
             self.metrics.config_size.labels(label).observe(len(data))
-        yield data
+        conn.sends += 1
+        timer = None
+        if self.limits.send_timeout is not None:
+            timer = asyncio.get_running_loop().call_later(self.limits.send_timeout, self._shed, conn, now)
+        try:
+            yield data  # gRPC writes it before resuming us: this blocks while the client does not read
+        finally:
+            if timer is not None:
+                timer.cancel()
         if self.metrics:
             self.metrics.send_time.observe(self._clock() - now)
 
     # -- introspection ---------------------------------------------------------------------------
+    def lds_acked(self, node: str) -> bool | None:
+        """Whether every stream of `node` holds and has ACKed the node's current listeners
+        (None: no stream). Used by the endpoint barrier (ordering.py)."""
+        from .types import LISTENER
+
+        snap = self.cache.get(node)
+        conns = [c for c in self._conns.values() if c.node == node]
+        if not conns:
+            return None
+        for c in conns:
+            st = c.machine.states.get(LISTENER)
+            if c.pushing or c.change_pending or c.snapshot is not snap or st is None:
+                return False
+            if st.sent_version is None or st.acked_version != st.sent_version:
+                return False
+        return True
+
     def sync_status(self) -> list[dict]:
         """Per connected stream and type: versions, nonces, ACK/NACK state, age of the last send."""
         now = self._clock()
@@ -373,7 +501,10 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
     def connections(self) -> list[dict]:
         now = self._clock()
         return [
-            {"stream": c.id, "node": c.node, "node_id": c.node_id, "mode": c.mode, "peer": c.peer, "age": round(now - c.opened, 3)}
+            {
+                "stream": c.id, "node": c.node, "node_id": c.node_id, "mode": c.mode, "peer": c.peer,
+                "age": round(now - c.opened, 3), "sends": c.sends, "max_queued": c.max_queued,
+            }
             for c in (self._conns[i] for i in sorted(self._conns))
         ]
 
@@ -387,6 +518,36 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
 def _ordered(types) -> list[str]:
     present = set(types)
     return [t for t in PUSH_ORDER if t in present] + sorted(present.difference(PUSH_ORDER))
+
+
+class Undecodable:
+    """A request whose bytes are not a valid message: answered with INVALID_ARGUMENT, not UNKNOWN."""
+
+    def __init__(self, kind: str, error: Exception):
+        self.kind, self.error = kind, error
+
+    def __str__(self) -> str:
+        return f"request is not a valid {self.kind}: {self.error}"
+
+
+def _decoder(message_type) -> Callable[[bytes], Any]:
+    """A request deserializer that does not raise: gRPC would end the stream with UNKNOWN and
+    log a traceback for every malformed message."""
+    from google.protobuf.message import DecodeError
+
+    def decode(data: bytes):
+        try:
+            return message_type.FromString(data)
+        except DecodeError as exc:
+            return Undecodable(message_type.DESCRIPTOR.name, exc)
+
+    return decode
+
+
+def _name_count(req) -> int:
+    if isinstance(req, discovery_pb2.DeltaDiscoveryRequest):
+        return len(req.resource_names_subscribe) + len(req.resource_names_unsubscribe) + len(req.initial_resource_versions)
+    return len(req.resource_names)
 
 
 def _as_bytes(msg) -> bytes:
@@ -403,11 +564,13 @@ async def start_server(
 ) -> grpc.aio.Server:
     """Start a grpc.aio server for `servicer` on a TCP `address` ("127.0.0.1:0") and/or a unix socket.
 
-    The bound TCP port is available as `server.xds_port` (useful with port 0).
+    The bound TCP port is available as `server.xds_port` (useful with port 0). The servicer's
+    `Limits` set the transport bounds (request size, concurrent streams, connection age).
     """
     if not address and not uds:
         raise ValueError("start_server needs an address or a uds path")
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_RECEIVE_BYTES), *options])
+    limits = servicer.limits
+    server = grpc.aio.server(options=[*limits.grpc_options(), *options], maximum_concurrent_rpcs=limits.max_streams)
     servicer.add_to_server(server)
     port = None
     if address:

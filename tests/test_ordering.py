@@ -1,0 +1,133 @@
+"""Ordered pushes (issue 14, point 2): a new endpoint reaches a client ztunnel only after the
+destination node's ztunnel ACKed the listeners holding the pod's inbound chain (ordering.py).
+
+The real pipeline (`ControlPlane` on the client-server manifests, edited on disk) and the real
+grpc.aio ADS server; the ztunnels are scripted clients (`xdsclient.py`), so the test decides when
+the destination ztunnel ACKs. With the barrier disabled the first test fails: the client holds the
+new endpoint while the destination has not ACKed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+from pathlib import Path
+
+from envoy.config.endpoint.v3.endpoint_pb2 import ClusterLoadAssignment
+from prometheus_client import CollectorRegistry
+
+from xdsclient import SotwClient
+from xdsserver.app import ControlPlane, ManifestSource
+from xdsserver.pipeline import ephemeral_certs
+from xdsserver.xds.server import start_server
+from xdsserver.xds.types import CLUSTER, ENDPOINT, LISTENER
+
+SCENARIO = Path(__file__).resolve().parent.parent / "golden" / "client-server" / "manifests"
+CLIENT_NODE, DEST_NODE, NEW_IP = "ambient-worker", "ambient-worker2", "10.244.2.9"
+NEW_POD = f"""---
+apiVersion: v1
+kind: Pod
+metadata: {{name: server-f44ffdf6f-new01, namespace: ambient, uid: d3000000-0000-4000-8000-0000000000aa, labels: {{app: server}},
+           creationTimestamp: '2022-10-01T00:00:00Z'}}
+spec:
+  nodeName: {DEST_NODE}
+  serviceAccountName: server
+  containers: [{{name: server, image: example/app, ports: [{{containerPort: 8080, name: http, protocol: TCP}}]}}]
+status: {{phase: Running, podIP: {NEW_IP}, podIPs: [{{ip: {NEW_IP}}}], conditions: [{{type: Ready, status: 'True'}}]}}
+"""
+
+
+def endpoint_ips(client: SotwClient) -> set[str]:
+    return _ips(client.resources.get(ENDPOINT, {}).values())
+
+
+def served_ips(cp: ControlPlane, node: str) -> set[str]:
+    """The pod addresses in the CLAs the server holds for `node` (what any of its streams can get)."""
+    snap = cp.cache.get(node)
+    return _ips(snap.get(ENDPOINT, n).body for n in snap.names(ENDPOINT))
+
+
+async def until(pred, timeout: float = 10.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not pred():
+            await asyncio.sleep(0.01)
+
+
+def _ips(bodies) -> set[str]:
+    out = set()
+    for body in bodies:
+        cla = ClusterLoadAssignment.FromString(body)
+        for g in cla.endpoints:  # HBONE endpoints: the pod address is the internal address's endpoint_id
+            out |= {e.endpoint.address.envoy_internal_address.endpoint_id.split(":")[0] for e in g.lb_endpoints}
+    return out
+
+
+async def setup(tmp_path: Path, timeout: float):
+    shutil.copytree(SCENARIO, tmp_path / "m")
+    cp = ControlPlane(load_objects=ManifestSource(tmp_path / "m").objects, certs=ephemeral_certs(), registry=CollectorRegistry())
+    cp.barrier.timeout = timeout
+    assert cp.rebuild()
+    server = await start_server(cp.server, address="127.0.0.1:0")
+    return cp, server, f"127.0.0.1:{server.xds_port}"
+
+
+async def client_ztunnel(cp: ControlPlane, target: str) -> SotwClient:
+    c = SotwClient(target, CLIENT_NODE, auto_ack=True)
+    await c.connect()
+    await c.request(CLUSTER, [])
+    await c.request(ENDPOINT, sorted(cp.cache.get(CLIENT_NODE).names(ENDPOINT)))
+    await c.wait_for(lambda: "10.244.2.5" in endpoint_ips(c))
+    return c
+
+
+def add_backend(cp: ControlPlane, tmp_path: Path) -> None:
+    with open(tmp_path / "m" / "apps.yaml", "a") as f:
+        f.write(NEW_POD)
+    assert cp.rebuild()
+
+
+async def test_endpoint_waits_for_the_destination_ztunnel_ack(tmp_path):
+    cp, server, target = await setup(tmp_path, timeout=30.0)
+    dest = SotwClient(target, DEST_NODE)  # ACKs only when the test says so
+    try:
+        await dest.connect()
+        await dest.request(LISTENER, [])
+        await dest.ack(await dest.recv(LISTENER))
+        client = await client_ztunnel(cp, target)
+        await until(lambda: cp.server.lds_acked(DEST_NODE) is True)
+
+        t0 = time.monotonic()
+        add_backend(cp, tmp_path)
+        new_lds = await dest.recv(LISTENER)  # the destination gets the inbound chain first
+        assert any(NEW_IP.encode() in a.value for a in new_lds.resources)
+        assert cp.server.lds_acked(DEST_NODE) is False
+        assert NEW_IP not in served_ips(cp, CLIENT_NODE), "the endpoint is served to the client before the destination ACKed"
+        assert NEW_IP not in endpoint_ips(client)
+        assert cp.barrier.counts["gated"] == 1 and cp.barrier.counts["released"] == 0
+
+        await dest.ack(new_lds)
+        await client.wait_for(lambda: NEW_IP in endpoint_ips(client), timeout=10)
+        waited = time.monotonic() - t0
+        assert cp.barrier.counts["released"] == 1 and cp.barrier.counts["timeouts"] == 0
+        assert waited < cp.barrier.timeout  # released by the ACK, not by the timeout
+        print(f"\nendpoint reached the client {waited * 1000:.0f} ms after the change, right after the destination's ACK")
+        await client.close()
+    finally:
+        await dest.close()
+        await server.stop(None)
+
+
+async def test_unconnected_destination_delays_the_endpoint_a_bounded_time(tmp_path):
+    cp, server, target = await setup(tmp_path, timeout=0.5)
+    try:
+        client = await client_ztunnel(cp, target)
+        t0 = time.monotonic()
+        add_backend(cp, tmp_path)
+        await client.wait_for(lambda: NEW_IP in endpoint_ips(client), timeout=10)
+        waited = time.monotonic() - t0
+        assert waited >= 0.5
+        assert cp.barrier.counts["timeouts"] == 1 and cp.barrier.counts["not_connected"] == 1
+        await client.close()
+    finally:
+        await server.stop(None)
