@@ -13,8 +13,8 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,18 +22,14 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from .model import Flavor, MeshConfig, Model
+from .model import Flavor, MeshConfig
 from .model.index import MeshIndex
 from .pipeline import CaCerts
 from .sources import SourceObject
-from .translate import type_url
-from envoy.config.cluster.v3.cluster_pb2 import Cluster
-from envoy.config.endpoint.v3.endpoint_pb2 import ClusterLoadAssignment
-from envoy.config.listener.v3.listener_pb2 import Listener
-from envoy.extensions.transport_sockets.tls.v3.secret_pb2 import Secret
 from .sources.objects import InputErrors, ValidationMemo, build_model
 from .incremental import IncrementalTranslator, ResourceSet
-from .translate import NodeResources, TranslationError
+from .published import LazyNodes, State
+from .translate import TranslationError
 from .xds.cache import SnapshotCache, UnsafeSnapshot
 from .xds.metrics import XdsMetrics
 from .xds.server import AdsServer
@@ -79,46 +75,6 @@ class ManifestSource:
         from .sources.manifests import read_objects
 
         return read_objects(self.path)
-
-
-class LazyNodes(Mapping[str, NodeResources]):
-    """Each node's published resources as messages, parsed from the bytes on first use.
-
-    The pipeline keeps only serialized resources (built once, shared across nodes); the debug
-    endpoints and ``explain`` want messages, and only for the nodes someone asks about."""
-
-    def __init__(self, snaps: Mapping[str, ResourceSet], flavor: Flavor) -> None:
-        self._snaps, self._flavor = snaps, flavor
-        self._parsed: dict[str, NodeResources] = {}
-
-    def __getitem__(self, node: str) -> NodeResources:
-        if node not in self._parsed:
-            rs = self._snaps[node]  # KeyError for unknown nodes, as a Mapping should
-
-            def parse(cls: type[Message]) -> tuple[Any, ...]:
-                return tuple(cls.FromString(body) for _, body in rs.get(type_url(cls()), []))
-
-            self._parsed[node] = NodeResources(node, self._flavor, parse(Listener), parse(Cluster),
-                                               parse(ClusterLoadAssignment), parse(Secret))
-        return self._parsed[node]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._snaps)
-
-    def __len__(self) -> int:
-        return len(self._snaps)
-
-
-@dataclass
-class State:
-    """The last good inputs and outputs, swapped as a whole."""
-
-    model: Model | None = None
-    index: MeshIndex | None = None
-    nodes: Mapping[str, NodeResources] = field(default_factory=dict)
-    loaded_at: float = 0.0
-    generation: int = 0
-    last_error: str = ""
 
 
 class AppMetrics:
@@ -331,7 +287,7 @@ def make_certs(args: Any, trust_domain: str) -> CaCerts:
 
 
 async def serve(args: Any, *, started: Callable[[ControlPlane], None] | None = None) -> None:
-    from .cli import bundled_example
+    from .bundled import bundled_example
     from .debug.http import start_debug
     from .sources.manifests import load_mesh_config
     from .xds.server import start_server
