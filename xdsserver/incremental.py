@@ -14,6 +14,10 @@ built from, and on the next :class:`~xdsserver.model.index.MeshIndex`:
   listener, built and serialized once for all nodes); every other resource's bytes are reused. Such a CLA is the same on every
   node that hosts none of the target's backends, so it is built and serialized once per change
   and its bytes are shared across those nodes;
+* **service and port changes** (stock flavor) -- a Service or port that came, went or changed
+  touches only stage 2 (the shared dispatch listener), the service clusters (a cluster depends on
+  its name only: a new one is built once for all nodes) and the CLAs whose target changed, matched
+  by cluster name since targets' positions shift; every other resource keeps its bytes;
 * anything else falls back to a full ``translate`` (with its reference check) for that node.
 
 The output is byte-for-byte what ``translate`` + deterministic serialization gives (the tests
@@ -29,16 +33,19 @@ from .model import Flavor, Identity
 from .model.index import MeshIndex, NodeView, ServiceTarget, Workload
 from .translate import CertPair, CertProvider, NodeResources, service_clusters, translate, type_url
 from .translate.dispatch import build_dispatch_listener
+from .translate.clusters import build_service_cluster
 from .translate.endpoints import build_cla
 from .translate.names import OUTBOUND_DISPATCH
 from .translate.secrets import build_root_secret, build_workload_secret
 
+from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 
 EDS = type_url(endpoint_pb2.ClusterLoadAssignment())
 LDS = type_url(listener_pb2.Listener())
+CDS = type_url(cluster_pb2.Cluster())
 SDS = type_url(secret_pb2.Secret())
 
 ResourceSet = dict[str, list[tuple[str, bytes]]]
@@ -121,6 +128,7 @@ class IncrementalTranslator:
         self._secret_bytes: dict[Identity, tuple[CertPair, bytes]] = {}
         self._root_bytes: tuple[str, bytes] | None = None
         self._shared_bytes: dict[int, tuple[Any, bytes]] = {}  # one snapshots() call: shared messages' bytes
+        self._cluster_bytes: dict[str, bytes] = {}  # one snapshots() call: new service clusters' bytes
         self.stats = RunStats()
 
     def snapshots(self, index: MeshIndex, nodes: list[str] | None = None) -> dict[str, ResourceSet]:
@@ -139,6 +147,7 @@ class IncrementalTranslator:
         changed_targets: dict[int, frozenset[int]] = {}  # id(old targets) -> changed indexes
         pairs: dict[Identity, CertPair] = {}  # certificates asked for in this call
         compared: dict[tuple[int, int], bool] = {}  # nodes' memos share their tuples: compare each pair once
+        changed_names: dict[tuple[int, int], frozenset[Any]] = {}  # (old service map, old targets) -> CLAs to rebuild
 
         def same(old: tuple[Any, ...], new: tuple[Any, ...]) -> bool:
             k = (id(old), id(new))
@@ -146,40 +155,61 @@ class IncrementalTranslator:
                 compared[k] = old is new or old == new
             return compared[k]
 
+        service_map: dict[str, tuple[str, int]] | None = None  # stock flavor: the same on every node with pods
+
         for node in wanted:
             view = index.node_view(node)
             memo = self._memo.get(node)
             local = tuple(_workload_shape(wl) for wl in view.local_workloads) + _policy_shape(view)
             moved = memo is not None and not same(memo.workloads, workloads)  # a pod elsewhere came, went or changed
-            if memo is None or memo.local != local or not same(memo.shapes, shapes) or (moved and self.flavor is not Flavor.ENVOY):
+            reshaped = memo is not None and not same(memo.shapes, shapes)  # a service or port came, went or changed
+            if memo is None or memo.local != local or ((reshaped or moved) and self.flavor is not Flavor.ENVOY):
                 staged[node] = self._full(view, local, workloads, shapes)
                 out[node] = staged[node].resources
                 stats.full.append(node)
                 continue
-            key = id(memo.targets)
-            if key not in changed_targets:
-                changed_targets[key] = frozenset(
-                    i for i, (a, b) in enumerate(zip(memo.targets, targets)) if a is not b and a.backends != b.backends
-                )
-            changed = changed_targets[key]
+            if reshaped:
+                if service_map is None:
+                    service_map = service_clusters(view, self.flavor) if view.local_identities else {}
+                new_map = service_map if view.local_identities else {}
+                key = (id(memo.cla_targets), id(memo.targets))
+                if key not in changed_names:
+                    changed_names[key] = self._changed_names(memo.cla_targets, memo.targets, new_map, targets)
+                changed: frozenset[Any] = changed_names[key]
+            else:
+                new_map = memo.cla_targets
+                key2 = id(memo.targets)
+                if key2 not in changed_targets:
+                    changed_targets[key2] = frozenset(
+                        i for i, (a, b) in enumerate(zip(memo.targets, targets)) if a is not b and a.backends != b.backends
+                    )
+                changed = changed_targets[key2]
             secrets = self._secrets(view.local_identities, pairs)
-            if not changed and not moved and secrets == memo.secrets:
+            if not changed and not moved and not reshaped and secrets == memo.secrets:
                 staged[node] = replace(memo, targets=targets, workloads=workloads, shapes=shapes)
                 out[node] = memo.resources
                 stats.untouched.append(node)
                 continue
             res = dict(memo.resources)
             n = 0
-            if moved:  # stock flavor: of everything a node has, only stage 2 depends on other nodes' pods
+            if (moved or reshaped) and view.local_identities:
+                # stock flavor: of everything a node has, only stage 2 depends on other nodes' pods and on services
                 stage2 = build_dispatch_listener(view)
                 hit = self._shared_bytes.get(id(stage2))
                 if hit is None or hit[0] is not stage2:
                     hit = self._shared_bytes[id(stage2)] = (stage2, stage2.SerializeToString(deterministic=True))
                 res[LDS] = [(name, hit[1] if name == OUTBOUND_DISPATCH else body) for name, body in res[LDS]]
-            if changed:
-                clas = dict(res[EDS])
-                for name, (lis, i) in memo.cla_targets.items():
-                    if i not in changed:
+            if reshaped:  # service clusters lead CDS in service-map order; one CLA per service cluster
+                old_cds = res[CDS]
+                bodies = dict(old_cds[: len(memo.cla_targets)])
+                res[CDS] = [(name, bodies.get(name) or self._service_cluster_bytes(name)) for name in new_map] + \
+                    old_cds[len(memo.cla_targets):]
+            if changed or reshaped:
+                old_clas = dict(res[EDS])
+                clas = []
+                for name, (lis, i) in new_map.items():
+                    if (name if reshaped else i) not in changed:
+                        clas.append((name, old_clas[name]))
                         continue
                     t = targets[i]
                     host = node if any(b.node_name == node for b in t.backends) else ""  # capture port differs
@@ -188,12 +218,13 @@ class IncrementalTranslator:
                     if body is None:
                         body = cla_memo[k] = build_cla(name, lis, t, node).SerializeToString(deterministic=True)
                         stats.clas_built += 1
-                    clas[name] = body
+                    clas.append((name, body))
                     n += 1
-                res[EDS] = list(clas.items())
+                res[EDS] = clas
             if secrets != memo.secrets:  # certificate rotation: same names, new bodies
                 res[SDS] = [(name, secrets[ident]) for (name, _), ident in zip(res[SDS], [*view.local_identities, None])]
-            staged[node] = replace(memo, resources=res, targets=targets, workloads=workloads, shapes=shapes, secrets=secrets)
+            staged[node] = replace(memo, resources=res, targets=targets, workloads=workloads, shapes=shapes, secrets=secrets,
+                                   cla_targets=new_map)
             out[node] = res
             stats.patched[node] = n
         self._memo.update(staged)
@@ -202,6 +233,7 @@ class IncrementalTranslator:
                 del self._memo[gone]
                 stats.removed.append(gone)
         self._shared_bytes.clear()  # the bytes live on in the resource sets
+        self._cluster_bytes.clear()
         self.stats = stats
         return out
 
@@ -217,6 +249,30 @@ class IncrementalTranslator:
         self._memo.pop(node, None)
 
     # -- internals --------------------------------------------------------------------------------
+    @staticmethod
+    def _changed_names(old_map: dict[str, tuple[str, int]], old_targets: tuple[ServiceTarget, ...],
+                       new_map: dict[str, tuple[str, int]], new_targets: tuple[ServiceTarget, ...]) -> frozenset[str]:
+        """Service clusters whose CLA must be rebuilt after services or ports changed: new names,
+        and names now backed by a target with other backends or another shape (an index shift alone
+        changes nothing). Keyed by name because targets' indexes move when one is added or removed."""
+        out = []
+        for name, (lis, i) in new_map.items():
+            was = old_map.get(name)
+            if was is None or was[0] != lis:
+                out.append(name)
+                continue
+            a, b = old_targets[was[1]], new_targets[i]
+            if a is not b and (a.backends != b.backends or _shape(a) != _shape(b)):
+                out.append(name)
+        return frozenset(out)
+
+    def _service_cluster_bytes(self, name: str) -> bytes:
+        """A service cluster depends on its name only; built once per name and call, shared by every node."""
+        hit = self._cluster_bytes.get(name)
+        if hit is None:
+            hit = self._cluster_bytes[name] = build_service_cluster(name).SerializeToString(deterministic=True)
+        return hit
+
     def _secrets(self, identities: tuple[Identity, ...], pairs: dict[Identity, CertPair] | None = None) -> dict[Identity | None, bytes]:
         """Workload secrets by identity and the root bundle (key None), in translate()'s order.
         Bytes are reused while an identity's certificate is the same (rotation makes a new one);
