@@ -27,7 +27,7 @@ from .model.index import MeshIndex
 from .pipeline import CaCerts
 from .sources import SourceObject
 from .sources.objects import InputErrors, ValidationMemo, build_model
-from .incremental import IncrementalTranslator, ResourceSet
+from .incremental import IncrementalTranslator, ResourceSet, resource_delta
 from .published import LazyNodes, State
 from .translate import TranslationError
 from .xds.cache import SnapshotCache, UnsafeSnapshot
@@ -147,11 +147,17 @@ class ControlPlane:
             self._reject(f"translation failed reference checks, still serving the last good configuration: {exc}")
             return False
         stats = self.translator.stats
-        publish = {n: self._with_injected(n, snaps[n]) for n in {*stats.changed_nodes, *self.injected} if n in snaps}
+        # per-node deltas: O(change) in the cache. Nodes translated from scratch (and test-hook
+        # injections) are diffed against what the cache serves, which is the truth if an earlier
+        # publish was refused.
+        deltas = dict(stats.deltas)
+        for n in {*stats.full, *self.injected}:
+            if n in snaps:
+                deltas[n] = resource_delta(self.cache.resource_set(n), self._with_injected(n, snaps[n]))
         try:
-            changes = self.cache.set_snapshots(publish)
+            changes = self.cache.apply_deltas(deltas)
         except UnsafeSnapshot as exc:
-            for n in publish:  # the cache kept the old state: translate these from scratch next time
+            for n in deltas:  # the cache kept the old state: translate these from scratch next time
                 self.translator.forget(n)
             self.metrics.unsafe.inc()
             self._reject(f"refused: {exc}")
