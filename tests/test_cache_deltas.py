@@ -17,7 +17,7 @@ from xdsserver.xds.types import CLUSTER, ENDPOINT, LISTENER
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import cluster as bc  # noqa: E402
-from test_incremental import port_added, port_removed, service_removed  # noqa: E402
+from test_incremental import EVENT_SEQUENCE  # noqa: E402
 
 NODE = "node-a"
 
@@ -34,16 +34,7 @@ def test_deltas_give_the_same_snapshots_and_changes_as_full_sets() -> None:
     index = bc.index_of(objs)
     inc = IncrementalTranslator(Flavor.ENVOY, certs)
     whole, patched = SnapshotCache(), SnapshotCache()
-    steps = [
-        lambda o, i: o,
-        lambda o, i: bc.EVENTS["pod_added"](o, i)[0],
-        lambda o, i: bc.EVENTS["endpoint_unready"](o, i)[0],
-        lambda o, i: bc.EVENTS["service_added"](o, i)[0],
-        lambda o, i: port_added(o),
-        lambda o, i: service_removed(o),
-        lambda o, i: port_removed(o),
-        lambda o, i: bc.EVENTS["irrelevant_namespace"](o, i)[0],
-    ]
+    steps = [lambda o, i: o, *EVENT_SEQUENCE]
     for k, step in enumerate(steps):
         objs = step(objs, index)
         index = bc.index_of(objs)

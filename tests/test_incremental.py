@@ -154,6 +154,19 @@ def namespace_unenrolled(objs: list[dict]) -> list[dict]:
     return new
 
 
+# every kind of event, to apply one after another (each step: objects, index -> new objects)
+EVENT_SEQUENCE = [
+    lambda o, i: bc.EVENTS["pod_added"](o, i)[0],
+    lambda o, i: bc.EVENTS["endpoint_unready"](o, i)[0],
+    lambda o, i: bc.EVENTS["service_added"](o, i)[0],
+    lambda o, i: port_added(o),
+    lambda o, i: port_renumbered(o),
+    lambda o, i: service_removed(o),
+    lambda o, i: port_removed(o),
+    lambda o, i: bc.EVENTS["irrelevant_namespace"](o, i)[0],
+    lambda o, i: namespace_unenrolled(o),
+]
+
 SERVICE_EVENTS = {"service_removed": service_removed, "port_added": port_added, "port_removed": port_removed,
                   "port_renumbered": port_renumbered}
 
@@ -188,17 +201,7 @@ def test_every_event_in_sequence_equals_full_translation(base, certs) -> None:
     objs, index = base
     inc = IncrementalTranslator(Flavor.ENVOY, certs)
     inc.snapshots(index)
-    steps = [
-        lambda o, i: bc.EVENTS["pod_added"](o, i)[0],
-        lambda o, i: bc.EVENTS["endpoint_unready"](o, i)[0],
-        lambda o, i: bc.EVENTS["service_added"](o, i)[0],
-        lambda o, i: port_added(o),
-        lambda o, i: port_renumbered(o),
-        lambda o, i: service_removed(o),
-        lambda o, i: port_removed(o),
-        lambda o, i: bc.EVENTS["irrelevant_namespace"](o, i)[0],
-        lambda o, i: namespace_unenrolled(o),
-    ]
+    steps = EVENT_SEQUENCE
     for k, step in enumerate(steps):
         objs = step(objs, index)
         index = bc.index_of(objs)

@@ -165,6 +165,11 @@ def _diff(node: str, old: Snapshot | None, new: Snapshot) -> SnapshotChange:
     return SnapshotChange(node, added, changed, removed)
 
 
+def _wipe(node: str, type_url: str, had: int) -> UnsafeSnapshot:
+    return UnsafeSnapshot(f"node {node!r}: refusing a snapshot with no {short(type_url)} resources while the node has "
+                          f"{had}; that would delete all of its {short(type_url)} config")
+
+
 ChangeCallback = Callable[[SnapshotChange], None]
 
 
@@ -294,10 +299,7 @@ class SnapshotCache:
                 if not (a or c or r):
                     continue
                 if not by_name and before and type_url in FULL_STATE_TYPES and not allow_empty:
-                    raise UnsafeSnapshot(
-                        f"node {node!r}: refusing a snapshot with no {short(type_url)} resources while the node has "
-                        f"{len(before)}; that would delete all of its {short(type_url)} config"
-                    )
+                    raise _wipe(node, type_url, len(before))
                 types[type_url] = by_name
                 for out, names_ in ((added, a), (changed, c), (removed, r)):
                     if names_:
@@ -359,10 +361,7 @@ class SnapshotCache:
         if old is not None and not allow_empty:
             for t in sorted(FULL_STATE_TYPES):
                 if old.resources(t) and not typed.get(t):
-                    raise UnsafeSnapshot(
-                        f"node {node!r}: refusing a snapshot with no {short(t)} resources while the node has "
-                        f"{len(old.resources(t))}; that would delete all of its {short(t)} config"
-                    )
+                    raise _wipe(node, t, len(old.resources(t)))
         return Snapshot(typed)
 
     def _intern(self, type_url: str, name: str, body: bytes) -> Resource:
