@@ -120,38 +120,47 @@ def test_pod_added_retranslates_only_its_node(base, certs) -> None:
 
 
 # -- services and ports: only stage 2, the service clusters and their CLAs change -------------------
-def _service(objs: list[dict], name: str) -> dict:
-    return next(o for o in objs if o["kind"] == "Service" and o["metadata"]["name"] == name)
+def _replace(objs: list[dict], match, change) -> list[dict]:
+    """Per-object event: the first object ``match`` picks is replaced by a changed copy; the
+    other objects are shared, as a source's cache hands them out."""
+    i = next(i for i, o in enumerate(objs) if match(o))
+    new = list(objs)
+    new[i] = copy.deepcopy(objs[i])
+    change(new[i])
+    return new
+
+
+def _svc(name: str):
+    return lambda o: o["kind"] == "Service" and o["metadata"]["name"] == name
 
 
 def service_removed(objs: list[dict]) -> list[dict]:
-    return [o for o in objs if not (o["kind"] == "Service" and o["metadata"]["name"] == "svc-0001")]
+    return [o for o in objs if not _svc("svc-0001")(o)]
 
 
 def port_added(objs: list[dict]) -> list[dict]:
-    new = copy.deepcopy(objs)
-    _service(new, "svc-0002")["spec"]["ports"].append({"name": "metrics", "port": 9999, "protocol": "TCP", "targetPort": 9999})
-    return new
+    return _replace(objs, _svc("svc-0002"), lambda o: o["spec"]["ports"].append(
+        {"name": "metrics", "port": 9999, "protocol": "TCP", "targetPort": 9999}))
 
 
 def port_removed(objs: list[dict]) -> list[dict]:
-    new = copy.deepcopy(objs)
-    svc = next(o for o in new if o["kind"] == "Service" and len(o["spec"]["ports"]) > 1)
-    svc["spec"]["ports"].pop(0)
-    return new
+    return _replace(objs, lambda o: o["kind"] == "Service" and len(o["spec"]["ports"]) > 1, lambda o: o["spec"]["ports"].pop(0))
 
 
 def port_renumbered(objs: list[dict]) -> list[dict]:
-    new = copy.deepcopy(objs)
-    _service(new, "svc-0003")["spec"]["ports"][0]["port"] = 18080
-    return new
+    return _replace(objs, _svc("svc-0003"), lambda o: o["spec"]["ports"][0].update(port=18080))
 
 
 def namespace_unenrolled(objs: list[dict]) -> list[dict]:
-    new = copy.deepcopy(objs)
-    ns = next(o for o in new if o["kind"] == "Namespace" and o["metadata"]["name"] == "ns-001")
-    del ns["metadata"]["labels"]["istio.io/dataplane-mode"]
-    return new
+    return _replace(objs, lambda o: o["kind"] == "Namespace" and o["metadata"]["name"] == "ns-001",
+                    lambda o: o["metadata"]["labels"].pop("istio.io/dataplane-mode"))
+
+
+def pod_identity_changed(objs: list[dict], index: MeshIndex) -> list[dict]:
+    """A served pod now runs as another service account: same endpoint, another backend identity."""
+    served = {b.pod for t in index.targets for b in t.backends if b.identity is not None}
+    return _replace(objs, lambda o: o["kind"] == "Pod" and f"{o['metadata']['namespace']}/{o['metadata']['name']}" in served,
+                    lambda o: o["spec"].update(serviceAccountName="renamed"))
 
 
 # every kind of event, to apply one after another (each step: objects, index -> new objects)
@@ -165,6 +174,7 @@ EVENT_SEQUENCE = [
     lambda o, i: port_removed(o),
     lambda o, i: bc.EVENTS["irrelevant_namespace"](o, i)[0],
     lambda o, i: namespace_unenrolled(o),
+    pod_identity_changed,
 ]
 
 SERVICE_EVENTS = {"service_removed": service_removed, "port_added": port_added, "port_removed": port_removed,
@@ -206,3 +216,29 @@ def test_every_event_in_sequence_equals_full_translation(base, certs) -> None:
         objs = step(objs, index)
         index = bc.index_of(objs)
         assert inc.snapshots(index) == full(index, certs), f"step {k}"
+
+
+# -- the model stage: per-object work, unchanged objects stay the very same objects ----------------
+def test_model_and_index_reuse_what_did_not_change(base) -> None:
+    """With the server's per-object memo, the source's unchanged objects and the previous index,
+    each event in sequence gives the same model and index as building from scratch; only changed
+    objects are digested, and unchanged service targets are the very same objects."""
+    from xdsserver.sources.objects import ValidationMemo
+
+    objs, _ = base
+    memo, feed = ValidationMemo(), bc.ObjectFeed()
+    index = bc.index_of(objs, memo, feed=feed)
+    for k, step in enumerate(EVENT_SEQUENCE):
+        new_objs = step(objs, index)
+        changed = sum(1 for o in new_objs if not any(o is p for p in objs))
+        digests = memo.digests
+        new_index = bc.index_of(new_objs, memo, feed=feed, previous=index)
+        fresh = bc.index_of(new_objs)
+        assert new_index.model == fresh.model, f"step {k}"
+        assert new_index.workloads == fresh.workloads and new_index.targets == fresh.targets, f"step {k}"
+        assert memo.digests - digests == changed, f"step {k}: unchanged objects were digested again"
+        if k == 1:  # endpoint_unready: one pod's readiness -> only its services' targets are new objects
+            old = {(t.service.key, t.port.name): t for t in index.targets}
+            rebuilt = [t for t in new_index.targets if old.get((t.service.key, t.port.name)) is not t]
+            assert rebuilt and all(t.backends != old[(t.service.key, t.port.name)].backends for t in rebuilt)
+        objs, index = new_objs, new_index

@@ -9,6 +9,7 @@ input is logged and ignored: the last good configuration keeps being served.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -77,6 +78,28 @@ class ManifestSource:
         return read_objects(self.path)
 
 
+class PublishedStateGc:
+    """Keeps the cyclic garbage collector off the published state.
+
+    At 100 nodes the published state is millions of objects; a full collection walks all of them
+    (measured: over 1 s in the middle of a rebuild, most of an endpoint change's time). Published
+    state lives until the next change replaces it, so after each publish everything alive is
+    frozen (``gc.freeze()``: the collector ignores it). Objects frozen and later dropped are freed
+    by reference counting as usual; only garbage *cycles* among them would stay, so every
+    ``full_every`` publishes one full collection runs over everything (unfreeze, collect, freeze)."""
+
+    def __init__(self, full_every: int = 50) -> None:
+        self.full_every = full_every
+        self.count = 0
+
+    def published(self) -> None:
+        self.count += 1
+        if self.count % self.full_every == 0:
+            gc.unfreeze()
+            gc.collect()
+        gc.freeze()
+
+
 class AppMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.translate_time = Histogram(
@@ -127,6 +150,7 @@ class ControlPlane:
         # test-only: node -> type_url -> name -> message, layered over the translation
         self.injected: dict[str, dict[str, dict[str, Message]]] = {}
         self._lock = asyncio.Lock()
+        self.gc = PublishedStateGc()
 
     # -- pipeline -------------------------------------------------------------------------------
     def rebuild(self) -> bool:
@@ -138,7 +162,7 @@ class ControlPlane:
         try:
             objects = self.load_objects()
             model = build_model(objects, self.mesh, strict=self.strict, memo=self.validation_memo)
-            index = MeshIndex(model)
+            index = MeshIndex(model, previous=self.state.index)
             snaps = self.translator.snapshots(index)
         except InputErrors as exc:
             self._reject(f"input rejected, still serving the last good configuration:\n{exc}")
@@ -175,6 +199,7 @@ class ControlPlane:
                  (time.perf_counter() - t0) * 1000)
         if not self.cache.ready:
             self.cache.mark_ready()
+        self.gc.published()
         return True
 
     def _reject(self, message: str) -> None:
