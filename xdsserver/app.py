@@ -53,6 +53,7 @@ class ManifestSource:
     def __init__(self, path: Path, interval: float = 0.2) -> None:
         self.path = path
         self.interval = interval
+        self._reader: Any = None  # sources.manifests.ManifestReader: re-parses changed files only
 
     def signature(self) -> tuple[Any, ...]:
         from .sources.manifests import SUFFIXES
@@ -73,9 +74,11 @@ class ManifestSource:
         return tuple(sig)
 
     def objects(self) -> list[SourceObject]:
-        from .sources.manifests import read_objects
+        if self._reader is None:
+            from .sources.manifests import ManifestReader
 
-        return read_objects(self.path)
+            self._reader = ManifestReader(self.path)
+        return self._reader.objects()
 
 
 class PublishedStateGc:
