@@ -42,14 +42,43 @@ def objects_for(scale: Scale) -> list[dict[str, Any]]:
     return [o for name in synth.FILES for o in files[name]]
 
 
-def index_of(objs: list[dict[str, Any]], memo: ValidationMemo | None = None) -> MeshIndex:
-    """Model + index, with the lookups translation needs computed here (they are model work)."""
-    index = MeshIndex(build_model([SourceObject("synth", o) for o in objs], memo=memo))
+def index_of(objs: list[dict[str, Any]], memo: ValidationMemo | None = None, *, feed: "ObjectFeed | None" = None,
+             previous: MeshIndex | None = None) -> MeshIndex:
+    """Model + index, with the lookups translation needs computed here (they are model work).
+    With ``feed``, ``memo`` and ``previous`` this is the server's per-event model work."""
+    sos = feed(objs) if feed is not None else [SourceObject("synth", o) for o in objs]
+    index = MeshIndex(build_model(sos, memo=memo), previous)
     index.targets, index.workloads_by_node  # noqa: B018 (cached properties)
     return index
 
 
-# -- events: each returns (new objects, a description) and leaves the input untouched --------------
+class ObjectFeed:
+    """Objects as a source hands them to the pipeline: the very same :class:`SourceObject` for an
+    object that did not change (as the Kubernetes source's cache does), a new one for a new or
+    replaced object. Events below replace changed objects and share the rest."""
+
+    def __init__(self) -> None:
+        self._last: dict[int, tuple[dict[str, Any], SourceObject]] = {}
+
+    def __call__(self, objs: list[dict[str, Any]]) -> list[SourceObject]:
+        nxt: dict[int, tuple[dict[str, Any], SourceObject]] = {}
+        out = []
+        for o in objs:
+            hit = self._last.get(id(o))
+            so = hit[1] if hit is not None and hit[0] is o else SourceObject("synth", o)
+            nxt[id(o)] = (o, so)
+            out.append(so)
+        self._last = nxt
+        return out
+
+    def copy(self) -> "ObjectFeed":
+        other = ObjectFeed()
+        other._last = dict(self._last)
+        return other
+
+
+# -- events: each returns (new objects, a description) and leaves the input untouched: changed
+# objects are replaced by changed copies, unchanged ones are shared (per-object events) ------------
 def _pods(objs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [o for o in objs if o["kind"] == "Pod" and o["metadata"]["namespace"] != "istio-system"]
 
@@ -64,7 +93,7 @@ def _first_served_pod(objs: list[dict[str, Any]], index: MeshIndex) -> dict[str,
 
 
 def pod_added(objs: list[dict[str, Any]], index: MeshIndex) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    new = copy.deepcopy(objs)
+    new = list(objs)
     tmpl = copy.deepcopy(_first_served_pod(new, index))
     node = tmpl["spec"]["nodeName"]
     used = {o["status"]["podIP"] for o in new if o["kind"] == "Pod"}
@@ -80,15 +109,17 @@ def pod_added(objs: list[dict[str, Any]], index: MeshIndex) -> tuple[list[dict[s
 
 
 def endpoint_unready(objs: list[dict[str, Any]], index: MeshIndex) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    new = copy.deepcopy(objs)
-    pod = _first_served_pod(new, index)
+    new = list(objs)
+    was = _first_served_pod(new, index)
+    pod = copy.deepcopy(was)
+    new[next(i for i, o in enumerate(new) if o is was)] = pod
     pod["status"]["conditions"] = [{"type": "Ready", "status": "False"}]
     return new, {"pod": f"{pod['metadata']['namespace']}/{pod['metadata']['name']}", "node": pod["spec"]["nodeName"],
                  "ip": pod["status"]["podIP"], "app": pod["metadata"]["labels"]["app"]}
 
 
 def service_added(objs: list[dict[str, Any]], index: MeshIndex) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    new = copy.deepcopy(objs)
+    new = list(objs)
     svc = next(o for o in new if o["kind"] == "Service" and o["spec"].get("clusterIP") not in (None, "None"))
     added = copy.deepcopy(svc)
     added["metadata"]["name"] = "bench-added"
@@ -102,7 +133,7 @@ def service_added(objs: list[dict[str, Any]], index: MeshIndex) -> tuple[list[di
 
 def irrelevant_change(objs: list[dict[str, Any]], index: MeshIndex) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """A pod in a namespace not enrolled in ambient, selected by no service: no ztunnel depends on it."""
-    new = copy.deepcopy(objs)
+    new = list(objs)
     enrolled = {ns for ns in {o["metadata"]["namespace"] for o in new if o["kind"] == "Pod"} if index.namespace_enrolled(ns)}
     ns_objs = [o for o in new if o["kind"] == "Namespace" and o["metadata"]["name"] not in enrolled
                and o["metadata"]["name"] not in index.mesh.excluded_namespaces]

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 from xdsserver.app import ControlPlane
-from xdsserver.sources import SourceObject
 from xdsserver.xds.server import AdsServer, start_server
 
 from . import cluster as bc
@@ -114,7 +113,8 @@ async def run_load(scale: bc.Scale, certs: Any, m: int, *, with_envoy: bool, pip
     objs = bc.objects_for(scale)
     state = {"objs": objs}
     cls = ControlPlane if pipeline == "incremental" else FullRebuildControlPlane
-    cp = cls(load_objects=lambda: [SourceObject("synth", o) for o in state["objs"]], certs=certs)
+    feed = bc.ObjectFeed()
+    cp = cls(load_objects=lambda: feed(state["objs"]), certs=certs)
     cp.server = TimedAds(cp.cache, metrics=cp.xds_metrics)
     t0 = time.perf_counter()
     assert cp.rebuild()

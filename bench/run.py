@@ -209,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--load-m", type=lambda s: tuple(int(x) for x in s.split(",")), help="simulated ztunnel counts, e.g. 10,100")
     p.add_argument("--repeats", type=int, help="repetitions per load event")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--growth", action="store_true",
+                   help="only the growth table: the four events at 10, 30 and 100 nodes (bench/results/growth.json)")
     p.add_argument("--smoke", action="store_true",
                    help="CI smoke run of the small scale: 2 nodes translated, M=2, incremental pipeline, 2 events, no Envoy")
     args = p.parse_args(argv)
@@ -217,6 +219,16 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.WARNING)
     log = (lambda *_: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    if args.growth:
+        from . import growth
+
+        g = growth.run(ephemeral_certs(), log=log)
+        g["machine"] = machine()
+        path = args.json or RESULTS / "growth.json"
+        path.write_text(json.dumps(g, indent=1, sort_keys=True, default=str) + "\n")
+        log(f"wrote {path}")
+        print(growth.table(g))
+        return 0
     names = ["small", "large"] if args.scale == "both" else [args.scale]
     results = []
     for n in names:

@@ -153,17 +153,18 @@ def incremental(objs: list[dict[str, Any]], index: MeshIndex, certs: Any, sample
     if sample is not None:
         first = pick_node(index)
         nodes = [first] + [n for n in nodes if n != first][: sample - 1]
+    # the server's state after the base was loaded: per-object memo, the source's objects, last index
+    warm, feed = bc.ValidationMemo(), bc.ObjectFeed()
+    index = bc.index_of(objs, warm, feed=feed)
     inc = IncrementalTranslator(FLAVOR, certs)
     base = inc.snapshots(index, nodes)
     out: dict[str, Any] = {"nodes_measured": len(nodes), "projected": len(nodes) < len(index.node_names), "events": {}}
     factor = len(index.node_names) / len(nodes)
-    warm = bc.ValidationMemo()
-    bc.index_of(objs, warm)  # the server's memo after the base state was loaded
     for name, event in bc.EVENTS.items():
         new_objs, what = event(objs, index)
-        memo = warm.copy()
+        memo, events_feed = warm.copy(), feed.copy()
         t0 = time.perf_counter()
-        new_index = bc.index_of(new_objs, memo)
+        new_index = bc.index_of(new_objs, memo, feed=events_feed, previous=index)
         t_model = time.perf_counter() - t0
         # incremental, from the base memo (a fresh copy of the memo per event)
         inc_e = inc.fork()

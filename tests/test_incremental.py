@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
 
 from xdsserver import synth
-from xdsserver.incremental import EDS, LDS, IncrementalTranslator, serialize
+from xdsserver.incremental import CDS, EDS, LDS, IncrementalTranslator, serialize
 from xdsserver.model import Flavor
 from xdsserver.model.index import MeshIndex
 from xdsserver.pipeline import ephemeral_certs
@@ -48,7 +49,7 @@ def test_first_run_equals_translate_on_goldens(scenario: str, flavor: Flavor, ce
 
 @pytest.mark.parametrize(
     ("event", "kind"),
-    [("pod_added", "full"), ("endpoint_unready", "patched"), ("service_added", "full"), ("irrelevant_namespace", "untouched")],
+    [("pod_added", "full"), ("endpoint_unready", "patched"), ("service_added", "reshaped"), ("irrelevant_namespace", "untouched")],
 )
 def test_events_equal_translate_and_do_minimal_work(base, certs, event: str, kind: str) -> None:
     objs, index = base
@@ -68,6 +69,8 @@ def test_events_equal_translate_and_do_minimal_work(base, certs, event: str, kin
             for t in after[n]:
                 if t != EDS:
                     assert all(a[1] is b[1] for a, b in zip(after[n][t], before[n][t]))
+    elif kind == "reshaped":  # services changed: patched, never translated (details: the test below)
+        assert not stats.full and sorted(stats.patched) == list(new_index.node_names)
     else:
         assert stats.full
     # and back: reverting restores the original bytes
@@ -114,3 +117,128 @@ def test_pod_added_retranslates_only_its_node(base, certs) -> None:
             for (name, a), (_, b) in zip(after[n][t], before[n][t]):
                 if not (t == EDS or (t == LDS and name == names.OUTBOUND_DISPATCH)):
                     assert a is b, (n, name)
+
+
+# -- services and ports: only stage 2, the service clusters and their CLAs change -------------------
+def _replace(objs: list[dict], match, change) -> list[dict]:
+    """Per-object event: the first object ``match`` picks is replaced by a changed copy; the
+    other objects are shared, as a source's cache hands them out."""
+    i = next(i for i, o in enumerate(objs) if match(o))
+    new = list(objs)
+    new[i] = copy.deepcopy(objs[i])
+    change(new[i])
+    return new
+
+
+def _svc(name: str):
+    return lambda o: o["kind"] == "Service" and o["metadata"]["name"] == name
+
+
+def service_removed(objs: list[dict]) -> list[dict]:
+    return [o for o in objs if not _svc("svc-0001")(o)]
+
+
+def port_added(objs: list[dict]) -> list[dict]:
+    return _replace(objs, _svc("svc-0002"), lambda o: o["spec"]["ports"].append(
+        {"name": "metrics", "port": 9999, "protocol": "TCP", "targetPort": 9999}))
+
+
+def port_removed(objs: list[dict]) -> list[dict]:
+    return _replace(objs, lambda o: o["kind"] == "Service" and len(o["spec"]["ports"]) > 1, lambda o: o["spec"]["ports"].pop(0))
+
+
+def port_renumbered(objs: list[dict]) -> list[dict]:
+    return _replace(objs, _svc("svc-0003"), lambda o: o["spec"]["ports"][0].update(port=18080))
+
+
+def namespace_unenrolled(objs: list[dict]) -> list[dict]:
+    return _replace(objs, lambda o: o["kind"] == "Namespace" and o["metadata"]["name"] == "ns-001",
+                    lambda o: o["metadata"]["labels"].pop("istio.io/dataplane-mode"))
+
+
+def pod_identity_changed(objs: list[dict], index: MeshIndex) -> list[dict]:
+    """A served pod now runs as another service account: same endpoint, another backend identity."""
+    served = {b.pod for t in index.targets for b in t.backends if b.identity is not None}
+    return _replace(objs, lambda o: o["kind"] == "Pod" and f"{o['metadata']['namespace']}/{o['metadata']['name']}" in served,
+                    lambda o: o["spec"].update(serviceAccountName="renamed"))
+
+
+# every kind of event, to apply one after another (each step: objects, index -> new objects)
+EVENT_SEQUENCE = [
+    lambda o, i: bc.EVENTS["pod_added"](o, i)[0],
+    lambda o, i: bc.EVENTS["endpoint_unready"](o, i)[0],
+    lambda o, i: bc.EVENTS["service_added"](o, i)[0],
+    lambda o, i: port_added(o),
+    lambda o, i: port_renumbered(o),
+    lambda o, i: service_removed(o),
+    lambda o, i: port_removed(o),
+    lambda o, i: bc.EVENTS["irrelevant_namespace"](o, i)[0],
+    lambda o, i: namespace_unenrolled(o),
+    pod_identity_changed,
+]
+
+SERVICE_EVENTS = {"service_removed": service_removed, "port_added": port_added, "port_removed": port_removed,
+                  "port_renumbered": port_renumbered}
+
+
+@pytest.mark.parametrize("event", sorted(SERVICE_EVENTS))
+def test_service_and_port_changes_patch_only_stage2_clusters_and_clas(base, certs, event: str) -> None:
+    objs, index = base
+    inc = IncrementalTranslator(Flavor.ENVOY, certs)
+    before = inc.snapshots(index)
+    new_index = bc.index_of(SERVICE_EVENTS[event](objs))
+    assert new_index.targets != index.targets, "the event must change the service ports"
+    after = inc.snapshots(new_index)
+    assert after == full(new_index, certs)
+    assert not inc.stats.full and sorted(inc.stats.patched) == list(new_index.node_names)
+    for n in after:
+        for t in after[n]:
+            old = dict(before[n][t])
+            for name, body in after[n][t]:
+                if t in (EDS, CDS) or name == names.OUTBOUND_DISPATCH:
+                    continue
+                assert body is old[name], (n, name)  # untouched resources keep their very bytes objects
+        changed = {(t, name) for t in after[n] for name, body in after[n][t] if dict(before[n][t]).get(name) != body}
+        changed |= {(t, name) for t in before[n] for name, _ in before[n][t] if name not in dict(after[n][t])}
+        assert changed and all(t in (EDS, CDS) or name == names.OUTBOUND_DISPATCH for t, name in changed), changed
+        assert len({name for t, name in changed if t == CDS}) <= 2  # one service cluster (two if renamed)
+    assert inc.snapshots(index) == before  # and back
+
+
+def test_every_event_in_sequence_equals_full_translation(base, certs) -> None:
+    """Events applied one after another (not each from the base): after every one, incremental ==
+    full translation byte for byte, whatever path (untouched, patched, full) each node took."""
+    objs, index = base
+    inc = IncrementalTranslator(Flavor.ENVOY, certs)
+    inc.snapshots(index)
+    steps = EVENT_SEQUENCE
+    for k, step in enumerate(steps):
+        objs = step(objs, index)
+        index = bc.index_of(objs)
+        assert inc.snapshots(index) == full(index, certs), f"step {k}"
+
+
+# -- the model stage: per-object work, unchanged objects stay the very same objects ----------------
+def test_model_and_index_reuse_what_did_not_change(base) -> None:
+    """With the server's per-object memo, the source's unchanged objects and the previous index,
+    each event in sequence gives the same model and index as building from scratch; only changed
+    objects are digested, and unchanged service targets are the very same objects."""
+    from xdsserver.sources.objects import ValidationMemo
+
+    objs, _ = base
+    memo, feed = ValidationMemo(), bc.ObjectFeed()
+    index = bc.index_of(objs, memo, feed=feed)
+    for k, step in enumerate(EVENT_SEQUENCE):
+        new_objs = step(objs, index)
+        changed = sum(1 for o in new_objs if not any(o is p for p in objs))
+        digests = memo.digests
+        new_index = bc.index_of(new_objs, memo, feed=feed, previous=index)
+        fresh = bc.index_of(new_objs)
+        assert new_index.model == fresh.model, f"step {k}"
+        assert new_index.workloads == fresh.workloads and new_index.targets == fresh.targets, f"step {k}"
+        assert memo.digests - digests == changed, f"step {k}: unchanged objects were digested again"
+        if k == 1:  # endpoint_unready: one pod's readiness -> only its services' targets are new objects
+            old = {(t.service.key, t.port.name): t for t in index.targets}
+            rebuilt = [t for t in new_index.targets if old.get((t.service.key, t.port.name)) is not t]
+            assert rebuilt and all(t.backends != old[(t.service.key, t.port.name)].backends for t in rebuilt)
+        objs, index = new_objs, new_index

@@ -85,3 +85,88 @@ def test_node_agent_uses_the_plan_not_the_xds_side() -> None:
     bad = [f"{p.relative_to(PKG)} imports {m}" for p in modules("agent") for m in imports(p)
            if m.startswith("xdsserver") and not m.startswith(allowed)]
     assert not bad, "\n".join(bad)
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PKG.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _stage(module: str) -> str:
+    """A top-level module or sub-package of xdsserver: the unit the one-way rule speaks about."""
+    return ".".join(module.split(".")[:2])
+
+
+def stage_graph() -> dict[str, set[str]]:
+    """Stage -> stages it imports, counting every import: module level, inside functions and under
+    ``TYPE_CHECKING`` (a type-only import is still a dependency on the other stage's shape)."""
+    stages = {_stage(_module_name(p)) for p in PKG.rglob("*.py")}
+    graph: dict[str, set[str]] = {s: set() for s in stages}
+    for path in PKG.rglob("*.py"):
+        a = _stage(_module_name(path))
+        for mod in imports(path):
+            b = _stage(mod)
+            if mod.startswith("xdsserver.") and b != a and b in stages:
+                graph[a].add(b)
+    return graph
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one stage (Tarjan, iterative: bounded by the graph)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    out: list[list[str]] = []
+    for root in sorted(graph):
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            v, it = work[-1]
+            w = next(it, None)
+            if w is not None:
+                if w not in index:
+                    index[w] = low[w] = len(index)
+                    stack.append(w)
+                    on_stack.add(w)
+                    work.append((w, iter(sorted(graph[w]))))
+                elif w in on_stack:
+                    low[v] = min(low[v], index[w])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[v])
+            if low[v] == index[v]:
+                comp = []
+                while True:
+                    w = stack.pop()
+                    on_stack.discard(w)
+                    comp.append(w)
+                    if w == v:
+                        break
+                if len(comp) > 1:
+                    out.append(sorted(comp))
+    return out
+
+
+def test_import_cycle_detector_finds_a_cycle() -> None:
+    assert import_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert import_cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_cycles_between_stages() -> None:
+    """cli -> app -> debug -> (published state, xds, translate, model): nothing points back up."""
+    cycles = import_cycles(stage_graph())
+    assert not cycles, f"import cycles between stages: {cycles}"
+
+
+def test_debug_and_app_do_not_import_what_composes_them() -> None:
+    graph = stage_graph()
+    assert "xdsserver.app" not in graph["xdsserver.debug"], "debug reads the control plane through debug/source.py"
+    assert "xdsserver.cli" not in graph["xdsserver.app"], "the composition root must not import the CLI"
+    assert not any("xdsserver.cli" in deps for s, deps in graph.items() if s not in ("xdsserver.__main__",)), \
+        "only __main__ imports the CLI"

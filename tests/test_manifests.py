@@ -588,3 +588,26 @@ def test_source_object_ref_and_error_text() -> None:
     assert so.ref == "Pod default/web"
     assert SourceObject("n.yaml", {"kind": "Node", "metadata": {"name": "n1"}}).ref == "Node n1"
     assert str(InputError("x.yaml#2", "Pod default/web", "spec.hostNetwork", "bad")) == "x.yaml#2: Pod default/web: spec.hostNetwork: bad"
+
+
+def test_manifest_reader_reparses_only_changed_files(tmp_path: Path) -> None:
+    """An edit to one file re-parses that file; the others keep their very same SourceObjects
+    (so the model build skips them), and a file that stops parsing is named in the error."""
+    from xdsserver.sources.manifests import ManifestReader
+
+    ns = "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {}\n"
+    (tmp_path / "a.yaml").write_text(ns.format("a"))
+    (tmp_path / "b.yaml").write_text(ns.format("b"))
+    reader = ManifestReader(tmp_path)
+    first = reader.objects()
+    assert [o.obj["metadata"]["name"] for o in first] == ["a", "b"] and reader.parsed == 2
+    (tmp_path / "b.yaml").write_text(ns.format("b2"))
+    second = reader.objects()
+    assert reader.parsed == 3
+    assert second[0] is first[0] and second[1].obj["metadata"]["name"] == "b2"
+    (tmp_path / "a.yaml").write_text("kind: [unclosed\n")
+    with pytest.raises(InputErrors, match=r"a\.yaml: file: cannot parse"):
+        reader.objects()
+    (tmp_path / "a.yaml").write_text(ns.format("a"))
+    (tmp_path / "b.yaml").unlink()
+    assert [o.obj["metadata"]["name"] for o in reader.objects()] == ["a"]

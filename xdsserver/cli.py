@@ -14,14 +14,9 @@ from .xds.limits import add_limit_arguments
 log = logging.getLogger("xdsserver")
 
 
-def _repo_root() -> Path:
-    return Path(__file__).resolve().parent.parent
+from .bundled import bundled_example, repo_root as _repo_root
 
-
-def bundled_example() -> Path:
-    """The bookinfo manifests: packaged in a wheel, ``golden/bookinfo/manifests`` in a checkout."""
-    pkg = Path(__file__).resolve().parent / "examples" / "bookinfo"
-    return pkg if pkg.is_dir() else _repo_root() / "golden" / "bookinfo" / "manifests"
+__all__ = ["main", "bundled_example"]
 
 
 def _input_errors(exc: Exception) -> int:

@@ -14,6 +14,10 @@ built from, and on the next :class:`~xdsserver.model.index.MeshIndex`:
   listener, built and serialized once for all nodes); every other resource's bytes are reused. Such a CLA is the same on every
   node that hosts none of the target's backends, so it is built and serialized once per change
   and its bytes are shared across those nodes;
+* **service and port changes** (stock flavor) -- a Service or port that came, went or changed
+  touches only stage 2 (the shared dispatch listener), the service clusters (a cluster depends on
+  its name only: a new one is built once for all nodes) and the CLAs whose target changed, matched
+  by cluster name since targets' positions shift; every other resource keeps its bytes;
 * anything else falls back to a full ``translate`` (with its reference check) for that node.
 
 The output is byte-for-byte what ``translate`` + deterministic serialization gives (the tests
@@ -29,16 +33,19 @@ from .model import Flavor, Identity
 from .model.index import MeshIndex, NodeView, ServiceTarget, Workload
 from .translate import CertPair, CertProvider, NodeResources, service_clusters, translate, type_url
 from .translate.dispatch import build_dispatch_listener
+from .translate.clusters import build_service_cluster
 from .translate.endpoints import build_cla
 from .translate.names import OUTBOUND_DISPATCH
 from .translate.secrets import build_root_secret, build_workload_secret
 
+from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 
 EDS = type_url(endpoint_pb2.ClusterLoadAssignment())
 LDS = type_url(listener_pb2.Listener())
+CDS = type_url(cluster_pb2.Cluster())
 SDS = type_url(secret_pb2.Secret())
 
 ResourceSet = dict[str, list[tuple[str, bytes]]]
@@ -103,6 +110,9 @@ class RunStats:
     untouched: list[str] = field(default_factory=list)  # inputs unchanged: nothing done
     removed: list[str] = field(default_factory=list)
     clas_built: int = 0  # distinct CLA bodies built (shared across nodes)
+    # what changed, per node: {node: {type URL: {name: bytes, or None when removed}}}; a node absent
+    # here is unchanged. What the snapshot cache takes (SnapshotCache.apply_deltas), O(change).
+    deltas: dict[str, dict[str, dict[str, bytes | None]]] = field(default_factory=dict)
 
     @property
     def changed_nodes(self) -> list[str]:
@@ -121,6 +131,8 @@ class IncrementalTranslator:
         self._secret_bytes: dict[Identity, tuple[CertPair, bytes]] = {}
         self._root_bytes: tuple[str, bytes] | None = None
         self._shared_bytes: dict[int, tuple[Any, bytes]] = {}  # one snapshots() call: shared messages' bytes
+        self._cluster_bytes: dict[str, bytes] = {}  # one snapshots() call: new service clusters' bytes
+        self._last_service_map: tuple[tuple[ServiceTarget, ...], dict[str, tuple[str, int]]] | None = None
         self.stats = RunStats()
 
     def snapshots(self, index: MeshIndex, nodes: list[str] | None = None) -> dict[str, ResourceSet]:
@@ -136,9 +148,9 @@ class IncrementalTranslator:
         cla_memo: dict[tuple[str, int, str], bytes] = {}
         out: dict[str, ResourceSet] = {}
         staged: dict[str, _NodeMemo] = {}  # committed only if every node translates (all-or-nothing)
-        changed_targets: dict[int, frozenset[int]] = {}  # id(old targets) -> changed indexes
         pairs: dict[Identity, CertPair] = {}  # certificates asked for in this call
         compared: dict[tuple[int, int], bool] = {}  # nodes' memos share their tuples: compare each pair once
+        changed_names: dict[tuple[int, int, bool], tuple[str, ...]] = {}  # (old service map, old targets) -> CLAs to rebuild
 
         def same(old: tuple[Any, ...], new: tuple[Any, ...]) -> bool:
             k = (id(old), id(new))
@@ -151,36 +163,52 @@ class IncrementalTranslator:
             memo = self._memo.get(node)
             local = tuple(_workload_shape(wl) for wl in view.local_workloads) + _policy_shape(view)
             moved = memo is not None and not same(memo.workloads, workloads)  # a pod elsewhere came, went or changed
-            if memo is None or memo.local != local or not same(memo.shapes, shapes) or (moved and self.flavor is not Flavor.ENVOY):
+            reshaped = memo is not None and not same(memo.shapes, shapes)  # a service or port came, went or changed
+            if memo is None or memo.local != local or ((reshaped or moved) and self.flavor is not Flavor.ENVOY):
                 staged[node] = self._full(view, local, workloads, shapes)
                 out[node] = staged[node].resources
                 stats.full.append(node)
+                stats.deltas[node] = resource_delta(memo.resources if memo else None, out[node])
                 continue
-            key = id(memo.targets)
-            if key not in changed_targets:
-                changed_targets[key] = frozenset(
-                    i for i, (a, b) in enumerate(zip(memo.targets, targets)) if a is not b and a.backends != b.backends
-                )
-            changed = changed_targets[key]
+            new_map = self._service_map(view) if reshaped else memo.cla_targets
+            key = (id(memo.cla_targets), id(memo.targets), reshaped)
+            if key not in changed_names:
+                changed_names[key] = self._changed_names(memo.cla_targets, memo.targets, new_map, targets, reshaped)
+            changed = changed_names[key]
             secrets = self._secrets(view.local_identities, pairs)
-            if not changed and not moved and secrets == memo.secrets:
+            if not changed and not moved and not reshaped and secrets == memo.secrets:
                 staged[node] = replace(memo, targets=targets, workloads=workloads, shapes=shapes)
                 out[node] = memo.resources
                 stats.untouched.append(node)
                 continue
             res = dict(memo.resources)
+            delta: dict[str, dict[str, bytes | None]] = {}
             n = 0
-            if moved:  # stock flavor: of everything a node has, only stage 2 depends on other nodes' pods
+            if (moved or reshaped) and view.local_identities:
+                # stock flavor: of everything a node has, only stage 2 depends on other nodes' pods and on services
                 stage2 = build_dispatch_listener(view)
                 hit = self._shared_bytes.get(id(stage2))
                 if hit is None or hit[0] is not stage2:
                     hit = self._shared_bytes[id(stage2)] = (stage2, stage2.SerializeToString(deterministic=True))
-                res[LDS] = [(name, hit[1] if name == OUTBOUND_DISPATCH else body) for name, body in res[LDS]]
-            if changed:
+                lds = dict(res[LDS])
+                if lds[OUTBOUND_DISPATCH] != hit[1]:
+                    lds[OUTBOUND_DISPATCH] = hit[1]
+                    res[LDS] = list(lds.items())
+                    delta[LDS] = {OUTBOUND_DISPATCH: hit[1]}
+            if reshaped:  # service clusters lead CDS in service-map order; one CLA per service cluster
+                old_cds = res[CDS]
+                bodies = dict(old_cds[: len(memo.cla_targets)])
+                res[CDS] = [(name, bodies.get(name) or self._service_cluster_bytes(name)) for name in new_map] + \
+                    old_cds[len(memo.cla_targets):]
+                cds = {name: self._service_cluster_bytes(name) for name in new_map if name not in bodies}
+                cds.update((name, None) for name in bodies if name not in new_map)
+                if cds:
+                    delta[CDS] = cds
+            if changed or reshaped:
                 clas = dict(res[EDS])
-                for name, (lis, i) in memo.cla_targets.items():
-                    if i not in changed:
-                        continue
+                eds: dict[str, bytes | None] = {}
+                for name in changed:
+                    lis, i = new_map[name]
                     t = targets[i]
                     host = node if any(b.node_name == node for b in t.backends) else ""  # capture port differs
                     k = (name, i, host)
@@ -188,20 +216,36 @@ class IncrementalTranslator:
                     if body is None:
                         body = cla_memo[k] = build_cla(name, lis, t, node).SerializeToString(deterministic=True)
                         stats.clas_built += 1
+                    if clas.get(name) != body:
+                        eds[name] = body
                     clas[name] = body
                     n += 1
-                res[EDS] = list(clas.items())
+                if reshaped:
+                    for name in [name for name in clas if name not in new_map]:
+                        del clas[name]
+                        eds[name] = None
+                    res[EDS] = [(name, clas[name]) for name in new_map]
+                else:
+                    res[EDS] = list(clas.items())
+                if eds:
+                    delta[EDS] = eds
             if secrets != memo.secrets:  # certificate rotation: same names, new bodies
                 res[SDS] = [(name, secrets[ident]) for (name, _), ident in zip(res[SDS], [*view.local_identities, None])]
-            staged[node] = replace(memo, resources=res, targets=targets, workloads=workloads, shapes=shapes, secrets=secrets)
+                old_sds = dict(memo.resources[SDS])
+                delta[SDS] = {name: body for name, body in res[SDS] if old_sds.get(name) != body}
+            staged[node] = replace(memo, resources=res, targets=targets, workloads=workloads, shapes=shapes, secrets=secrets,
+                                   cla_targets=new_map)
             out[node] = res
             stats.patched[node] = n
+            if delta:
+                stats.deltas[node] = delta
         self._memo.update(staged)
         if nodes is None:
             for gone in sorted(set(self._memo) - set(wanted)):
                 del self._memo[gone]
                 stats.removed.append(gone)
         self._shared_bytes.clear()  # the bytes live on in the resource sets
+        self._cluster_bytes.clear()
         self.stats = stats
         return out
 
@@ -217,6 +261,45 @@ class IncrementalTranslator:
         self._memo.pop(node, None)
 
     # -- internals --------------------------------------------------------------------------------
+    @staticmethod
+    def _changed_names(old_map: dict[str, tuple[str, int]], old_targets: tuple[ServiceTarget, ...],
+                       new_map: dict[str, tuple[str, int]], new_targets: tuple[ServiceTarget, ...],
+                       reshaped: bool) -> tuple[str, ...]:
+        """Service clusters (= CLAs) to rebuild, in service-map order. Same shapes: those whose
+        target's backends changed (identical target objects are skipped without comparing).
+        Reshaped (services or ports changed): also new names and names now backed by a target of
+        another shape, matched by name because targets' positions shift when one comes or goes."""
+        if not reshaped:
+            idx = {i for i, (a, b) in enumerate(zip(old_targets, new_targets)) if a is not b and a.backends != b.backends}
+            return tuple(name for name, (_, i) in new_map.items() if i in idx) if idx else ()
+        out = []
+        for name, (lis, i) in new_map.items():
+            was = old_map.get(name)
+            if was is None or was[0] != lis:
+                out.append(name)
+                continue
+            a, b = old_targets[was[1]], new_targets[i]
+            if a is not b and (a.backends != b.backends or _shape(a) != _shape(b)):
+                out.append(name)
+        return tuple(out)
+
+    def _service_map(self, view: NodeView) -> dict[str, tuple[str, int]]:
+        """:func:`service_clusters`, one dict for every node it is the same on (stock flavor: all
+        nodes with mesh pods), so per-node memos share it and changes are worked out once."""
+        if self.flavor is not Flavor.ENVOY or not view.local_identities:
+            return service_clusters(view, self.flavor)
+        last = self._last_service_map
+        if last is None or last[0] is not view.targets:
+            last = self._last_service_map = (view.targets, service_clusters(view, self.flavor))
+        return last[1]
+
+    def _service_cluster_bytes(self, name: str) -> bytes:
+        """A service cluster depends on its name only; built once per name and call, shared by every node."""
+        hit = self._cluster_bytes.get(name)
+        if hit is None:
+            hit = self._cluster_bytes[name] = build_service_cluster(name).SerializeToString(deterministic=True)
+        return hit
+
     def _secrets(self, identities: tuple[Identity, ...], pairs: dict[Identity, CertPair] | None = None) -> dict[Identity | None, bytes]:
         """Workload secrets by identity and the root bundle (key None), in translate()'s order.
         Bytes are reused while an identity's certificate is the same (rotation makes a new one);
@@ -241,9 +324,30 @@ class IncrementalTranslator:
               shapes: tuple[tuple[Any, ...], ...]) -> _NodeMemo:
         res = translate(view, self.flavor, self.certs, check=self.check)
         rs = serialize(res, self._shared_bytes)
-        cla_targets = service_clusters(view, self.flavor)
+        cla_targets = self._service_map(view)
         secrets = {ident: body for ident, (_, body) in zip([*view.local_identities, None], rs[SDS])}
         return _NodeMemo(local, workloads, shapes, view.targets, rs, cla_targets, secrets)
+
+
+def resource_delta(old: ResourceSet | None, new: ResourceSet) -> dict[str, dict[str, bytes | None]]:
+    """{type URL: {name: new bytes, or None when removed}} from ``old`` to ``new``; a type whose
+    list is the very same object is skipped unread (for nodes translated from scratch)."""
+    old = old or {}
+    out: dict[str, dict[str, bytes | None]] = {}
+    for url in sorted({*old, *new}):
+        a, b = old.get(url, []), new.get(url, [])
+        if a is b:
+            continue
+        before = dict(a)
+        d: dict[str, bytes | None] = {}
+        for name, body in b:
+            was = before.pop(name, None)
+            if was is None or (was is not body and was != body):
+                d[name] = body
+        d.update((name, None) for name in before)
+        if d:
+            out[url] = d
+    return out
 
 
 def messages_equal(a: ResourceSet, b: ResourceSet) -> bool:
@@ -251,4 +355,4 @@ def messages_equal(a: ResourceSet, b: ResourceSet) -> bool:
     return {k: list(v) for k, v in a.items()} == {k: list(v) for k, v in b.items()}
 
 
-__all__ = ["IncrementalTranslator", "RunStats", "ResourceSet", "serialize", "messages_equal"]
+__all__ = ["IncrementalTranslator", "RunStats", "ResourceSet", "serialize", "messages_equal", "resource_delta"]

@@ -25,7 +25,7 @@ from ..translate import names
 from ..xds.types import short
 
 if TYPE_CHECKING:
-    from ..app import ControlPlane
+    from .source import DebugSource
 
 STALE_AFTER_S = 10.0  # a version sent and not ACKed for this long needs attention
 TREE_LIMIT = 300  # matcher entries listed per level (stage 2 has one per mesh IP)
@@ -33,7 +33,7 @@ STAGE_ORDER = (names.ZTUNNEL_OUTBOUND, names.OUTBOUND_DISPATCH, names.OUTBOUND_P
 
 
 # -- overview -----------------------------------------------------------------------------------
-def overview(cp: "ControlPlane") -> dict[str, Any]:
+def overview(cp: "DebugSource") -> dict[str, Any]:
     """Nodes with their ztunnels' sync state, the input state, counts and what needs attention."""
     st, srv = cp.state, cp.server
     idx = st.index
@@ -71,7 +71,7 @@ def overview(cp: "ControlPlane") -> dict[str, Any]:
     }
 
 
-def _node_entry(cp: "ControlPlane", node: str, rows: list[dict[str, Any]], conns: dict[str, dict[str, Any]],
+def _node_entry(cp: "DebugSource", node: str, rows: list[dict[str, Any]], conns: dict[str, dict[str, Any]],
                 active_nacks: dict[tuple[str, str], dict[str, Any]]) -> dict[str, Any]:
     snap = cp.cache.get(node)
     idx = cp.state.index
@@ -116,7 +116,7 @@ def _node_entry(cp: "ControlPlane", node: str, rows: list[dict[str, Any]], conns
 
 
 # -- node page ----------------------------------------------------------------------------------
-def node_page(cp: "ControlPlane", node: str) -> dict[str, Any]:
+def node_page(cp: "DebugSource", node: str) -> dict[str, Any]:
     """One node: local pods and identities, resources (names, sizes), capture matcher trees, secrets."""
     idx = cp.state.index
     res = cp.state.nodes[node]
@@ -140,7 +140,7 @@ def node_page(cp: "ControlPlane", node: str) -> dict[str, Any]:
     }
 
 
-def _pod_summary(cp: "ControlPlane", p: Pod) -> dict[str, Any]:
+def _pod_summary(cp: "DebugSource", p: Pod) -> dict[str, Any]:
     idx = cp.state.index
     assert idx is not None
     enrolled = idx.pod_enrolled(p)
@@ -230,7 +230,7 @@ def _secret_summary(s: secret_pb2.Secret) -> dict[str, Any]:
 
 
 # -- path -----------------------------------------------------------------------------------------
-def targets(cp: "ControlPlane") -> dict[str, Any]:
+def targets(cp: "DebugSource") -> dict[str, Any]:
     """What the path pickers offer: pods (source or destination) and service ports."""
     st = cp.state
     if st.model is None:
@@ -246,7 +246,7 @@ class PathError(ValueError):
     """A source or destination the pickers cannot resolve (message names which and why)."""
 
 
-def resolve_source(cp: "ControlPlane", src: str, node: str = "") -> tuple[str, str, Pod | None]:
+def resolve_source(cp: "DebugSource", src: str, node: str = "") -> tuple[str, str, Pod | None]:
     """``src`` (pod IP, ``ns/name`` or a unique pod name) -> (node, IP, pod)."""
     pod = _find_pod(cp, src)
     if pod is not None:
@@ -262,7 +262,7 @@ def resolve_source(cp: "ControlPlane", src: str, node: str = "") -> tuple[str, s
     return node, ip, None
 
 
-def resolve_destination(cp: "ControlPlane", dst: str) -> tuple[str, dict[str, Any]]:
+def resolve_destination(cp: "DebugSource", dst: str) -> tuple[str, dict[str, Any]]:
     """``dst`` (``IP:PORT``, Service ``ns/name:port`` or ``name.ns:port``, pod ``ns/name:port``) -> IP:PORT."""
     target, sep, port_s = dst.strip().rpartition(":")
     if not sep or not target:
@@ -290,7 +290,7 @@ def resolve_destination(cp: "ControlPlane", dst: str) -> tuple[str, dict[str, An
     return host_port(str(ipaddress.ip_address(target.strip("[]"))), int(port_s)), {"kind": "address"}
 
 
-def path(cp: "ControlPlane", src: str, dst: str, node: str = "") -> dict[str, Any]:
+def path(cp: "DebugSource", src: str, dst: str, node: str = "") -> dict[str, Any]:
     """The explain walk for a picked source and destination, with pod names for the IPs it shows."""
     node, src_ip, pod = resolve_source(cp, src, node)
     if node not in cp.state.nodes:
@@ -307,7 +307,7 @@ def path(cp: "ControlPlane", src: str, dst: str, node: str = "") -> dict[str, An
             "dst": {"input": dst, "address": address, **dst_info}, "labels": labels, "explain": ex.to_dict()}
 
 
-def _find_pod(cp: "ControlPlane", ref: str) -> Pod | None:
+def _find_pod(cp: "DebugSource", ref: str) -> Pod | None:
     model = cp.state.model
     if model is None:
         return None

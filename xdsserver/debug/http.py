@@ -25,7 +25,7 @@ from ..explain import explain
 from . import console
 
 if TYPE_CHECKING:
-    from ..app import ControlPlane
+    from .source import DebugSource
 
 CP_KEY = web.AppKey("control_plane", object)
 STOP_KEY = web.AppKey("stop_streams", asyncio.Event)
@@ -56,7 +56,7 @@ def _default(o: Any) -> Any:
     return str(o)
 
 
-def _cp(request: web.Request) -> "ControlPlane":
+def _cp(request: web.Request) -> "DebugSource":
     return request.app[CP_KEY]  # type: ignore[return-value]
 
 
@@ -272,7 +272,7 @@ async def _stop_streams(app: web.Application) -> None:
     app[STOP_KEY].set()
 
 
-def make_app(cp: "ControlPlane") -> web.Application:
+def make_app(cp: "DebugSource") -> web.Application:
     app = web.Application()
     app[CP_KEY] = cp
     app[STOP_KEY] = asyncio.Event()
@@ -302,7 +302,7 @@ def make_app(cp: "ControlPlane") -> web.Application:
     return app
 
 
-async def start_debug(cp: "ControlPlane", address: str) -> web.AppRunner:
+async def start_debug(cp: "DebugSource", address: str) -> web.AppRunner:
     host, _, port = address.rpartition(":")
     runner = web.AppRunner(make_app(cp), access_log=None)
     await runner.setup()

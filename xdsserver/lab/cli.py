@@ -13,7 +13,7 @@ from pathlib import Path
 def _manifests(args: argparse.Namespace) -> Path:
     if args.manifests:
         return args.manifests
-    from ..cli import bundled_example
+    from ..bundled import bundled_example
 
     return bundled_example()
 

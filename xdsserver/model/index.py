@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 from . import Endpoint, Identity, MeshConfig, Model, Pod, Service, ServicePort
 from .policy import AuthorizationPolicy, PeerAuthentication, applicable, selects
@@ -83,12 +83,21 @@ def workload_sort_key(wl: Workload) -> tuple[str, str]:
 
 
 class MeshIndex:
-    """Lookups over one immutable model; cheap to build, shared by every node's translation."""
+    """Lookups over one immutable model; cheap to build, shared by every node's translation.
 
-    def __init__(self, model: Model) -> None:
+    ``previous`` (the index of the last good model) lets unchanged parts be the very same
+    objects: a workload whose pod is the same object, a service target whose service, endpoints
+    and backends' workloads are the same. Later stages then see what changed by identity
+    (``is``) instead of comparing everything, so an endpoint change costs O(change) there."""
+
+    def __init__(self, model: Model, previous: MeshIndex | None = None) -> None:
         self.model = model
         self.mesh = model.mesh
         self._ns_labels = {ns.name: dict(ns.labels) for ns in model.namespaces}
+        self._previous = previous if previous is not None and previous.mesh == model.mesh and previous._ns_labels == self._ns_labels else None
+        if self._previous is not None:  # reuse now, then let the old index go (no chain of indexes)
+            self.workloads, self.targets  # noqa: B018 (cached properties)
+            self._previous = None
 
     # -- enrollment -------------------------------------------------------------------------
     def namespace_enrolled(self, namespace: str) -> bool:
@@ -116,8 +125,23 @@ class MeshIndex:
     # -- indexes ----------------------------------------------------------------------------
     @cached_property
     def workloads(self) -> tuple[Workload, ...]:
-        wls = [Workload(p, self.identity_of(p)) for p in self.model.pods if self.pod_enrolled(p)]
-        return tuple(sorted(wls, key=workload_sort_key))
+        prev = self._previous._workload_of_pod if self._previous is not None else {}
+        wls = []
+        for p in self.model.pods:
+            hit = prev.get(id(p))
+            if hit is not None and hit.pod is p:
+                wls.append(hit)  # same pod object, same mesh and namespaces: same enrollment and identity
+            elif self.pod_enrolled(p):
+                wls.append(Workload(p, self.identity_of(p)))
+        out = tuple(sorted(wls, key=workload_sort_key))
+        if self._previous is not None and len(out) == len(self._previous.workloads) and all(
+                a is b for a, b in zip(out, self._previous.workloads)):
+            return self._previous.workloads  # nothing changed: the very same tuple
+        return out
+
+    @cached_property
+    def _workload_of_pod(self) -> dict[int, Workload]:
+        return {id(wl.pod): wl for wl in self.workloads}
 
     @cached_property
     def workloads_by_node(self) -> dict[str, tuple[Workload, ...]]:
@@ -153,6 +177,8 @@ class MeshIndex:
 
     @cached_property
     def targets(self) -> tuple[ServiceTarget, ...]:
+        prev = self._previous
+        reuse = prev._target_of if prev is not None else {}
         out: list[ServiceTarget] = []
         for svc in sorted(self.model.services, key=service_sort_key):
             if svc.headless or svc.type == "ExternalName":
@@ -160,8 +186,27 @@ class MeshIndex:
             for port in svc.ports:
                 if not port.is_tcp:
                     continue  # D5: UDP/SCTP are never captured (node rule N13)
+                was = reuse.get((svc.key, port.name))
+                if was is not None and prev is not None and was.service is svc and self._same_backends(prev, svc, port):
+                    out.append(was)
+                    continue
                 out.append(ServiceTarget(svc, port, svc.hostname(self.mesh.cluster_domain), self._backends(svc, port)))
+        if prev is not None and len(out) == len(prev.targets) and all(a is b for a, b in zip(out, prev.targets)):
+            return prev.targets  # nothing changed: the very same tuple
         return tuple(out)
+
+    @cached_property
+    def _target_of(self) -> dict[tuple[str, str], ServiceTarget]:
+        return {(t.service.key, t.port.name): t for t in self.targets}
+
+    def _same_backends(self, prev: MeshIndex, svc: Service, port: ServicePort) -> bool:
+        """The endpoints of (svc, port) and the workloads behind their IPs are what ``prev`` had."""
+        key = (svc.key, port.name)
+        eps, was = self.endpoints.get(key, ()), prev.endpoints.get(key, ())
+        if eps != was:
+            return False
+        now, before = self.workload_by_ip, prev.workload_by_ip
+        return all(now.get(ep.ip) is before.get(ep.ip) for ep in eps)
 
     def _backends(self, svc: Service, port: ServicePort) -> tuple[Backend, ...]:
         eps = self.endpoints.get((svc.key, port.name), ())
@@ -202,6 +247,7 @@ class MeshIndex:
         return tuple(wl.pod for wl in self.workloads_by_node.get(node_name, ()))
 
 
+@lru_cache(maxsize=1 << 17)
 def _ip_sort(ip: str) -> tuple[int, int]:
     """Numeric address order (string order would put 10.244.1.23 before 10.244.1.3)."""
     a = ipaddress.ip_address(ip)

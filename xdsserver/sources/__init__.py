@@ -8,26 +8,35 @@ derivation are shared by all sources.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 
 @dataclass(frozen=True, slots=True)
 class SourceObject:
-    """One raw Kubernetes object and its origin, used in every error message about it."""
+    """One raw Kubernetes object and its origin, used in every error message about it.
+
+    Sources replace a changed object by a new ``SourceObject`` and never mutate ``obj``, so its
+    kind and reference are worked out once per object, not once per model build."""
 
     origin: str  # e.g. "golden/bookinfo/manifests/pods.yaml#3" or "kubernetes"
     obj: dict[str, Any]
+    _kind: str | None = field(default=None, init=False, repr=False, compare=False)
+    _ref: str | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def kind(self) -> str:
-        return str(self.obj.get("kind", ""))
+        if self._kind is None:
+            object.__setattr__(self, "_kind", str(self.obj.get("kind", "")))
+        return self._kind  # type: ignore[return-value]
 
     @property
     def ref(self) -> str:
         """``Kind namespace/name`` (or ``Kind name`` for cluster-scoped objects)."""
-        meta = self.obj.get("metadata") or {}
-        if not isinstance(meta, dict):
-            meta = {}
-        ns, name = meta.get("namespace"), meta.get("name", "?")
-        return f"{self.kind} {ns}/{name}" if ns else f"{self.kind} {name}"
+        if self._ref is None:
+            meta = self.obj.get("metadata") or {}
+            if not isinstance(meta, dict):
+                meta = {}
+            ns, name = meta.get("namespace"), meta.get("name", "?")
+            object.__setattr__(self, "_ref", f"{self.kind} {ns}/{name}" if ns else f"{self.kind} {name}")
+        return self._ref  # type: ignore[return-value]

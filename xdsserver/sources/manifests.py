@@ -31,29 +31,67 @@ def manifest_files(path: Path) -> list[Path]:
     raise InputErrors([InputError(str(path), "path", "", "no such file or directory")])
 
 
+def _file_objects(f: Path) -> list[SourceObject]:
+    """The objects of one file; raises :class:`InputErrors` naming the file if it cannot be parsed."""
+    try:
+        docs = list(yaml.load_all(f.read_text(), Loader=_Loader))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise InputErrors([InputError(str(f), "file", "", f"cannot parse: {exc}".replace("\n", " "))]) from None
+    out: list[SourceObject] = []
+    for i, doc in enumerate(docs, start=1):
+        if doc is None:
+            continue
+        origin = f"{f}#{i}" if len(docs) > 1 else str(f)
+        if isinstance(doc, dict) and doc.get("kind") == "List":
+            for j, item in enumerate(doc.get("items") or [], start=1):
+                out.append(SourceObject(f"{origin} items[{j - 1}]", item))
+        else:
+            out.append(SourceObject(origin, doc))
+    return out
+
+
+class ManifestReader:
+    """Reads a manifest path again after a change, re-parsing only the files that changed.
+
+    A file whose (mtime, size, inode) is what it was keeps its very same :class:`SourceObject`
+    values, so the model build skips them (see ``ValidationMemo``): an edit to one file costs
+    parsing that file, not the directory."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self._files: dict[Path, tuple[tuple[int, int, int], list[SourceObject]]] = {}
+        self.parsed = 0  # files parsed so far (for tests and the bench)
+
+    def objects(self) -> list[SourceObject]:
+        out: list[SourceObject] = []
+        errors: list[InputError] = []
+        seen: dict[Path, tuple[tuple[int, int, int], list[SourceObject]]] = {}
+        for f in manifest_files(self.path):
+            try:
+                st = f.stat()
+            except OSError as exc:
+                errors.append(InputError(str(f), "file", "", f"cannot read: {exc}"))
+                continue
+            sig = (st.st_mtime_ns, st.st_size, st.st_ino)
+            hit = self._files.get(f)
+            if hit is None or hit[0] != sig:
+                try:
+                    hit = (sig, _file_objects(f))
+                except InputErrors as exc:
+                    errors.extend(exc.errors)
+                    continue
+                self.parsed += 1
+            seen[f] = hit
+            out.extend(hit[1])
+        self._files = seen
+        if errors:
+            raise InputErrors(errors)
+        return out
+
+
 def read_objects(path: Path | str) -> list[SourceObject]:
     """Every object under ``path``; raises :class:`InputErrors` for unparsable files."""
-    path = Path(path)
-    out: list[SourceObject] = []
-    errors: list[InputError] = []
-    for f in manifest_files(path):
-        try:
-            docs = list(yaml.load_all(f.read_text(), Loader=_Loader))
-        except (yaml.YAMLError, UnicodeDecodeError) as exc:
-            errors.append(InputError(str(f), "file", "", f"cannot parse: {exc}".replace("\n", " ")))
-            continue
-        for i, doc in enumerate(docs, start=1):
-            if doc is None:
-                continue
-            origin = f"{f}#{i}" if len(docs) > 1 else str(f)
-            if isinstance(doc, dict) and doc.get("kind") == "List":
-                for j, item in enumerate(doc.get("items") or [], start=1):
-                    out.append(SourceObject(f"{origin} items[{j - 1}]", item))
-            else:
-                out.append(SourceObject(origin, doc))
-    if errors:
-        raise InputErrors(errors)
-    return out
+    return ManifestReader(path).objects()
 
 
 def load_mesh_config(path: Path | str) -> MeshConfig:

@@ -204,28 +204,51 @@ def _selects(selector: tuple[tuple[str, str], ...], pod: Pod) -> bool:
 
 
 class ValidationMemo:
-    """Fingerprints of objects that passed schema validation in the previous build (and the
-    pods converted from them).
+    """What the previous build learned per object, so the next one does O(change) work per object.
 
-    Validation is most of a model build (85 % at 10k pods) and almost every object is the same
-    from one change to the next, so an object whose content is unchanged is not validated again.
-    The key is a digest of the object's exact content (``marshal`` format 0: no sharing, so equal content gives equal bytes), so a
-    changed object is always re-validated; only the last build's fingerprints are kept."""
+    Validation and conversion are most of a model build, and almost every object is the same from
+    one change to the next:
+
+    * an object whose content is unchanged is not validated again, and its converted ``Pod`` /
+      ``Service`` is the very same (frozen) object as last time, so later stages compare by identity.
+      The key is a digest of the exact content (``marshal`` format 0: no sharing, so equal content
+      gives equal bytes); a source that hands out the very same :class:`SourceObject` for an
+      unchanged object (the Kubernetes source's cache, :class:`~xdsserver.sources.manifests.ManifestReader`
+      for unchanged files) is not even digested: sources replace objects, they never mutate them;
+    * a Service's endpoints are derived again only if the Service or a pod of its namespace changed.
+
+    Only the last build's entries are kept."""
 
     def __init__(self) -> None:
         self._valid: set[bytes] = set()
         self._next: set[bytes] = set()
         self._pods: dict[bytes, Pod] = {}  # converted pods (frozen), by the same fingerprint
         self._pods_next: dict[bytes, Pod] = {}
+        self._services: dict[bytes, Service] = {}
+        self._services_next: dict[bytes, Service] = {}
         self._key_of: dict[int, bytes | None] = {}  # id(SourceObject) -> key, this build only
+        self._by_object: dict[int, tuple[SourceObject, bytes | None]] = {}  # last build: the very objects
+        self._by_object_next: dict[int, tuple[SourceObject, bytes | None]] = {}
+        # namespace -> its pods (in build order); service fingerprint -> its derived endpoints and errors
+        self._ns_pods: dict[str, tuple[Pod, ...]] = {}
+        self._ns_pods_next: dict[str, tuple[Pod, ...]] = {}
+        self._endpoints: dict[bytes, tuple[dict[tuple[str, str], list[Endpoint]], list[InputError]]] = {}
+        self._endpoints_next: dict[bytes, tuple[dict[tuple[str, str], list[Endpoint]], list[InputError]]] = {}
         self.hits = 0
+        self.digests = 0  # objects whose content had to be digested (not the very same object as last time)
 
-    @staticmethod
-    def key(so: SourceObject) -> bytes | None:
-        try:
-            return hashlib.blake2b(marshal.dumps(so.obj, 0), digest_size=16).digest()
-        except ValueError:  # a value marshal cannot encode (e.g. a YAML timestamp): just validate
-            return None
+    def key(self, so: SourceObject) -> bytes | None:
+        prev = self._by_object.get(id(so))
+        if prev is not None and prev[0] is so:
+            k = prev[1]
+        else:
+            self.digests += 1
+            try:
+                k = hashlib.blake2b(marshal.dumps(so.obj, 0), digest_size=16).digest()
+            except ValueError:  # a value marshal cannot encode (e.g. a YAML timestamp): just validate
+                k = None
+        self._by_object_next[id(so)] = (so, k)
+        return k
 
     def validate(self, so: SourceObject) -> list[InputError]:
         k = self._key_of[id(so)] = self.key(so)
@@ -239,22 +262,48 @@ class ValidationMemo:
         return errs
 
     def pod(self, so: SourceObject) -> Pod:
+        return self._converted(so, self._pods, self._pods_next, _pod)
+
+    def service(self, so: SourceObject) -> Service:
+        return self._converted(so, self._services, self._services_next, _service)
+
+    def _converted(self, so: SourceObject, last: dict[bytes, Any], nxt: dict[bytes, Any], convert: Any) -> Any:
         k = self._key_of.get(id(so))
-        pod = self._pods.get(k) if k is not None else None
-        if pod is None:
-            pod = _pod(so.obj)
+        out = last.get(k) if k is not None else None
+        if out is None:
+            out = convert(so.obj)
         if k is not None:
-            self._pods_next[k] = pod
-        return pod
+            nxt[k] = out
+        return out
+
+    def endpoints(self, so: SourceObject, ns_pods: tuple[Pod, ...], derive: Any) -> tuple[dict[tuple[str, str], list[Endpoint]], list[InputError]]:
+        """``derive()`` (a Service's endpoints from its selector), unless neither the Service nor
+        any pod of its namespace changed since the last build. Callers must not mutate the result."""
+        k = self._key_of.get(id(so))
+        ns = _meta(so.obj).get("namespace", "")
+        last = self._ns_pods.get(ns)
+        self._ns_pods_next[ns] = ns_pods
+        same_pods = last is ns_pods or (last is not None and len(last) == len(ns_pods) and all(a is b for a, b in zip(last, ns_pods)))
+        hit = self._endpoints.get(k) if k is not None and same_pods else None
+        if hit is None:
+            hit = derive()
+        if k is not None:
+            self._endpoints_next[k] = hit
+        return hit
 
     def copy(self) -> "ValidationMemo":
         other = ValidationMemo()
-        other._valid, other._pods = set(self._valid), dict(self._pods)
+        other._valid, other._pods, other._services = set(self._valid), dict(self._pods), dict(self._services)
+        other._by_object, other._ns_pods, other._endpoints = dict(self._by_object), dict(self._ns_pods), dict(self._endpoints)
         return other
 
     def commit(self) -> None:
         self._valid, self._next = self._next, set()
         self._pods, self._pods_next = self._pods_next, {}
+        self._services, self._services_next = self._services_next, {}
+        self._by_object, self._by_object_next = self._by_object_next, {}
+        self._ns_pods, self._ns_pods_next = self._ns_pods_next, {}
+        self._endpoints, self._endpoints_next = self._endpoints_next, {}
         self._key_of.clear()
 
 
@@ -321,12 +370,13 @@ def build_model_lenient(objects: Iterable[SourceObject], mesh: MeshConfig | None
                 by_ip[ip] = (so, pod)
     pods = [sp for sp in pods if id(sp[0]) not in dup_bad]
 
+    convert_service = memo.service if memo is not None else (lambda so: _service(so.obj))
     services: list[tuple[SourceObject, Service]] = []
     for so in good["Service"]:
         port_errors = _service_port_errors(so)
         errors.extend(port_errors)
         if not port_errors:
-            services.append((so, _service(so.obj)))
+            services.append((so, convert_service(so)))
     slices_by_svc: dict[str, list[SourceObject]] = {}
     for so in good["EndpointSlice"]:
         addr_errors = _slice_address_errors(so)
@@ -341,9 +391,10 @@ def build_model_lenient(objects: Iterable[SourceObject], mesh: MeshConfig | None
         slices_by_svc.setdefault(f"{meta['namespace']}/{svc_name}", []).append(so)
 
     endpoints: dict[tuple[str, str], list[Endpoint]] = {}
-    pods_by_ns: dict[str, list[Pod]] = {}
+    by_ns: dict[str, list[Pod]] = {}
     for _, p in pods:
-        pods_by_ns.setdefault(p.namespace, []).append(p)
+        by_ns.setdefault(p.namespace, []).append(p)
+    pods_by_ns = {ns: tuple(ps) for ns, ps in by_ns.items()}
     svc_bad: set[int] = set()
     for so, svc in services:
         if svc.key in slices_by_svc:
@@ -352,27 +403,14 @@ def build_model_lenient(objects: Iterable[SourceObject], mesh: MeshConfig | None
             continue
         if not svc.selector:
             continue
-        selected = [p for p in pods_by_ns.get(svc.namespace, ()) if _selects(svc.selector, p)]
-        for i, sp in enumerate(so.obj["spec"].get("ports") or []):
-            port = ServicePort(int(sp["port"]), sp.get("name", ""), sp.get("protocol", "TCP"), sp.get("targetPort", sp["port"]))
-            if isinstance(port.target_port, str) and selected and not any(p.named_port(port.target_port) for p in selected):
-                errors.append(InputError(so.origin, so.ref, f"spec.ports[{i}].targetPort",
-                                         f"no container of the {len(selected)} selected pod(s) declares a port named {port.target_port!r}"))
-                svc_bad.add(id(so))
-                continue
-            eps = endpoints.setdefault((svc.key, port.name), [])
-            for p in selected:
-                if not p.ip or p.phase in ("Succeeded", "Failed"):
-                    continue
-                if isinstance(port.target_port, str):
-                    cp = p.named_port(port.target_port)
-                    if cp is None:
-                        continue  # this pod does not serve that port (Kubernetes skips it too)
-                    num = cp.port
-                else:
-                    num = int(port.target_port)
-                for ip in p.ips:
-                    eps.append(Endpoint(ip, num, p.ready, p.node_name, p.key))
+        ns_pods = pods_by_ns.get(svc.namespace, ())
+        derived, svc_errors = (memo.endpoints(so, ns_pods, lambda: _selected_endpoints(so, svc, ns_pods)) if memo is not None
+                               else _selected_endpoints(so, svc, ns_pods))
+        if svc_errors:
+            errors.extend(svc_errors)
+            svc_bad.add(id(so))
+        for k, eps in derived.items():
+            endpoints.setdefault(k, []).extend(eps)
     services = [sv for sv in services if id(sv[0]) not in svc_bad]
 
     model = Model(
@@ -393,6 +431,35 @@ def build_model_lenient(objects: Iterable[SourceObject], mesh: MeshConfig | None
     if memo is not None:
         memo.commit()
     return model, errors
+
+
+def _selected_endpoints(so: SourceObject, svc: Service, ns_pods: tuple[Pod, ...]) -> tuple[dict[tuple[str, str], list[Endpoint]], list[InputError]]:
+    """A selector Service's endpoints from the pods of its namespace (no EndpointSlice given), and
+    the error for a named ``targetPort`` no selected container declares (the Service is then bad)."""
+    assert svc.selector
+    selected = [p for p in ns_pods if _selects(svc.selector, p)]
+    out: dict[tuple[str, str], list[Endpoint]] = {}
+    errors: list[InputError] = []
+    for i, sp in enumerate(so.obj["spec"].get("ports") or []):
+        port = ServicePort(int(sp["port"]), sp.get("name", ""), sp.get("protocol", "TCP"), sp.get("targetPort", sp["port"]))
+        if isinstance(port.target_port, str) and selected and not any(p.named_port(port.target_port) for p in selected):
+            errors.append(InputError(so.origin, so.ref, f"spec.ports[{i}].targetPort",
+                                     f"no container of the {len(selected)} selected pod(s) declares a port named {port.target_port!r}"))
+            continue
+        eps = out.setdefault((svc.key, port.name), [])
+        for p in selected:
+            if not p.ip or p.phase in ("Succeeded", "Failed"):
+                continue
+            if isinstance(port.target_port, str):
+                cp = p.named_port(port.target_port)
+                if cp is None:
+                    continue  # this pod does not serve that port (Kubernetes skips it too)
+                num = cp.port
+            else:
+                num = int(port.target_port)
+            for ip in p.ips:
+                eps.append(Endpoint(ip, num, p.ready, p.node_name, p.key))
+    return out, errors
 
 
 def _policies(objs: Iterable[SourceObject]) -> tuple[list[AuthorizationPolicy | PeerAuthentication], list[InputError], list[str]]:

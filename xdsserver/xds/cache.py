@@ -83,9 +83,24 @@ class Snapshot:
         self._resources: dict[str, Mapping[str, Resource]] = {
             t: MappingProxyType({n: resources[t][n] for n in sorted(resources[t])}) for t in sorted(resources)
         }
-        self._versions = {
-            t: content_version((r.name, r.version) for r in rs.values()) for t, rs in self._resources.items()
-        }
+        self._versions: dict[str, str] = {}  # per type, computed when a SotW stream first asks
+
+    @classmethod
+    def patched(cls, old: Snapshot | None, types: Mapping[str, dict[str, Resource]], added: Mapping[str, bool]) -> Snapshot:
+        """``old`` with the given types replaced by these (already patched) dicts; only a type that
+        gained names is re-sorted, and unchanged types keep their mappings and versions."""
+        snap = cls.__new__(cls)
+        res = dict(old._resources) if old is not None else {}
+        versions = dict(old._versions) if old is not None else {}
+        for t, by_name in types.items():
+            versions.pop(t, None)
+            if not by_name:
+                res.pop(t, None)
+                continue
+            res[t] = MappingProxyType(dict(sorted(by_name.items())) if added.get(t) else by_name)
+        snap._resources = {t: res[t] for t in sorted(res)}
+        snap._versions = versions
+        return snap
 
     def resources(self, type_url: str) -> Mapping[str, Resource]:
         return self._resources.get(type_url, _EMPTY)
@@ -102,7 +117,9 @@ class Snapshot:
     def type_version(self, type_url: str) -> str:
         """Version of the whole type: derived from the (name, version) pairs, deterministic."""
         v = self._versions.get(type_url)
-        return v if v is not None else content_version(())
+        if v is None:
+            v = self._versions[type_url] = content_version((r.name, r.version) for r in self.resources(type_url).values())
+        return v
 
     def __repr__(self) -> str:
         counts = ", ".join(f"{short(t)}={len(r)}" for t, r in self._resources.items())
@@ -148,6 +165,11 @@ def _diff(node: str, old: Snapshot | None, new: Snapshot) -> SnapshotChange:
     return SnapshotChange(node, added, changed, removed)
 
 
+def _wipe(node: str, type_url: str, had: int) -> UnsafeSnapshot:
+    return UnsafeSnapshot(f"node {node!r}: refusing a snapshot with no {short(type_url)} resources while the node has "
+                          f"{had}; that would delete all of its {short(type_url)} config")
+
+
 ChangeCallback = Callable[[SnapshotChange], None]
 
 
@@ -188,6 +210,13 @@ class SnapshotCache:
         """Clock time of the last change of `node` (for convergence time)."""
         return self._changed_at.get(node)
 
+    def resource_set(self, node: str) -> dict[str, list[tuple[str, bytes]]]:
+        """`node`'s served resources as type URL -> [(name, bytes)] (empty for an unknown node)."""
+        snap = self._snapshots.get(node)
+        if snap is None:
+            return {}
+        return {t: [(n, r.body) for n, r in snap.resources(t).items()] for t in snap.type_urls()}
+
     def interned_count(self) -> int:
         """Distinct live resources (for tests and memory accounting)."""
         return len(self._interned)
@@ -215,6 +244,79 @@ class SnapshotCache:
             if change:
                 self._notify(node, change)
         return changes
+
+    def apply_deltas(self, deltas: Mapping[str, Mapping[str, Mapping[str, bytes | None]]], *,
+                     allow_empty: bool = False) -> dict[str, SnapshotChange]:
+        """Patch several nodes' snapshots: ``{node: {type URL: {name: bytes, or None to remove}}}``.
+
+        The cost is O(change): only the named resources are hashed and interned, only the types
+        named are copied, and what changed is read off the delta instead of diffing snapshots. A
+        node without a snapshot starts from empty. Atomic like :meth:`set_snapshots`: every node is
+        checked (names, bytes, never wiping LDS/CDS) before any is changed."""
+        memo: dict[tuple[str, str, int], tuple[bytes, Resource]] = {}
+        staged: dict[str, tuple[Snapshot, SnapshotChange]] = {}
+        for node in sorted(deltas):
+            if not isinstance(node, str) or not node:
+                raise ValueError(f"snapshot node name must be a non-empty string, got {node!r}")
+            old = self._snapshots.get(node)
+            types: dict[str, dict[str, Resource]] = {}
+            added: dict[str, frozenset[str]] = {}
+            changed: dict[str, frozenset[str]] = {}
+            removed: dict[str, frozenset[str]] = {}
+            for type_url, items in deltas[node].items():
+                if not isinstance(type_url, str) or not type_url.startswith(TYPE_PREFIX):
+                    raise ValueError(f"node {node!r}: type URL {type_url!r} does not start with {TYPE_PREFIX!r}")
+                before = old.resources(type_url) if old is not None else _EMPTY
+                by_name = dict(before)
+                a, c, r = [], [], []
+                for name, body in items.items():
+                    if not isinstance(name, str) or not name:
+                        raise ValueError(f"node {node!r}, {short(type_url)}: resource name must be a non-empty string, got {name!r}")
+                    was = before.get(name)
+                    if body is None:
+                        if was is not None:
+                            del by_name[name]
+                            r.append(name)
+                        continue
+                    if not isinstance(body, bytes):
+                        raise ValueError(f"node {node!r}, {short(type_url)} {name!r}: body must be bytes, got {type(body).__name__}")
+                    if was is not None and was.body is body:
+                        continue
+                    key = (type_url, name, id(body))
+                    hit = memo.get(key)
+                    if hit is not None and hit[0] is body:
+                        res = hit[1]
+                    else:
+                        res = self._intern(type_url, name, body)
+                        memo[key] = (body, res)
+                    if was is None:
+                        a.append(name)
+                    elif was.version == res.version:
+                        continue
+                    else:
+                        c.append(name)
+                    by_name[name] = res
+                if not (a or c or r):
+                    continue
+                if not by_name and before and type_url in FULL_STATE_TYPES and not allow_empty:
+                    raise _wipe(node, type_url, len(before))
+                types[type_url] = by_name
+                for out, names_ in ((added, a), (changed, c), (removed, r)):
+                    if names_:
+                        out[type_url] = frozenset(names_)
+            change = SnapshotChange(node, added, changed, removed)
+            snap = old if not types and old is not None else Snapshot.patched(old, types, {t: True for t in added})
+            staged[node] = (snap, change)
+        now = self._clock()
+        for node, (snap, change) in staged.items():
+            self._snapshots[node] = snap
+            if change:
+                self._generation[node] = self._generation.get(node, 0) + 1
+                self._changed_at[node] = now
+        for node, (_, change) in staged.items():
+            if change:
+                self._notify(node, change)
+        return {node: change for node, (_, change) in staged.items()}
 
     def remove_node(self, node: str) -> None:
         """Forget `node`: its streams keep their last state and receive no push."""
@@ -259,10 +361,7 @@ class SnapshotCache:
         if old is not None and not allow_empty:
             for t in sorted(FULL_STATE_TYPES):
                 if old.resources(t) and not typed.get(t):
-                    raise UnsafeSnapshot(
-                        f"node {node!r}: refusing a snapshot with no {short(t)} resources while the node has "
-                        f"{len(old.resources(t))}; that would delete all of its {short(t)} config"
-                    )
+                    raise _wipe(node, t, len(old.resources(t)))
         return Snapshot(typed)
 
     def _intern(self, type_url: str, name: str, body: bytes) -> Resource:
