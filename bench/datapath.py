@@ -15,6 +15,7 @@ import json
 import os
 import re
 import resource
+import signal
 import shutil
 import sys
 import tempfile
@@ -29,7 +30,7 @@ from xdsserver.lab.lab import Lab
 from xdsserver.lab.netns import ProcRef, ns_connect, spawn, stop
 from xdsserver.lab.podserver import pattern
 
-from . import probes
+from . import costs, probes
 from .probes import Target
 
 HERE = Path(__file__).resolve().parent
@@ -243,9 +244,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mesh", action="append", default=[], type=_mesh_value, metavar="KEY=YAML",
                    help="extra MeshConfig spec field for this run (repeatable), e.g. accessLog=edges")
     p.add_argument("--prefix", default=os.environ.get("XDS_LAB_PREFIX", "bench"), help="lab namespace prefix (default $XDS_LAB_PREFIX or bench)")
-    p.add_argument("--json", type=Path, default=RESULTS / "datapath.json")
+    p.add_argument("--json", type=Path, help="default: bench/results/datapath.json (datapath-costs.json with --costs)")
+    p.add_argument("--costs", nargs="*", choices=sorted(costs.EXPERIMENTS), metavar="EXPERIMENT",
+                   help=f"instead of the targets: compare the cost variants of these experiments (none given: all of {', '.join(costs.EXPERIMENTS)})")
+    p.add_argument("--cost-rounds", type=int, default=3)
+    p.add_argument("--cost-connections", type=int, default=300, help="sequential connections per path and block")
+    p.add_argument("--cost-iperf-seconds", type=float, default=3.0)
     p.add_argument("--quick", action="store_true", help="smoke run: 50 connections, 100 concurrent, 1 s iperf3, no large downloads")
     args = p.parse_args(argv)
+    if args.costs is not None and not args.costs:
+        args.costs = list(costs.EXPERIMENTS)
+    args.json = args.json or RESULTS / ("datapath-costs.json" if args.costs else "datapath.json")
     if args.quick:
         args.connections, args.concurrent, args.iperf_seconds, args.iperf_rounds, args.large = 50, 100, 1.0, 1, 0
     if os.geteuid() != 0:
@@ -255,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         print("python -m bench datapath needs iperf3 (bash scripts/setup-lab installs Debian's)", file=sys.stderr)
         return 2
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # SIGTERM tears the lab down too (finally below)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # 1,000 client sockets here, and the pod servers inherit it
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 65536)), hard))
     extra = dict(args.mesh)
@@ -272,24 +282,36 @@ def main(argv: list[str] | None = None) -> int:
         iperf: list[tuple[ProcRef, Any]] = []
         try:
             lab.up(timeout=120)
+            nacks = json.loads(lab.xds_debug("/debug/nackz"))
+            if nacks:  # a MeshConfig variant Envoy refused would silently measure the previous config
+                raise RuntimeError(f"a ztunnel NACKed the bench config: {nacks}")
             for _, server, _ in IPERF.values():
                 iperf.append(spawn(f"iperf3:{server}", lab.pod_netns(server), ["iperf3", "-s", "-p", str(IPERF_PORT)],
                                    str(lab.state_dir / f"iperf3-{server.replace('/', '_')}.log")))
             for _, server, _ in IPERF.values():
                 if poll(lambda: _listening(lab, server), 10) is None:
                     raise RuntimeError(f"iperf3 server in {server} not listening")
-            res = measure(lab, args, log)
+            if args.costs:
+                res = {"experiments": costs.run_costs(
+                    lab, mdir / "mesh.yaml", lambda more: mesh_config_doc(args.idle_timeout, {**extra, **more}), args.costs,
+                    args.cost_rounds, args.cost_connections, args.cost_iperf_seconds, targets(lab),
+                    {k: (lab.pod_netns(c), ip, IPERF_PORT) for k, (c, _, ip) in IPERF.items()}, tunnel_stats, (SRC_NODE, DST_NODE), log)}
+                config = {"rounds": args.cost_rounds, "connections_per_block": args.cost_connections,
+                          "iperf_seconds": args.cost_iperf_seconds, "idle_timeout_s": args.idle_timeout, "method": costs.__doc__.strip()}
+            else:
+                res = measure(lab, args, log)
         finally:
             for ref, popen in iperf:
                 stop(ref, popen)
             lab.down()
     res["config"] = config
     res["machine"] = machine_description()
-    res["targets"] = evaluate(res)
+    if not args.costs:
+        res["targets"] = evaluate(res)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(res, indent=1, sort_keys=True) + "\n")
     log(f"wrote {args.json}")
-    print(table(res))
+    print(costs.costs_table(res["experiments"]) if args.costs else table(res))
     return 0
 
 

@@ -266,6 +266,23 @@ class Lab:
                 "--file-flush-interval-msec", "100", "--log-path", str(self.state_dir / f"envoy-{node_name}.log"), "-l", "info"]
         self._spawn(f"ztunnel:{node_name}", zt.netns, argv, f"access-{node_name}.log")
 
+    def restart_ztunnels(self, concurrency: int, timeout: float = 60.0) -> None:
+        """Restart every ztunnel Envoy with ``concurrency`` workers (the data-path bench compares
+        worker counts in one lab); each gets its whole config back over ADS before it is LIVE."""
+        if concurrency < 1:
+            raise LabError(f"ztunnel Envoy --concurrency {concurrency}: expected at least 1 worker")
+        deadline = time.monotonic() + timeout
+        self.concurrency = concurrency
+        for node in self.topo.nodes:
+            name = f"ztunnel:{node.name}"
+            if name in self.procs:
+                stop(self.procs.pop(name), self._popens.pop(name, None))
+            self._start_ztunnel(self.topo, node.name)
+        self._save()
+        for node in self.topo.nodes:
+            ns = self.ztunnel_netns(node.name)
+            self._wait(lambda ns=ns: self._envoy_live(ns), deadline, f"ztunnel Envoy on {node.name} LIVE")
+
     def _start_pod_server(self, pod: LabPod) -> None:
         script = Path(__file__).with_name("podserver.py")
         argv = [sys.executable, str(script), "--pod", pod.key] + [f"--port={p}" for p in pod.ports]
