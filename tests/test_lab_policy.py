@@ -207,6 +207,22 @@ def pushes(lab: Lab) -> dict[tuple[str, str], str]:
     return {(e["node"], e["type"]): e["sent_nonce"] for e in json.loads(lab.xds_debug("/debug/syncz"))}
 
 
+def settled_pushes(lab: Lab, timeout: float = 20.0) -> dict[tuple[str, str], str]:
+    """:func:`pushes` once earlier tests' edits are served: no zz- policy left in the model, every
+    stream ACKed what it was sent, and no new response over two reads 0.5 s apart (bounded)."""
+    deadline = time.monotonic() + timeout
+    last: dict[tuple[str, str], str] = {}
+    while time.monotonic() < deadline:
+        reg = lab.xds_debug("/debug/registryz")
+        sync = json.loads(lab.xds_debug("/debug/syncz"))
+        now = {(e["node"], e["type"]): e["sent_nonce"] for e in sync}
+        if "zz-" not in reg and all(e["sent_version"] == e["acked_version"] for e in sync) and now == last:
+            return now
+        last = now
+        time.sleep(0.5)
+    raise AssertionError("the server kept pushing: earlier policy edits never settled")
+
+
 def lds_updates(lab: Lab, node: str) -> int:
     return stat(lab, node, "listener_manager.lds.update_success")
 
@@ -286,7 +302,7 @@ def test_policy_change_pushes_only_the_selected_pods_nodes(lab):
     nothing = lab.manifests / "zz-selects-nothing.yaml"
     server_only = lab.manifests / "zz-server-only.yaml"
     try:
-        before = pushes(lab)
+        before = settled_pushes(lab)
         nothing.write_text(
             "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: selects-nothing, namespace: ambient}\n"
             "spec:\n  selector: {matchLabels: {app: no-such-app}}\n  action: DENY\n  rules: [{}]\n")
