@@ -47,13 +47,18 @@ from aiohttp import web
 @dataclass(frozen=True, slots=True)
 class Resource:
     kind: str
-    api_version: str
+    api_version: str  # the storage version: objects are kept (and by default served) in it
     plural: str
     namespaced: bool
+    also_served: tuple[str, ...] = ()  # further versions of a CRD, converted by apiVersion only
 
     @property
     def prefix(self) -> str:
-        return "/api/v1" if self.api_version == "v1" else f"/apis/{self.api_version}"
+        return api_prefix(self.api_version)
+
+
+def api_prefix(api_version: str) -> str:
+    return "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
 
 
 RESOURCES: dict[str, Resource] = {
@@ -65,9 +70,9 @@ RESOURCES: dict[str, Resource] = {
         Resource("Namespace", "v1", "namespaces", False),
         Resource("Node", "v1", "nodes", False),
         Resource("EndpointSlice", "discovery.k8s.io/v1", "endpointslices", True),
-        # Istio's security CRDs (charts/xdsserver/crds), served at their v1 version
-        Resource("AuthorizationPolicy", "security.istio.io/v1", "authorizationpolicies", True),
-        Resource("PeerAuthentication", "security.istio.io/v1", "peerauthentications", True),
+        # Istio's security CRDs (charts/xdsserver/crds): v1 storage, v1beta1 served too
+        Resource("AuthorizationPolicy", "security.istio.io/v1", "authorizationpolicies", True, ("security.istio.io/v1beta1",)),
+        Resource("PeerAuthentication", "security.istio.io/v1", "peerauthentications", True, ("security.istio.io/v1beta1",)),
     )
 }
 
@@ -130,8 +135,12 @@ class KubeAPIStandIn:
         token: str | None = "standin-admin-token",
         gone_as: Literal["event", "http"] = "event",
         start_rv: int = 1000,
+        served: dict[str, tuple[str, ...]] | None = None,
     ) -> None:
         self.token = token
+        # kind -> the API versions it is served at (default: storage version + also_served);
+        # e.g. {"AuthorizationPolicy": ("security.istio.io/v1beta1",)} is an Istio < 1.22 cluster
+        self.served = {r.kind: (r.api_version, *r.also_served) for r in RESOURCES.values()} | (served or {})
         self.gone_as = gone_as
         self.hang_watches = False  # ignore timeoutSeconds: a watch that just goes silent
         self.rv = start_rv
@@ -159,9 +168,11 @@ class KubeAPIStandIn:
     async def start(self) -> str:
         app = web.Application(middlewares=[self._record_and_auth])
         for res in RESOURCES.values():
-            app.router.add_get(f"{res.prefix}/{res.plural}", self._make_handler(res))
-            if res.namespaced:
-                app.router.add_get(f"{res.prefix}/namespaces/{{namespace}}/{res.plural}", self._make_handler(res))
+            for version in self.served[res.kind]:
+                prefix = api_prefix(version)
+                app.router.add_get(f"{prefix}/{res.plural}", self._make_handler(res, version))
+                if res.namespaced:
+                    app.router.add_get(f"{prefix}/namespaces/{{namespace}}/{res.plural}", self._make_handler(res, version))
         app.router.add_post("/apis/authentication.k8s.io/v1/tokenreviews", self._token_review)
         self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=1.0, access_log=None)
         await self._runner.setup()
@@ -360,15 +371,15 @@ class KubeAPIStandIn:
             return web.json_response(status(401, "Unauthorized", "Unauthorized"), status=401)
         return await handler(request)
 
-    def _make_handler(self, res: Resource) -> Any:
+    def _make_handler(self, res: Resource, version: str) -> Any:
         async def handler(request: web.Request) -> web.StreamResponse:
             ns = request.match_info.get("namespace")
             if request.query.get("watch", "").lower() in ("true", "1"):
-                return await self._watch(request, res, ns)
-            return self._list(request, res, ns)
+                return await self._watch(request, res, ns, version)
+            return self._list(request, res, ns, version)
         return handler
 
-    def _list(self, request: web.Request, res: Resource, ns: str | None) -> web.Response:
+    def _list(self, request: web.Request, res: Resource, ns: str | None, version: str) -> web.Response:
         q = request.query
         if "continue" in q:
             snap = self._snapshots.get(q["continue"].split(":", 1)[0])
@@ -399,12 +410,12 @@ class KubeAPIStandIn:
             meta["remainingItemCount"] = len(items) - start - limit
         return web.json_response({
             "kind": f"{res.kind}List",
-            "apiVersion": res.api_version,
+            "apiVersion": version,
             "metadata": meta,
             "items": page,
         })
 
-    async def _watch(self, request: web.Request, res: Resource, ns: str | None) -> web.StreamResponse:
+    async def _watch(self, request: web.Request, res: Resource, ns: str | None, version: str) -> web.StreamResponse:
         q = request.query
         rv_param = q.get("resourceVersion", "")
         bookmarks = q.get("allowWatchBookmarks", "").lower() in ("true", "1")
@@ -459,6 +470,9 @@ class KubeAPIStandIn:
                     if request.transport is not None:
                         request.transport.abort()
                     return resp
+                obj = item.get("object") if isinstance(item, dict) else None
+                if version != res.api_version and isinstance(obj, dict) and obj.get("apiVersion") == res.api_version:
+                    item = {**item, "object": {**obj, "apiVersion": version}}  # CRD conversion "None"
                 await resp.write(json.dumps(item).encode() + b"\n")
             await resp.write_eof()
         except ConnectionError:

@@ -470,3 +470,43 @@ async def test_security_kinds_listed_and_watched(server: KubeAPIStandIn, start: 
     assert [p.name for p in model.peer_authentications] == ["strict"]
     server.delete("AuthorizationPolicy", "deny-all", "default")
     await eventually(lambda: "deny-all" not in cached(src, "AuthorizationPolicy"), "deletion watched")
+
+
+async def test_security_kinds_created_as_v1beta1_reach_the_model(server: KubeAPIStandIn, start: Any) -> None:
+    """Stand-in API server: a v1beta1 object of a CRD stored at v1 is served at v1 (conversion
+    by apiVersion), so the v1 watch sees objects applied with either version (issue 12)."""
+    populate(server)
+    src = await start()
+    server.create({"apiVersion": "security.istio.io/v1beta1", "kind": "AuthorizationPolicy",
+                   "metadata": {"name": "old-style", "namespace": "default"}, "spec": {"action": "DENY", "rules": [{}]}})
+    await eventually(lambda: "old-style" in cached(src, "AuthorizationPolicy"), "v1beta1-created policy watched")
+    assert cached(src, "AuthorizationPolicy")["old-style"]["apiVersion"] == "security.istio.io/v1"
+    assert [p.key for p in build_model(src.objects()).authorization_policies] == ["default/old-style"]
+
+
+async def test_security_kinds_watched_at_v1beta1_when_v1_is_not_served(start: Any, tmp_path: Path) -> None:
+    """Stand-in API server of a cluster whose Istio CRDs predate v1 (Istio < 1.22): the v1 list
+    is a 404, the source switches to v1beta1 once and lists, watches and deletes there."""
+    only_beta = {k: ("security.istio.io/v1beta1",) for k in ("AuthorizationPolicy", "PeerAuthentication")}
+    async with KubeAPIStandIn(served=only_beta) as old:
+        populate(old)
+        old.create({"apiVersion": "security.istio.io/v1beta1", "kind": "PeerAuthentication",
+                    "metadata": {"name": "strict", "namespace": "default"}, "spec": {"mtls": {"mode": "STRICT"}}})
+        client = await api_client_from_env(str(old.write_kubeconfig(tmp_path / "kubeconfig-old")))
+        try:
+            src = await start(client)
+            assert src.stats["api_versions"] == {k: "security.istio.io/v1beta1" for k in only_beta}
+            assert cached(src, "PeerAuthentication")["strict"]["apiVersion"] == "security.istio.io/v1beta1"
+            old.create({"apiVersion": "security.istio.io/v1beta1", "kind": "AuthorizationPolicy",
+                        "metadata": {"name": "deny-all", "namespace": "default"}, "spec": {"action": "DENY", "rules": [{}]}})
+            await eventually(lambda: "deny-all" in cached(src, "AuthorizationPolicy"), "v1beta1 watch event")
+            model = build_model(src.objects())
+            assert [p.key for p in model.authorization_policies] == ["default/deny-all"]
+            assert [p.name for p in model.peer_authentications] == ["strict"]
+            old.delete("AuthorizationPolicy", "deny-all", "default")
+            await eventually(lambda: "deny-all" not in cached(src, "AuthorizationPolicy"), "v1beta1 deletion watched")
+            watched = [r.path for r in old.requests if r.is_watch and r.path.endswith("/authorizationpolicies")]
+            assert watched and all("/security.istio.io/v1beta1/" in p for p in watched), watched
+            assert src.stats["list_errors"] == 0
+        finally:
+            await client.close()

@@ -1301,3 +1301,70 @@ def test_hbone_idle_timeout_and_keepalive_come_from_mesh_config():
             assert opts.common_http_protocol_options.idle_timeout.ToNanoseconds() == int(want * 1e9), c.name
             assert opts.explicit_http_config.http2_protocol_options.allow_connect
             assert c.upstream_connection_options.tcp_keepalive.keepalive_time.value == 60, c.name
+
+
+def _log_prefixes(res: NodeResources) -> set[str]:
+    """Every access-log prefix (the hop's name at the end of the line) on one node."""
+    from envoy.extensions.access_loggers.file.v3 import file_pb2
+    from xdsserver.translate.blocks import PEER_LOG_SUFFIX
+
+    def prefix(log) -> str:
+        f = file_pb2.FileAccessLog()
+        log.typed_config.Unpack(f)
+        return f.log_format.text_format_source.inline_string.split(PEER_LOG_SUFFIX, 1)[1].strip()
+
+    out = set()
+    for lis in res.listeners:
+        out |= {prefix(a) for a in lis.access_log}
+        for ch in [*lis.filter_chains, lis.default_filter_chain]:
+            for f in filters(ch) if ch.filters else []:
+                out |= {prefix(a) for a in getattr(f, "access_log", [])}
+    return out
+
+
+def _with_mesh(tmp_path: Path, spec: dict[str, Any]) -> Any:
+    d = tmp_path / "manifests"
+    import shutil
+
+    shutil.copytree(GOLDEN / "client-server" / "manifests", d)
+    (d / "mesh.yaml").write_text(yaml.safe_dump({"apiVersion": "xdsserver.io/v1alpha1", "kind": "MeshConfig", "spec": spec}))
+    return build_cluster(d, Flavor.ENVOY, certs())
+
+
+def test_access_log_edges_drops_only_the_internal_hops(tmp_path):
+    """MeshConfig accessLog (issue 10 cost choices): `all` (default) logs every hop, `edges`
+    only where a connection enters a ztunnel (capture listener, inbound) and terminal chains."""
+    internal = {"capture outbound (no waypoint proxy)", "capture outbound pod (no waypoint proxy)", "outbound tunnel"}
+    edges = {"outbound capture listener", "capture inbound listener", "inbound hcm", "passthrough"}
+    default = set().union(*(_log_prefixes(r) for r in _with_mesh(tmp_path / "a", {}).nodes.values()))
+    assert internal | edges <= default
+    trimmed = set().union(*(_log_prefixes(r) for r in _with_mesh(tmp_path / "b", {"accessLog": "edges"}).nodes.values()))
+    assert edges <= trimmed and not (internal & trimmed), trimmed
+
+
+def test_hbone_windows_buffers_and_keepalive_come_from_mesh_config(tmp_path):
+    """Unset: the tunnel clusters advertise 2^31-1 (data integrity, issue 10), the inbound HCM
+    Envoy's defaults. Set: both HBONE ends carry them."""
+    from xdsserver.translate.tunnel import HBONE_WINDOW
+    from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
+
+    spec = {"hboneStreamWindowBytes": 1 << 20, "hboneConnectionWindowBytes": 8 << 20, "bufferLimitBytes": 65536, "hboneKeepalive": "0s"}
+    for cl, tuned in ((_with_mesh(tmp_path / "a", {}), False), (_with_mesh(tmp_path / "b", spec), True)):
+        res = cl.nodes["ambient-worker"]
+        tunnels = [c for c in res.clusters if "tunnel_clus_" in c.name]
+        assert len(tunnels) == 3 * len({w.identity for w in cl.index.node_view("ambient-worker").local_workloads})
+        for c in tunnels:
+            opts = http_protocol_options_pb2.HttpProtocolOptions()
+            c.typed_extension_protocol_options["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"].Unpack(opts)
+            h2 = opts.explicit_http_config.http2_protocol_options
+            assert h2.allow_connect
+            assert (h2.initial_stream_window_size.value, h2.initial_connection_window_size.value) == ((1 << 20, 8 << 20) if tuned else (HBONE_WINDOW,) * 2)
+            assert c.per_connection_buffer_limit_bytes.value == (65536 if tuned else 0)
+            assert c.HasField("upstream_connection_options") is not tuned  # keepalive 0s = off
+        inbound = listener(res, names.ZTUNNEL_INBOUND)
+        assert inbound.per_connection_buffer_limit_bytes.value == (65536 if tuned else 0)
+        for ch in inbound.filter_chains:
+            for f in filters(ch):
+                if isinstance(f, hcm_pb2.HttpConnectionManager):
+                    h2 = f.http2_protocol_options
+                    assert (h2.initial_stream_window_size.value, h2.initial_connection_window_size.value) == ((1 << 20, 8 << 20) if tuned else (0, 0))

@@ -8,7 +8,7 @@ import http.client
 import json
 from dataclasses import dataclass
 
-from .netns import ns_connect
+from .netns import ns_connect, ns_socket
 
 
 class NsHTTPConnection(http.client.HTTPConnection):
@@ -55,3 +55,29 @@ def download_sha256(netns: str, host: str, port: int, path: str, timeout: float 
         return n, h.hexdigest(), resp.getheader("X-Sha256", "")
     finally:
         conn.close()
+
+
+def download_close_first(netns: str, host: str, port: int, n: int, seed: str, timeout: float = 120.0) -> tuple[int, str, str]:
+    """HTTP/1.0 ``GET /bytes/n`` (the server closes first, unlike :func:`download_sha256`):
+    (body bytes, sha256 of them, how it ended: ``eof``, ``reset`` or ``error: ...``)."""
+    s = ns_socket(netns)
+    s.settimeout(timeout)
+    h, got, end, head = hashlib.sha256(), 0, "eof", b""
+    try:
+        s.connect((host, port))
+        s.sendall(f"GET /bytes/{n}?seed={seed} HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
+        while c := s.recv(1 << 18):
+            if head is not None:
+                head += c
+                if b"\r\n\r\n" not in head:
+                    continue
+                c, head = head.split(b"\r\n\r\n", 1)[1], None
+            h.update(c)
+            got += len(c)
+    except ConnectionResetError:
+        end = "reset"
+    except OSError as exc:
+        end = f"error: {exc}"
+    finally:
+        s.close()
+    return got, h.hexdigest(), end

@@ -66,8 +66,11 @@ def envoy_binary() -> str:
 
 class Lab:
     def __init__(self, manifests: Path | str | None = None, *, prefix: str = DEFAULT_PREFIX, state_dir: Path | str | None = None,
-                 tunnel: str = "vxlan", log: Callable[[str], None] | None = None) -> None:
+                 tunnel: str = "vxlan", log: Callable[[str], None] | None = None, concurrency: int = 1) -> None:
         self.prefix = check_prefix(prefix)
+        if concurrency < 1:
+            raise LabError(f"ztunnel Envoy --concurrency {concurrency}: expected at least 1 worker")
+        self.concurrency = concurrency  # Envoy worker threads per ztunnel (README: cost choices)
         self.state_dir = Path(state_dir) if state_dir else STATE_ROOT / prefix
         self.manifests = Path(manifests).resolve() if manifests else None
         self.tunnel = tunnel
@@ -95,6 +98,7 @@ class Lab:
             "prefix": self.prefix,
             "manifests": str(self.manifests) if self.manifests else None,
             "tunnel": self.tunnel,
+            "concurrency": self.concurrency,
             "netns": self.netns,
             "procs": {k: asdict(v) for k, v in sorted(self.procs.items())},
             "captured": self.captured,
@@ -112,6 +116,7 @@ class Lab:
         st = json.loads(lab.state_file.read_text())
         lab.manifests = Path(st["manifests"]) if st.get("manifests") else None
         lab.tunnel = st.get("tunnel", "vxlan")
+        lab.concurrency = int(st.get("concurrency", 1))
         lab.netns = list(st.get("netns", []))
         lab.procs = {k: ProcRef(**v) for k, v in st.get("procs", {}).items()}
         lab.captured = {k: list(v) for k, v in st.get("captured", {}).items()}
@@ -257,9 +262,26 @@ class Lab:
         boot = self.state_dir / f"bootstrap-{node_name}.yaml"
         boot.write_text(render_bootstrap(node_name, xds_uds=self.xds_socket, admin_address=f"{ADMIN_ADDRESS[0]}:{ADMIN_ADDRESS[1]}",
                                          pod_ip=zt.ip, pod_name=zt.name))
-        argv = [envoy_binary(), "-c", str(boot), "--disable-hot-restart", "--concurrency", "1",
+        argv = [envoy_binary(), "-c", str(boot), "--disable-hot-restart", "--concurrency", str(self.concurrency),
                 "--file-flush-interval-msec", "100", "--log-path", str(self.state_dir / f"envoy-{node_name}.log"), "-l", "info"]
         self._spawn(f"ztunnel:{node_name}", zt.netns, argv, f"access-{node_name}.log")
+
+    def restart_ztunnels(self, concurrency: int, timeout: float = 60.0) -> None:
+        """Restart every ztunnel Envoy with ``concurrency`` workers (the data-path bench compares
+        worker counts in one lab); each gets its whole config back over ADS before it is LIVE."""
+        if concurrency < 1:
+            raise LabError(f"ztunnel Envoy --concurrency {concurrency}: expected at least 1 worker")
+        deadline = time.monotonic() + timeout
+        self.concurrency = concurrency
+        for node in self.topo.nodes:
+            name = f"ztunnel:{node.name}"
+            if name in self.procs:
+                stop(self.procs.pop(name), self._popens.pop(name, None))
+            self._start_ztunnel(self.topo, node.name)
+        self._save()
+        for node in self.topo.nodes:
+            ns = self.ztunnel_netns(node.name)
+            self._wait(lambda ns=ns: self._envoy_live(ns), deadline, f"ztunnel Envoy on {node.name} LIVE")
 
     def _start_pod_server(self, pod: LabPod) -> None:
         script = Path(__file__).with_name("podserver.py")
@@ -321,6 +343,15 @@ class Lab:
 
     def envoy_admin(self, node: str, path: str, timeout: float = 5.0) -> str:
         return request(self.ztunnel_netns(node), *ADMIN_ADDRESS, path, timeout=timeout).body.decode()
+
+    def envoy_stats(self, node: str, needle: str) -> dict[str, int]:
+        """The node's ztunnel counters and gauges whose name contains ``needle`` (``/stats?filter=``)."""
+        out = {}
+        for line in self.envoy_admin(node, f"/stats?filter={needle}").splitlines():
+            k, _, v = line.rpartition(": ")
+            if v.isdigit():
+                out[k] = int(v)
+        return out
 
     def xds_debug(self, path: str, timeout: float = 5.0) -> str:
         return request(self.topo.control_netns, *DEBUG_ADDRESS, path, timeout=timeout).body.decode()

@@ -28,6 +28,13 @@ class OutboundPolicy(enum.Enum):
     REGISTRY_ONLY = "REGISTRY_ONLY"
 
 
+class AccessLogHops(enum.Enum):
+    """Which hops of a connection write an access-log line (MeshConfig ``accessLog``)."""
+
+    ALL = "all"      # every hop: capture listener, stage 2, HBONE origination, inbound (and terminal chains)
+    EDGES = "edges"  # only where a connection enters a ztunnel: capture listener, inbound, passthrough/blackhole
+
+
 @dataclass(frozen=True, slots=True, order=True)
 class Identity:
     """A SPIFFE identity: one Kubernetes service account in one trust domain."""
@@ -155,6 +162,13 @@ class MeshConfig:
     # enough that a client's next connection reuses it (no handshake), short enough that idle
     # sockets are bounded by recently active (source identity, source IP, destination) triples.
     hbone_idle_timeout_s: float = 60.0
+    # Per-connection and per-byte cost (README "Data-path cost choices", measured with
+    # `python -m bench datapath`). None = Envoy's default (1 MiB buffers, 256 MiB HTTP/2 windows).
+    access_log: AccessLogHops = AccessLogHops.ALL
+    buffer_limit_bytes: int | None = None  # per_connection_buffer_limit_bytes at both HBONE ends
+    hbone_stream_window_bytes: int | None = None  # HTTP/2 initial stream window of the tunnel
+    hbone_connection_window_bytes: int | None = None  # HTTP/2 initial connection window of the tunnel
+    hbone_keepalive_s: float = 60.0  # TCP keepalive on HBONE connections: first probe after this idle time; 0 = off
     outbound_policy: OutboundPolicy = OutboundPolicy.ALLOW_ANY
     # Namespaces never enrolled even if labelled (istio-cni / auto-labeller exclusions).
     excluded_namespaces: tuple[str, ...] = ("kube-system", "kube-public", "kube-node-lease", "istio-system")

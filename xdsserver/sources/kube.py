@@ -32,6 +32,7 @@ without validation.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import inspect
 import json
@@ -65,6 +66,14 @@ class KindSpec:
     list_method: str  # generated method name, without the "_without_preload_content" suffix
     namespaced: bool
     args: tuple[str, ...] = ()  # leading positional arguments (custom objects: group, version, plural)
+    # custom objects: older versions to watch when the API does not serve this one (404)
+    fallback_versions: tuple[str, ...] = ()
+
+    def fallback(self) -> KindSpec:
+        """The same kind at its next older version (custom objects only)."""
+        group, _, plural = self.args
+        version, *rest = self.fallback_versions
+        return dataclasses.replace(self, api_version=f"{group}/{version}", args=(group, version, plural), fallback_versions=tuple(rest))
 
 
 POD = KindSpec("Pod", "v1", "CoreV1Api", "list_pod_for_all_namespaces", True)
@@ -79,11 +88,12 @@ SERVICE_ACCOUNT = KindSpec(
 )
 NODE = KindSpec("Node", "v1", "CoreV1Api", "list_node", False)
 
-# Istio's security kinds (CRDs: the chart's crds/ or an Istio installation), served version v1
+# Istio's security kinds (CRDs: the chart's crds/ or an Istio installation): v1, or v1beta1 on
+# clusters whose Istio CRDs predate v1 (Istio < 1.22)
 AUTHORIZATION_POLICY = KindSpec("AuthorizationPolicy", "security.istio.io/v1", "CustomObjectsApi", "list_cluster_custom_object", True,
-                                ("security.istio.io", "v1", "authorizationpolicies"))
+                                ("security.istio.io", "v1", "authorizationpolicies"), ("v1beta1",))
 PEER_AUTHENTICATION = KindSpec("PeerAuthentication", "security.istio.io/v1", "CustomObjectsApi", "list_cluster_custom_object", True,
-                               ("security.istio.io", "v1", "peerauthentications"))
+                               ("security.istio.io", "v1", "peerauthentications"), ("v1beta1",))
 
 DEFAULT_KINDS: tuple[KindSpec, ...] = (POD, SERVICE, ENDPOINT_SLICE, NAMESPACE, SERVICE_ACCOUNT, NODE,
                                        AUTHORIZATION_POLICY, PEER_AUTHENTICATION)
@@ -236,10 +246,12 @@ class KubeSource:
 
     # ---- per-kind loop ------------------------------------------------------------------
 
-    async def _run_kind(self, spec: KindSpec) -> None:
+    def _list_fn(self, spec: KindSpec) -> Callable[..., Awaitable[aiohttp.ClientResponse]]:
         fn = getattr(getattr(kclient, spec.api_class)(self._api), f"{spec.list_method}_without_preload_content")
-        if spec.args:
-            fn = functools.partial(fn, *spec.args)
+        return functools.partial(fn, *spec.args) if spec.args else fn
+
+    async def _run_kind(self, spec: KindSpec) -> None:
+        fn = self._list_fn(spec)
         backoff = _Backoff(*self._backoff)
         need_list, watched = True, False
         while True:
@@ -247,6 +259,12 @@ class KubeSource:
                 try:
                     await self._relist(spec, fn)
                 except _RETRYABLE + (ApiStatusError,) as e:
+                    if isinstance(e, ApiStatusError) and e.code == 404 and spec.fallback_versions and not watched:
+                        older = spec.fallback()  # e.g. Istio < 1.22 serves security.istio.io only at v1beta1
+                        log.info("kubernetes: %s is not served (%s); watching %s", spec.api_version, e, older.api_version)
+                        self.stats.setdefault("api_versions", {})[spec.kind] = older.api_version
+                        spec, fn = older, self._list_fn(older)
+                        continue
                     self.stats["list_errors"] += 1
                     log.warning("kubernetes: listing %s failed: %s; retrying", spec.kind, _describe(e))
                     await backoff.wait()

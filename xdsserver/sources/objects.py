@@ -21,6 +21,7 @@ from typing import Any, Iterable
 import jsonschema
 
 from ..model import (
+    AccessLogHops,
     ContainerPort,
     Endpoint,
     MeshConfig,
@@ -115,6 +116,11 @@ def mesh_from_spec(spec: dict[str, Any]) -> MeshConfig:
         enrollment_value=label.get("value", base.enrollment_value),
         connect_timeout_s=float(str(spec.get("connectTimeout", f"{base.connect_timeout_s}s")).rstrip("s")),
         hbone_idle_timeout_s=_seconds(spec.get("hboneIdleTimeout"), base.hbone_idle_timeout_s),
+        access_log=AccessLogHops(spec.get("accessLog", base.access_log.value)),
+        buffer_limit_bytes=spec.get("bufferLimitBytes", base.buffer_limit_bytes),
+        hbone_stream_window_bytes=spec.get("hboneStreamWindowBytes", base.hbone_stream_window_bytes),
+        hbone_connection_window_bytes=spec.get("hboneConnectionWindowBytes", base.hbone_connection_window_bytes),
+        hbone_keepalive_s=_seconds(spec.get("hboneKeepalive"), base.hbone_keepalive_s),
         outbound_policy=OutboundPolicy(spec.get("outboundTrafficPolicy", base.outbound_policy.value)),
         excluded_namespaces=tuple(enr.get("excludedNamespaces", base.excluded_namespaces)),
         root_namespace=spec.get("rootNamespace", base.root_namespace),

@@ -17,14 +17,14 @@ from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 
 from ..model import Flavor
 from ..model.index import NodeView
-from . import dispatch, endpoints, names, refcheck
+from . import blocks, dispatch, endpoints, names, refcheck
 from .clusters import build_fixed_clusters, build_service_cluster
 from .dispatch import build_dispatch_listener, build_pod_listener, build_stage_clusters
 from .endpoints import shared_cla
 from .inbound import build_ztunnel_inbound, build_ztunnel_inbound_plaintext
 from .outbound import build_ztunnel_outbound
 from .secrets import CertPair, CertProvider, build_root_secret, build_workload_secret
-from .tunnel import build_outbound_tunnel_lis, build_tunnel_clusters
+from .tunnel import TUNNEL_HOP_LOG, build_outbound_tunnel_lis, build_tunnel_clusters
 
 __all__ = ["NodeResources", "translate", "clear_memos", "service_clusters", "CertPair", "CertProvider", "TranslationError", "type_url"]
 
@@ -92,7 +92,8 @@ def translate(view: NodeView, flavor: Flavor, certs: CertProvider, *, check: boo
     ]
     if flavor is Flavor.ENVOY:
         if view.local_identities:
-            listeners += [build_dispatch_listener(view), build_pod_listener(view), build_outbound_tunnel_lis(None, flavor)]
+            listeners += [build_dispatch_listener(view), build_pod_listener(view),
+                          build_outbound_tunnel_lis(None, flavor, log=blocks.hop_log(mesh, TUNNEL_HOP_LOG))]
     else:
         listeners += [build_outbound_tunnel_lis(ident, flavor) for ident in view.local_identities]
 

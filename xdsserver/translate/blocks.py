@@ -32,7 +32,7 @@ from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2, tl
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.type.matcher.v3 import string_pb2
 
-from ..model import Flavor, MeshConfig, ports, prefix_len
+from ..model import AccessLogHops, Flavor, MeshConfig, ports, prefix_len
 from . import names
 
 ISTIO_LOG_FORMAT = (
@@ -84,6 +84,12 @@ def _access_log(prefix: str, flavor: Flavor) -> accesslog_pb2.AccessLog:
         ),
     )
     return accesslog_pb2.AccessLog(name="envoy.access_loggers.file", typed_config=pack(file_log))
+
+
+def hop_log(mesh: MeshConfig, prefix: str) -> str | None:
+    """The access-log prefix of an internal hop (stage 2, stage 3, HBONE origination), or None
+    when MeshConfig ``accessLog: edges`` keeps only the lines where a connection enters a ztunnel."""
+    return prefix if mesh.access_log is AccessLogHops.ALL else None
 
 
 def socket_mark(mark: int, direction: str) -> socket_option_pb2.SocketOption:
@@ -227,15 +233,25 @@ def downstream_tls(secret: str, mesh: MeshConfig, flavor: Flavor) -> base_pb2.Tr
     return base_pb2.TransportSocket(name="envoy.transport_sockets.tls", typed_config=pack(ctx))
 
 
-def h2_connect_options(idle_timeout_s: float | None = None, window: int | None = None) -> dict[str, any_pb2.Any]:
-    """HTTP/2 with CONNECT; ``idle_timeout_s`` closes a pooled connection left without streams;
-    ``window`` sets the stream and connection receive windows."""
+def hbone_h2_options(mesh: MeshConfig | None, default_window: int | None = None) -> protocol_pb2.Http2ProtocolOptions:
+    """HTTP/2 of the HBONE tunnel, both ends: CONNECT, and the receive windows MeshConfig sets
+    (else ``default_window``, else Envoy's)."""
     h2 = protocol_pb2.Http2ProtocolOptions(allow_connect=True)
-    if window is not None:
-        h2.initial_stream_window_size.value = window
-        h2.initial_connection_window_size.value = window
+    stream = mesh.hbone_stream_window_bytes if mesh is not None and mesh.hbone_stream_window_bytes is not None else default_window
+    conn = mesh.hbone_connection_window_bytes if mesh is not None and mesh.hbone_connection_window_bytes is not None else default_window
+    if stream is not None:
+        h2.initial_stream_window_size.value = stream
+    if conn is not None:
+        h2.initial_connection_window_size.value = conn
+    return h2
+
+
+def h2_connect_options(idle_timeout_s: float | None = None, mesh: MeshConfig | None = None,
+                       default_window: int | None = None) -> dict[str, any_pb2.Any]:
+    """HTTP/2 with CONNECT; ``idle_timeout_s`` closes a pooled connection left without streams."""
     opts = http_protocol_options_pb2.HttpProtocolOptions(
-        explicit_http_config=http_protocol_options_pb2.HttpProtocolOptions.ExplicitHttpConfig(http2_protocol_options=h2)
+        explicit_http_config=http_protocol_options_pb2.HttpProtocolOptions.ExplicitHttpConfig(
+            http2_protocol_options=hbone_h2_options(mesh, default_window))
     )
     if idle_timeout_s is not None:
         opts.common_http_protocol_options.idle_timeout.CopyFrom(seconds(idle_timeout_s))

@@ -32,7 +32,7 @@ from ..model import Flavor, Identity, MeshConfig, OutboundPolicy
 from ..model.index import NodeView, ServiceTarget, Workload
 from . import blocks, names
 from .clusters import internal_upstream
-from .outbound import DestinationMap, destination_matcher, passthrough_chain, service_chain, to_chain
+from .outbound import POD_HOP_LOG, SERVICE_HOP_LOG, DestinationMap, destination_matcher, passthrough_chain, service_chain, to_chain
 
 FLAVOR = Flavor.ENVOY  # the 2022 shape has no stage 2
 
@@ -52,7 +52,7 @@ def pod_chain(dst: Identity) -> listener_components_pb2.FilterChain:
     )
 
 
-def pod_tunnel_chain(*, same_node: bool) -> listener_components_pb2.FilterChain:
+def pod_tunnel_chain(*, same_node: bool, log: str | None) -> listener_components_pb2.FilterChain:
     """Stage 3: HBONE to the pod with the source's pod tunnel cluster (its client certificate)."""
     name = names.POD_LOCAL_TUNNEL_CHAIN if same_node else names.POD_TUNNEL_CHAIN
     prefix = names.OUTBOUND_POD_LOCAL_TUNNEL_CLUS_PREFIX if same_node else names.OUTBOUND_POD_TUNNEL_CLUS_PREFIX
@@ -63,7 +63,7 @@ def pod_tunnel_chain(*, same_node: bool) -> listener_components_pb2.FilterChain:
             blocks.tcp_proxy(
                 name,
                 names.BLACKHOLE_CLUSTER,  # only if the source identity is missing
-                log="capture outbound pod (no waypoint proxy)",
+                log=log,
                 flavor=FLAVOR,
                 tunnel_hostname="%DOWNSTREAM_LOCAL_ADDRESS%",
             ),
@@ -84,7 +84,7 @@ class _Shared:
 _last: list[_Shared] = []  # the latest model's (one entry)
 
 
-def plan_dispatch(targets: tuple[ServiceTarget, ...], workloads: tuple[Workload, ...]) -> tuple[dict[str, listener_components_pb2.FilterChain], DestinationMap]:
+def plan_dispatch(targets: tuple[ServiceTarget, ...], workloads: tuple[Workload, ...], mesh: MeshConfig) -> tuple[dict[str, listener_components_pb2.FilterChain], DestinationMap]:
     """Chains (first seen wins) and the destination map, in the 2022 generator's order and
     precedence: first port wins on a VIP, a pod IP overrides a VIP with the same address."""
     chains: dict[str, listener_components_pb2.FilterChain] = {}
@@ -92,7 +92,7 @@ def plan_dispatch(targets: tuple[ServiceTarget, ...], workloads: tuple[Workload,
     for t in targets:
         chain = names.service_port_cluster(t.port.name, t.hostname)
         if chain not in chains:
-            chains[chain] = service_chain(chain, FLAVOR)
+            chains[chain] = service_chain(chain, FLAVOR, log=blocks.hop_log(mesh, SERVICE_HOP_LOG))
         for vip in t.service.cluster_ips:
             entry = dst_map.get(vip)
             if not isinstance(entry, dict):
@@ -113,7 +113,7 @@ def _shared(view: NodeView) -> listener_pb2.Listener:
     for s in _last:
         if s.targets is view.targets and s.workloads is view.workloads and s.mesh == view.mesh:
             return s.listener
-    chains, dst_map = plan_dispatch(view.targets, view.workloads)
+    chains, dst_map = plan_dispatch(view.targets, view.workloads, view.mesh)
     lis = listener_pb2.Listener(
         name=names.OUTBOUND_DISPATCH,
         internal_listener=listener_pb2.Listener.InternalListenerConfig(),
@@ -137,7 +137,8 @@ def build_dispatch_listener(view: NodeView) -> listener_pb2.Listener:
 
 def build_pod_listener(view: NodeView) -> listener_pb2.Listener:
     """Stage 3: this node's pod IPs go to the same-node chain, the rest to the other-node one."""
-    local, remote = pod_tunnel_chain(same_node=True), pod_tunnel_chain(same_node=False)
+    log = blocks.hop_log(view.mesh, POD_HOP_LOG)
+    local, remote = pod_tunnel_chain(same_node=True, log=log), pod_tunnel_chain(same_node=False, log=log)
     keys = {ip: local.name for wl in view.local_workloads for ip in wl.pod.ips}
     lis = listener_pb2.Listener(
         name=names.OUTBOUND_POD,

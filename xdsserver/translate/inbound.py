@@ -10,7 +10,6 @@ import re
 
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
-from envoy.config.core.v3 import protocol_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 from envoy.type.matcher.v3 import regex_pb2, string_pb2
@@ -55,7 +54,7 @@ def _connect_hcm(view: NodeView, wl: Workload, flavor: Flavor) -> listener_compo
             name=names.LOCAL_ROUTE, virtual_hosts=[route_components_pb2.VirtualHost(name=names.LOCAL_SERVICE, domains=["*"], routes=[route])]
         ),
         http_filters=[*policy.http_filters(view, wl), hcm_pb2.HttpFilter(name="envoy.filters.http.router", typed_config=blocks.pack(router_pb2.Router()))],
-        http2_protocol_options=protocol_pb2.Http2ProtocolOptions(allow_connect=True),
+        http2_protocol_options=blocks.hbone_h2_options(view.mesh if flavor is Flavor.ENVOY else None),
         upgrade_configs=[HCM.UpgradeConfig(upgrade_type="CONNECT")],
     )
     return listener_components_pb2.Filter(name="envoy.filters.network.http_connection_manager", typed_config=blocks.pack(hcm))
@@ -81,6 +80,8 @@ def _match(wl: Workload) -> listener_components_pb2.FilterChainMatch:
 def build_ztunnel_inbound(view: NodeView, flavor: Flavor) -> listener_pb2.Listener:
     lis = _capture_listener(names.ZTUNNEL_INBOUND, ports.HBONE_PORT, "capture inbound listener", flavor)
     mesh: MeshConfig = view.mesh
+    if flavor is Flavor.ENVOY and mesh.buffer_limit_bytes is not None:
+        lis.per_connection_buffer_limit_bytes.value = mesh.buffer_limit_bytes
     for wl in view.local_workloads:
         lis.filter_chains.append(
             listener_components_pb2.FilterChain(

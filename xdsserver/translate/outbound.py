@@ -71,11 +71,15 @@ class OutboundPlan:
 
 
 
-def service_chain(cluster: str, flavor: Flavor) -> listener_components_pb2.FilterChain:
+SERVICE_HOP_LOG = "capture outbound (no waypoint proxy)"
+POD_HOP_LOG = "capture outbound pod (no waypoint proxy)"
+
+
+def service_chain(cluster: str, flavor: Flavor, log: str | None = SERVICE_HOP_LOG) -> listener_components_pb2.FilterChain:
     """A service chain, named like its cluster: per service port in stage 2 (stock), per
     (source identity x service port) in istio-2022."""
     return listener_components_pb2.FilterChain(
-        name=cluster, filters=[blocks.tcp_proxy(cluster, cluster, log="capture outbound (no waypoint proxy)", flavor=flavor)]
+        name=cluster, filters=[blocks.tcp_proxy(cluster, cluster, log=log, flavor=flavor)]
     )
 
 
@@ -88,7 +92,7 @@ def pod_chain(cluster: str, dst: Identity, flavor: Flavor) -> listener_component
             blocks.tcp_proxy(
                 name,
                 cluster,
-                log="capture outbound pod (no waypoint proxy)",
+                log=POD_HOP_LOG,
                 flavor=flavor,
                 tunnel_hostname="%DOWNSTREAM_LOCAL_ADDRESS%",
             ),

@@ -20,11 +20,13 @@ from ..model import Flavor, Identity, MeshConfig, ports
 from . import blocks, names
 
 _DEST = "%DYNAMIC_METADATA(tunnel:destination)%"
-HBONE_KEEPALIVE_S = 60  # first probe after a minute idle; 3 x 10 s more and the connection is dropped
+# TCP keepalive on HBONE: first probe after MeshConfig hboneKeepalive (60 s) idle, then 3 x 10 s
+HBONE_KEEPALIVE_INTERVAL_S, HBONE_KEEPALIVE_PROBES = 10, 3
+TUNNEL_HOP_LOG = "outbound tunnel"
 _DEST_2022_HEADER = '%DYNAMIC_METADATA(["tunnel", "destination"])%'
 
 
-def build_outbound_tunnel_lis(src: Identity | None, flavor: Flavor) -> listener_pb2.Listener:
+def build_outbound_tunnel_lis(src: Identity | None, flavor: Flavor, log: str | None = TUNNEL_HOP_LOG) -> listener_pb2.Listener:
     """``src=None``: the stock flavor's shared listener; else istio-2022's per-identity one."""
     name = names.OUTBOUND_TUNNEL_LIS if src is None else names.outbound_tunnel_lis(src)
     lis = listener_pb2.Listener(name=name, internal_listener=listener_pb2.Listener.InternalListenerConfig())
@@ -53,7 +55,7 @@ def build_outbound_tunnel_lis(src: Identity | None, flavor: Flavor) -> listener_
                 blocks.tcp_proxy(
                     name,
                     cluster,
-                    log="outbound tunnel",
+                    log=log,
                     flavor=flavor,
                     tunnel_hostname=_DEST,
                     tunnel_header_value=_DEST if flavor is Flavor.ENVOY else _DEST_2022_HEADER,
@@ -87,10 +89,13 @@ def _tunnel_cluster(name: str, src: Identity, mesh: MeshConfig, flavor: Flavor, 
     if flavor is Flavor.ENVOY:
         # pooled HBONE: idle connections close (MeshConfig hboneIdleTimeout); a peer that vanished
         # without FIN is noticed by TCP keepalive instead of holding a pooled connection forever
-        opts = blocks.h2_connect_options(mesh.hbone_idle_timeout_s, window=HBONE_WINDOW)
-        c.upstream_connection_options.tcp_keepalive.keepalive_time.value = HBONE_KEEPALIVE_S
-        c.upstream_connection_options.tcp_keepalive.keepalive_interval.value = 10
-        c.upstream_connection_options.tcp_keepalive.keepalive_probes.value = 3
+        opts = blocks.h2_connect_options(mesh.hbone_idle_timeout_s, mesh, default_window=HBONE_WINDOW)
+        if mesh.hbone_keepalive_s > 0:
+            c.upstream_connection_options.tcp_keepalive.keepalive_time.value = round(mesh.hbone_keepalive_s)
+            c.upstream_connection_options.tcp_keepalive.keepalive_interval.value = HBONE_KEEPALIVE_INTERVAL_S
+            c.upstream_connection_options.tcp_keepalive.keepalive_probes.value = HBONE_KEEPALIVE_PROBES
+        if mesh.buffer_limit_bytes is not None:
+            c.per_connection_buffer_limit_bytes.value = mesh.buffer_limit_bytes
     else:
         opts = blocks.h2_connect_options()
     for k, v in opts.items():
