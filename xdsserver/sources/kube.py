@@ -65,6 +65,7 @@ class KindSpec:
     list_method: str  # generated method name, without the "_without_preload_content" suffix
     namespaced: bool
     args: tuple[str, ...] = ()  # leading positional arguments (custom objects: group, version, plural)
+    field_selector: str = ""  # e.g. "spec.nodeName=NODE" (the node agent); sent with every list and watch
 
 
 POD = KindSpec("Pod", "v1", "CoreV1Api", "list_pod_for_all_namespaces", True)
@@ -240,6 +241,8 @@ class KubeSource:
         fn = getattr(getattr(kclient, spec.api_class)(self._api), f"{spec.list_method}_without_preload_content")
         if spec.args:
             fn = functools.partial(fn, *spec.args)
+        if spec.field_selector:
+            fn = functools.partial(fn, field_selector=spec.field_selector)
         backoff = _Backoff(*self._backoff)
         need_list, watched = True, False
         while True:
