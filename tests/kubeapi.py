@@ -25,7 +25,11 @@ between): :meth:`create`, :meth:`update`, :meth:`apply`, :meth:`delete`, :meth:`
 :meth:`drop_watches`, :meth:`compact`, :meth:`send_bookmark`, :meth:`register_token`; every request
 is recorded in :attr:`requests`.
 
-Not modelled: admission/validation (objects are stored as given), field/label selectors,
+``fieldSelector`` is modelled for equality terms (``spec.nodeName=NODE``, comma-separated, as the
+node agent sends it) on list and watch; an object moving out of the selection is not turned into
+a DELETED event (a pod's nodeName never changes).
+
+Not modelled: admission/validation (objects are stored as given), label selectors, ``!=`` field terms,
 resourceVersionMatch, sendInitialEvents, periodic bookmarks, namespace existence checks.
 """
 
@@ -99,15 +103,28 @@ class RecordedRequest:
         return self.query.get("watch", "").lower() in ("true", "1")
 
 
+def field_match(obj: Any, selector: str) -> bool:
+    """``a.b=v,c=w`` equality terms against the object's dotted paths (missing path: "")."""
+    for term in filter(None, (t.strip() for t in selector.split(","))):
+        path, _, want = term.partition("=")
+        cur: Any = obj
+        for part in path.lstrip("=").split("."):
+            cur = cur.get(part) if isinstance(cur, dict) else None
+        if str(cur if cur is not None else "") != want.lstrip("="):
+            return False
+    return True
+
+
 @dataclass(eq=False)
 class _Watcher:
     res: Resource
     namespace: str | None
     bookmarks: bool
+    fields: str = ""
     queue: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
 
     def wants(self, res: Resource, obj: dict[str, Any]) -> bool:
-        if res is not self.res:
+        if res is not self.res or not field_match(obj, self.fields):
             return False
         return self.namespace is None or (obj.get("metadata") or {}).get("namespace") == self.namespace
 
@@ -383,7 +400,7 @@ class KubeAPIStandIn:
             rv, start = self.rv, 0
             items = []
             for (kind, ons, _name), obj in sorted(self._objects.items()):
-                if kind == res.kind and ns in (None, ons):
+                if kind == res.kind and ns in (None, ons) and field_match(obj, q.get("fieldSelector", "")):
                     item = copy.deepcopy(obj)
                     if isinstance(item, dict):  # the real server omits these on list items
                         item.pop("kind", None)
@@ -409,13 +426,13 @@ class KubeAPIStandIn:
         rv_param = q.get("resourceVersion", "")
         bookmarks = q.get("allowWatchBookmarks", "").lower() in ("true", "1")
         timeout = float(q.get("timeoutSeconds") or 0) or None
-        w = _Watcher(res, ns, bookmarks)
+        w = _Watcher(res, ns, bookmarks, q.get("fieldSelector", ""))
         # Everything up to registering the watcher happens without yielding to the loop, so
         # no event can fall between the replayed history and the live stream.
         gone = False
         if rv_param in ("", "0"):
             for (kind, ons, _n), obj in sorted(self._objects.items()):
-                if kind == res.kind and ns in (None, ons):
+                if kind == res.kind and ns in (None, ons) and field_match(obj, w.fields):
                     w.queue.put_nowait({"type": "ADDED", "object": copy.deepcopy(obj)})
         else:
             try:

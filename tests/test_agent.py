@@ -351,3 +351,61 @@ def test_long_running_agent_health_metrics_and_drift_within_resync(fake):
     drift = [x for x in lines if x.get("drift")]
     assert {x["object"] for x in drift} >= {"ipset member 10.244.1.4", "route 100 10.244.1.4"}
     assert not any(x.get("drift") and "10.244.1.7" in x.get("object", "") for x in lines)  # a plan change is not drift
+
+
+# -- --source kubernetes against the stand-in API server (tests/kubeapi.py) ------------------------
+@pytest.fixture
+def kube():
+    from kubeapi_thread import ThreadedStandIn
+
+    k = ThreadedStandIn().start()
+    try:
+        yield k
+    finally:
+        k.stop()
+
+
+@pytest.mark.netns
+def test_kubernetes_source_follows_its_node_only_across_a_forced_410(fake, kube, tmp_path):
+    """The agent runs in the test's namespace here (``--netns``): the stand-in listens on its loopback."""
+    from kubeapi_thread import namespace, pod
+
+    for ns, enrolled in (("ambient", True), ("default", False), ("istio-system", False)):
+        kube.create(namespace(ns, enrolled=enrolled))
+    kube.create(pod("ztunnel-abcde", "10.244.1.2", ns="istio-system", node_name=NODE, sa="ztunnel", app="ztunnel"))
+    kube.create(pod("client-0", "10.244.1.4", ns="ambient", node_name=NODE, sa="client"))
+    kube.create(pod("server-0", "10.244.2.5", ns="ambient", node_name="ambient-worker2", sa="server"))
+    kubeconfig = kube.write_kubeconfig(tmp_path / "kubeconfig")
+    log = tmp_path / "agent.log"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "xdsserver", "node-agent", "--node", NODE, "--source", "kubernetes",
+                                 "--kubeconfig", str(kubeconfig), "--netns", fake.node, "--state-dir", str(fake.state_dir),
+                                 "--resync", "30"], stdout=fh, stderr=subprocess.STDOUT)
+
+    def members() -> frozenset[str]:
+        return read_ipsets(fake.run).get(IPSET_NAME, frozenset())
+
+    try:
+        _poll(lambda: members() == {"10.244.1.4"}, 30, "first reconcile from the API")
+        lists = kube.call(lambda a: a.list_requests("Pod"))
+        assert lists and all(r.query.get("fieldSelector") == f"spec.nodeName={NODE}" for r in lists)
+        kube.create(pod("client-1", "10.244.1.7", ns="ambient", node_name=NODE, sa="client"))
+        kube.create(pod("server-1", "10.244.2.9", ns="ambient", node_name="ambient-worker2", sa="server"))
+        _poll(lambda: members() == {"10.244.1.4", "10.244.1.7"}, 10, "pod created on this node")
+        assert ("10.244.1.7",) in read_routes(fake.run, 100)
+        kube.create(pod("plain-0", "10.244.1.8", ns="default", node_name=NODE, sa="default"))
+        kube.update(namespace("default", enrolled=True))
+        _poll(lambda: "10.244.1.8" in members(), 10, "namespace label enrolled the pod")
+        # A delete while the watches are down, then history compacted: 410 -> relist, delete not lost.
+        kube.call(lambda a: (a.drop_watches(), a.delete("Pod", "client-1", "ambient"), a.compact()))
+        _poll(lambda: "10.244.1.7" not in members() and ("10.244.1.7",) not in read_routes(fake.run, 100), 20,
+              "pod deleted in the 410 gap removed")
+        assert kube.call(lambda a: a.gone_sent) >= 1
+        assert "10.244.2.9" not in members() and "10.244.2.5" not in members()
+        # The API server goes away: the agent keeps running and keeps the applied plan.
+        kube.stop()
+        _poll(lambda: "failed" in log.read_text(), 20, "unreachable API server reported")
+        assert proc.poll() is None and members() == {"10.244.1.4", "10.244.1.8"}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
