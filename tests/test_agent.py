@@ -409,3 +409,58 @@ def test_kubernetes_source_follows_its_node_only_across_a_forced_410(fake, kube,
     finally:
         proc.terminate()
         proc.wait(timeout=15)
+
+
+@pytest.mark.netns
+def test_uninstall_annotation_makes_the_running_agent_clean_up_and_turn_unready(fake):
+    """The chart's uninstall path, on the agent side: kubelet's downward-API annotations file
+    gains the cleanup annotation; the agent removes everything, /ready turns 503, it stays up."""
+    before = snapshot(fake.node)
+    annotations = fake.state_dir.parent / "podinfo-annotations"
+    annotations.write_text('kubectl.kubernetes.io/default-container="node-agent"\n')
+    log = fake.state_dir.parent / "agent.log"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(["ip", "netns", "exec", fake.node, sys.executable, "-m", "xdsserver", "node-agent", "--node", NODE,
+                                 "--manifests", str(fake.manifests), "--state-dir", str(fake.state_dir), "--resync", "1",
+                                 "--health-address", "127.0.0.1:15021", "--cleanup-when-annotated", str(annotations)],
+                                stdout=fh, stderr=subprocess.STDOUT)
+    try:
+        _poll(lambda: _http(fake.node, 15021, "/ready")[0] == 200, 30, "agent /ready")
+        assert snapshot(fake.node) != before
+        annotations.write_text('kubectl.kubernetes.io/default-container="node-agent"\nxdsserver.io/node-agent-cleanup="true"\n')
+        _poll(lambda: _http(fake.node, 15021, "/ready")[0] == 503, 10, "agent not ready after cleanup")
+        assert snapshot(fake.node) == before
+        time.sleep(1.5)  # not a synchronisation: a resync period passes, and nothing comes back
+        assert snapshot(fake.node) == before and proc.poll() is None
+        assert _http(fake.node, 15021, "/healthz")[0] == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_uninstall_hook_annotates_agent_pods_and_waits_until_none_is_ready(kube, tmp_path):
+    from kubeapi_thread import pod
+
+    labels = {"app.kubernetes.io/component": "node-agent", "app.kubernetes.io/name": "node-agent"}
+    for i in (1, 2):
+        kube.create(pod(f"node-agent-{i}", f"172.18.0.{i + 1}", ns="istio-system", node_name=f"n{i}", sa="node-agent", labels=labels))
+    kube.create(pod("other-0", "10.244.1.9", ns="istio-system", node_name="n1", sa="x"))
+    kubeconfig = kube.write_kubeconfig(tmp_path / "kubeconfig")
+    cmd = [sys.executable, "-m", "xdsserver", "node-agent-uninstall", "--namespace", "istio-system", "--kubeconfig", str(kubeconfig),
+           "--selector", "app.kubernetes.io/component=node-agent,app.kubernetes.io/name=node-agent", "--poll", "0.1"]
+    # Nobody turns unready: the hook fails at its deadline instead of pretending.
+    p = subprocess.run([*cmd, "--timeout", "1"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1 and "node-agent-1, node-agent-2" in p.stdout
+    ann = lambda name: (kube.get("Pod", name, "istio-system")["metadata"].get("annotations") or {})  # noqa: E731
+    assert ann("node-agent-1") == ann("node-agent-2") == {"xdsserver.io/node-agent-cleanup": "true"}
+    assert ann("other-0") == {}
+    proc = subprocess.Popen([*cmd, "--timeout", "30"], stdout=subprocess.PIPE, text=True)
+    try:
+        for i in (1, 2):  # kubelet, after each agent's /ready turned 503
+            obj = kube.get("Pod", f"node-agent-{i}", "istio-system")
+            obj["status"]["conditions"] = [{"type": "Ready", "status": "False"}]
+            kube.update(obj)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        proc.kill() if proc.poll() is None else None
+    assert proc.returncode == 0 and '"uninstall": "done"' in out

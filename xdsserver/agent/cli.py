@@ -25,6 +25,19 @@ from .sources import open_source
 
 DEFAULT_STATE_DIR = Path("/run/xdsserver-node-agent")
 POLL_S = 0.2
+CLEANUP_ANNOTATION = "xdsserver.io/node-agent-cleanup"
+
+
+def cleanup_requested(path: Path | None) -> bool:
+    """The pod's annotations (a downward-API file, updated by kubelet) ask for removal:
+    the chart's pre-delete hook sets ``xdsserver.io/node-agent-cleanup="true"`` on every agent pod."""
+    if path is None:
+        return False
+    try:
+        text = path.read_text()
+    except OSError:
+        return False
+    return f'{CLEANUP_ANNOTATION}="true"' in text.splitlines()
 
 
 def _out(obj: dict) -> None:
@@ -81,11 +94,25 @@ def cmd_node_agent(args: argparse.Namespace) -> int:
     try:
         if args.cleanup:
             return _cleanup(args, agent, source, state, node_run)
-        return _loop(args, agent, source, state, metrics, stop)
+        rc = _loop(args, agent, source, state, metrics, stop)
+        if rc == CLEANUP_RC:  # uninstall: remove everything, then report not-ready (the hook's signal), idle
+            rc = _cleanup(args, agent, source, state, node_run)
+            while rc != 0 and not stop.wait(1.0):  # a failed removal is retried; not-ready means "clean"
+                metrics.beat()
+                rc = _cleanup(args, agent, source, state, node_run)
+            metrics.is_ready = False
+            metrics.ready.set(0)
+            _out({"node": args.node, "idle": "cleaned up on request; waiting to be stopped"})
+            while not stop.wait(POLL_S):
+                metrics.beat()
+        return rc
     finally:
         source.close()
         if srv is not None:
             srv.shutdown()
+
+
+CLEANUP_RC = -1
 
 
 def _loop(args, agent: NodeAgent, source, state: StateFile, metrics: AgentMetrics, stop: threading.Event) -> int:
@@ -99,6 +126,8 @@ def _loop(args, agent: NodeAgent, source, state: StateFile, metrics: AgentMetric
         return 2
     for _turn in range(1 << 62):  # until stopped; each turn is bounded by POLL_S or a pass
         metrics.beat()
+        if cleanup_requested(args.cleanup_when_annotated):
+            return CLEANUP_RC
         now = time.monotonic()
         sig = source.signature()  # None: the source has not listed everything yet
         if sig is None or not (sig != last_sig or now >= next_resync or (retry_at is not None and now >= retry_at)):
@@ -201,6 +230,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     a.add_argument("--health-address", help="HOST:PORT for /healthz, /ready, /metrics")
     a.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR, help="where the pre-agent sysctl values are kept for --cleanup")
     a.add_argument("--sync-timeout", type=float, default=30.0, help="seconds to wait for the first Kubernetes list (--once, --cleanup)")
+    a.add_argument("--cleanup-when-annotated", type=Path, metavar="FILE",
+                   help=f"downward-API annotations file: when it shows {CLEANUP_ANNOTATION}=\"true\", remove everything, "
+                        "turn /ready off and idle (the chart's uninstall path)")
     a.add_argument("--once", action="store_true", help="reconcile once and exit (2 on any error)")
     a.add_argument("--cleanup", action="store_true", help="remove everything the agent installs on this node, then exit")
     a.set_defaults(func=cmd_node_agent)
