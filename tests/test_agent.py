@@ -391,8 +391,8 @@ def test_kubernetes_source_follows_its_node_only_across_a_forced_410(fake, kube,
         assert lists and all(r.query.get("fieldSelector") == f"spec.nodeName={NODE}" for r in lists)
         kube.create(pod("client-1", "10.244.1.7", ns="ambient", node_name=NODE, sa="client"))
         kube.create(pod("server-1", "10.244.2.9", ns="ambient", node_name="ambient-worker2", sa="server"))
-        _poll(lambda: members() == {"10.244.1.4", "10.244.1.7"}, 10, "pod created on this node")
-        assert ("10.244.1.7",) in read_routes(fake.run, 100)
+        _poll(lambda: members() == {"10.244.1.4", "10.244.1.7"} and ("10.244.1.7",) in read_routes(fake.run, 100), 10,
+              "pod created on this node: member and route")
         kube.create(pod("plain-0", "10.244.1.8", ns="default", node_name=NODE, sa="default"))
         kube.update(namespace("default", enrolled=True))
         _poll(lambda: "10.244.1.8" in members(), 10, "namespace label enrolled the pod")

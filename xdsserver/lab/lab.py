@@ -273,6 +273,27 @@ class Lab:
         argv = [sys.executable, str(script), "--pod", pod.key] + [f"--port={p}" for p in pod.ports]
         self._spawn(f"pod:{pod.key}", pod.netns, argv, f"pod-{pod.key.replace('/', '_')}.log")
 
+    def restart_agent(self, node_name: str, sig: int = 9, timeout: float = 30.0) -> int:
+        """Kill the node's agent (by PID, SIGKILL by default) and start it again, as kubelet
+        restarts a crashed container. Returns the agent log's size before the restart (its new
+        lines start there) once the new agent is /ready."""
+        name = f"agent:{node_name}"
+        ref = self.procs[name]
+        log_path = Path(ref.log)
+        if ref.alive():
+            os.kill(ref.pid, sig)
+        deadline = time.monotonic() + timeout
+        popen = self._popens.pop(name, None)
+        while ref.alive() and time.monotonic() < deadline:
+            if popen is not None and popen.poll() is not None:
+                break
+            time.sleep(0.02)
+        offset = log_path.stat().st_size if log_path.exists() else 0
+        self._start_agent(node_name)
+        node = self.topo.node(node_name)
+        self._wait(lambda: self._http_ok(node.netns, AGENT_HEALTH, "/ready"), deadline, f"restarted node agent on {node_name} /ready")
+        return offset
+
     # -- sync (kubelet/CNI and kube-proxy reacting to pod changes) ------------------------------
     def sync(self, timeout: float = 30.0) -> dict[str, list[str]]:
         """Re-read the manifests: wire added pods, remove deleted ones, refresh the kube-proxy
