@@ -19,16 +19,32 @@ from ..sources import SourceObject
 
 
 class ManifestAgentSource:
-    def __init__(self, path: Path) -> None:
-        from ..app import ManifestSource
+    """The manifest files; the signature is stat-only (cheap enough to poll every 0.2 s)."""
 
-        self._src = ManifestSource(path)
+    def __init__(self, path: Path) -> None:
+        self.path = path
 
     def signature(self) -> Any:
-        return self._src.signature()
+        from ..sources.manifests import manifest_files
+        from ..sources.objects import InputErrors
+
+        try:
+            files = manifest_files(self.path)
+        except InputErrors:
+            return ("missing",)
+        out = []
+        for f in files:
+            try:
+                st = f.stat()
+            except OSError:
+                continue
+            out.append((str(f), st.st_mtime_ns, st.st_size, st.st_ino))
+        return tuple(out)
 
     def objects(self) -> list[SourceObject]:
-        return self._src.objects()
+        from ..sources.manifests import read_objects
+
+        return read_objects(self.path)
 
     def wait_synced(self, timeout: float) -> bool:
         return True

@@ -5,49 +5,40 @@ It annotates each agent pod with ``xdsserver.io/node-agent-cleanup="true"``; kub
 agent's downward-API annotations file, the agent removes everything it installed and turns
 ``/ready`` off; this command returns once every agent pod is not ready (or gone), so Helm deletes
 the DaemonSet only after the nodes are clean. Exit 1 when the timeout passes first (Helm then
-reports the hook failure instead of silently leaving state behind).
+reports the hook failure instead of silently leaving state behind). The API calls live in
+:mod:`xdsserver.sources.kube` (the one module that talks to the API server).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import time
 
 from .cli import CLEANUP_ANNOTATION
 
 
-def _ready(pod) -> bool:
-    return any(c.type == "Ready" and c.status == "True" for c in (pod.status.conditions or [])) if pod.status else False
-
-
-def annotate_and_wait(core, namespace: str, selector: str, timeout: float, poll: float = 1.0) -> list[str]:
+async def annotate_and_wait(namespace: str, selector: str, timeout: float, poll: float, kubeconfig: str | None) -> list[str]:
     """Annotate the agent pods, wait until none is ready. Returns the pods still ready at the deadline."""
-    pods = core.list_namespaced_pod(namespace, label_selector=selector).items
-    for p in pods:
-        core.patch_namespaced_pod(p.metadata.name, namespace, {"metadata": {"annotations": {CLEANUP_ANNOTATION: "true"}}},
-                                  _content_type="application/merge-patch+json")
-        print(json.dumps({"pod": f"{namespace}/{p.metadata.name}", "node": p.spec.node_name, "annotated": CLEANUP_ANNOTATION}), flush=True)
-    deadline = time.monotonic() + timeout
-    while True:
-        waiting = sorted(p.metadata.name for p in core.list_namespaced_pod(namespace, label_selector=selector).items if _ready(p))
-        if not waiting or time.monotonic() >= deadline:
-            return waiting
-        time.sleep(poll)
+    from ..sources import kube
+
+    api = await kube.api_client_from_env(kubeconfig)
+    try:
+        for name, node in await kube.annotate_pods(api, namespace, selector, {CLEANUP_ANNOTATION: "true"}):
+            print(json.dumps({"pod": f"{namespace}/{name}", "node": node, "annotated": CLEANUP_ANNOTATION}), flush=True)
+        deadline = time.monotonic() + timeout
+        while True:
+            waiting = await kube.ready_pods(api, namespace, selector)
+            if not waiting or time.monotonic() >= deadline:
+                return waiting
+            await asyncio.sleep(poll)
+    finally:
+        await api.close()
 
 
 def cmd_node_agent_uninstall(args: argparse.Namespace) -> int:
-    from kubernetes import client, config
-
-    if args.kubeconfig:
-        config.load_kube_config(config_file=args.kubeconfig)
-    else:
-        try:
-            config.load_incluster_config()
-        except config.ConfigException:
-            config.load_kube_config()
-    with client.ApiClient() as api:
-        left = annotate_and_wait(client.CoreV1Api(api), args.namespace, args.selector, args.timeout, args.poll)
+    left = asyncio.run(annotate_and_wait(args.namespace, args.selector, args.timeout, args.poll, args.kubeconfig))
     if left:
         print(json.dumps({"error": f"node agents still ready after {args.timeout} s (state not removed yet): {', '.join(left)}"}), flush=True)
         return 1

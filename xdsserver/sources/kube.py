@@ -489,3 +489,21 @@ async def api_client_from_env(kubeconfig: str | None = None) -> kclient.ApiClien
             kubeconfig = os.environ.get("KUBECONFIG") or None
     await kconfig.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
     return kclient.ApiClient(configuration=cfg)
+
+
+async def annotate_pods(api: kclient.ApiClient, namespace: str, selector: str, annotations: dict[str, str]) -> list[tuple[str, str]]:
+    """Merge ``annotations`` into every pod matching ``selector``; returns (name, node) of each.
+    The node agent's uninstall hook (``xdsserver node-agent-uninstall``) is the only writer."""
+    core = kclient.CoreV1Api(api)
+    pods = (await core.list_namespaced_pod(namespace, label_selector=selector)).items
+    for p in pods:
+        await core.patch_namespaced_pod(p.metadata.name, namespace, {"metadata": {"annotations": annotations}},
+                                        _content_type="application/merge-patch+json")
+    return [(p.metadata.name, p.spec.node_name or "") for p in pods]
+
+
+async def ready_pods(api: kclient.ApiClient, namespace: str, selector: str) -> list[str]:
+    """Names of the pods matching ``selector`` whose Ready condition is True, sorted."""
+    pods = (await kclient.CoreV1Api(api).list_namespaced_pod(namespace, label_selector=selector)).items
+    return sorted(p.metadata.name for p in pods
+                  if any(c.type == "Ready" and c.status == "True" for c in ((p.status.conditions if p.status else None) or [])))
