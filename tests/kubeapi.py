@@ -25,7 +25,13 @@ between): :meth:`create`, :meth:`update`, :meth:`apply`, :meth:`delete`, :meth:`
 :meth:`drop_watches`, :meth:`compact`, :meth:`send_bookmark`, :meth:`register_token`; every request
 is recorded in :attr:`requests`.
 
-Not modelled: admission/validation (objects are stored as given), field/label selectors,
+``PATCH .../{name}`` with a JSON merge patch (``application/merge-patch+json``, how the
+uninstall hook annotates pods) and ``labelSelector`` equality terms on list are served too.
+``fieldSelector`` is modelled for equality terms (``spec.nodeName=NODE``, comma-separated, as the
+node agent sends it) on list and watch; an object moving out of the selection is not turned into
+a DELETED event (a pod's nodeName never changes).
+
+Not modelled: admission/validation (objects are stored as given), label selectors, ``!=`` field terms,
 resourceVersionMatch, sendInitialEvents, periodic bookmarks, namespace existence checks.
 """
 
@@ -104,15 +110,47 @@ class RecordedRequest:
         return self.query.get("watch", "").lower() in ("true", "1")
 
 
+def field_match(obj: Any, selector: str) -> bool:
+    """``a.b=v,c=w`` equality terms against the object's dotted paths (missing path: "")."""
+    for term in filter(None, (t.strip() for t in selector.split(","))):
+        path, _, want = term.partition("=")
+        cur: Any = obj
+        for part in path.lstrip("=").split("."):
+            cur = cur.get(part) if isinstance(cur, dict) else None
+        if str(cur if cur is not None else "") != want.lstrip("="):
+            return False
+    return True
+
+
+def label_match(obj: Any, selector: str) -> bool:
+    """``k=v,k2=v2`` equality terms against ``metadata.labels``."""
+    labels = ((obj.get("metadata") or {}).get("labels") or {}) if isinstance(obj, dict) else {}
+    return all(labels.get(k) == v for k, _, v in (t.partition("=") for t in selector.split(",") if t))
+
+
+def _merge(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch."""
+    if not isinstance(patch, dict):
+        return patch
+    out = target if isinstance(target, dict) else {}
+    for k, v in patch.items():
+        if v is None:
+            out.pop(k, None)
+        else:
+            out[k] = _merge(out.get(k), v)
+    return out
+
+
 @dataclass(eq=False)
 class _Watcher:
     res: Resource
     namespace: str | None
     bookmarks: bool
+    fields: str = ""
     queue: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
 
     def wants(self, res: Resource, obj: dict[str, Any]) -> bool:
-        if res is not self.res:
+        if res is not self.res or not field_match(obj, self.fields):
             return False
         return self.namespace is None or (obj.get("metadata") or {}).get("namespace") == self.namespace
 
@@ -173,6 +211,7 @@ class KubeAPIStandIn:
                 app.router.add_get(f"{prefix}/{res.plural}", self._make_handler(res, version))
                 if res.namespaced:
                     app.router.add_get(f"{prefix}/namespaces/{{namespace}}/{res.plural}", self._make_handler(res, version))
+                    app.router.add_patch(f"{prefix}/namespaces/{{namespace}}/{res.plural}/{{name}}", self._make_patch(res))
         app.router.add_post("/apis/authentication.k8s.io/v1/tokenreviews", self._token_review)
         self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=1.0, access_log=None)
         await self._runner.setup()
@@ -379,6 +418,18 @@ class KubeAPIStandIn:
             return self._list(request, res, ns, version)
         return handler
 
+    def _make_patch(self, res: Resource) -> Any:
+        async def handler(request: web.Request) -> web.Response:
+            ns, name = request.match_info["namespace"], request.match_info["name"]
+            if "merge-patch" not in request.headers.get("Content-Type", ""):
+                return web.json_response(status(415, "UnsupportedMediaType", "only merge patches are modelled"), status=415)
+            key = (res.kind, ns, name)
+            if key not in self._objects:
+                return web.json_response(status(404, "NotFound", f'{res.plural} "{name}" not found'), status=404)
+            obj = _merge(copy.deepcopy(self._objects[key]), await request.json())
+            return web.json_response(self._write(res, key, "MODIFIED", obj))
+        return handler
+
     def _list(self, request: web.Request, res: Resource, ns: str | None, version: str) -> web.Response:
         q = request.query
         if "continue" in q:
@@ -394,7 +445,8 @@ class KubeAPIStandIn:
             rv, start = self.rv, 0
             items = []
             for (kind, ons, _name), obj in sorted(self._objects.items()):
-                if kind == res.kind and ns in (None, ons):
+                if kind == res.kind and ns in (None, ons) and field_match(obj, q.get("fieldSelector", "")) \
+                        and label_match(obj, q.get("labelSelector", "")):
                     item = copy.deepcopy(obj)
                     if isinstance(item, dict):  # the real server omits these on list items
                         item.pop("kind", None)
@@ -420,13 +472,13 @@ class KubeAPIStandIn:
         rv_param = q.get("resourceVersion", "")
         bookmarks = q.get("allowWatchBookmarks", "").lower() in ("true", "1")
         timeout = float(q.get("timeoutSeconds") or 0) or None
-        w = _Watcher(res, ns, bookmarks)
+        w = _Watcher(res, ns, bookmarks, q.get("fieldSelector", ""))
         # Everything up to registering the watcher happens without yielding to the loop, so
         # no event can fall between the replayed history and the live stream.
         gone = False
         if rv_param in ("", "0"):
             for (kind, ons, _n), obj in sorted(self._objects.items()):
-                if kind == res.kind and ns in (None, ons):
+                if kind == res.kind and ns in (None, ons) and field_match(obj, w.fields):
                     w.queue.put_nowait({"type": "ADDED", "object": copy.deepcopy(obj)})
         else:
             try:

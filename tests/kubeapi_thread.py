@@ -41,6 +41,9 @@ class ThreadedStandIn:
         return self
 
     def stop(self) -> None:
+        """Stop the server and its loop; a second call does nothing (a test may stop it early)."""
+        if self._loop.is_closed():
+            return
         if self.api is not None:
             asyncio.run_coroutine_threadsafe(self.api.stop(), self._loop).result(timeout=10)
         self._loop.call_soon_threadsafe(self._loop.stop)

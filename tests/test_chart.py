@@ -144,17 +144,27 @@ def test_every_manifest_validates_against_kubernetes_schema(chart: Any, case: st
 def test_default_inventory(chart: Any) -> None:
     assert kinds(render(chart)) == [
         ("ClusterRole", "xdsserver"),
+        ("ClusterRole", "xdsserver-node-agent"),
         ("ClusterRoleBinding", "xdsserver"),
+        ("ClusterRoleBinding", "xdsserver-node-agent"),
         ("ConfigMap", "xdsserver-mesh"),
         ("ConfigMap", "xdsserver-root-cert"),
         ("ConfigMap", "ztunnel-bootstrap"),
+        ("DaemonSet", "node-agent"),
         ("DaemonSet", "ztunnel"),
         ("Deployment", "xdsserver"),
+        ("Job", "node-agent-uninstall"),
+        ("Role", "node-agent-uninstall"),
+        ("RoleBinding", "node-agent-uninstall"),
         ("Secret", "xdsserver-cacerts"),
         ("Service", "xdsserver"),
+        ("ServiceAccount", "node-agent"),
+        ("ServiceAccount", "node-agent-uninstall"),
         ("ServiceAccount", "xdsserver"),
         ("ServiceAccount", "ztunnel"),
     ]
+    without = kinds(render(chart, {"nodeAgent": {"enabled": False}}))
+    assert not [k for k in without if "node-agent" in k[1]]
 
 
 def test_release_name_prefixes_control_plane_and_bootstrap_follows(chart: Any) -> None:
@@ -231,7 +241,7 @@ def test_multiple_replicas_without_shared_root_is_refused(chart: Any) -> None:
 def test_rbac_is_least_privilege(chart: Any) -> None:
     for case in CASES.values():  # no value set widens it
         docs = render(chart, case)
-        role = one(docs, "ClusterRole")
+        role = one(docs, "ClusterRole", "xdsserver")
         rules = sorted(
             (tuple(r["apiGroups"]), tuple(sorted(r["resources"])), tuple(sorted(r["verbs"])))
             for r in role["rules"]
@@ -243,12 +253,24 @@ def test_rbac_is_least_privilege(chart: Any) -> None:
             (("security.istio.io",), ("authorizationpolicies", "peerauthentications"), ("get", "list", "watch")),
         ]
         assert all(set(r) == {"apiGroups", "resources", "verbs"} for r in role["rules"])  # no nonResourceURLs
-        binding = one(docs, "ClusterRoleBinding")
+        binding = one(docs, "ClusterRoleBinding", "xdsserver")
         assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
                                       "name": role["metadata"]["name"]}
         assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "xdsserver", "namespace": NAMESPACE}]
-        # No namespaced grants, nothing bound to the ztunnel, which talks only to xdsserver.
-        assert not [d for d in docs if d["kind"] in {"Role", "RoleBinding"}]
+        # The node agent reads its node's pods and the namespaces; it writes nothing.
+        agent_role = one(docs, "ClusterRole", "xdsserver-node-agent")
+        assert agent_role["rules"] == [{"apiGroups": [""], "resources": ["pods", "namespaces"], "verbs": ["get", "list", "watch"]}]
+        agent_binding = one(docs, "ClusterRoleBinding", "xdsserver-node-agent")
+        assert agent_binding["roleRef"]["name"] == "xdsserver-node-agent"
+        assert agent_binding["subjects"] == [{"kind": "ServiceAccount", "name": "node-agent", "namespace": NAMESPACE}]
+        # The only namespaced grant: the uninstall hook may list and annotate pods of the release
+        # namespace, and exists only while helm uninstall runs (a pre-delete hook).
+        (hook_role,) = [d for d in docs if d["kind"] == "Role"]
+        assert hook_role["metadata"]["namespace"] == NAMESPACE
+        assert hook_role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "patch"]}]
+        assert hook_role["metadata"]["annotations"]["helm.sh/hook"] == "pre-delete"
+        (hook_binding,) = [d for d in docs if d["kind"] == "RoleBinding"]
+        assert hook_binding["subjects"] == [{"kind": "ServiceAccount", "name": "node-agent-uninstall", "namespace": NAMESPACE}]
         assert one(docs, "ServiceAccount", "ztunnel")["automountServiceAccountToken"] is False
 
 
@@ -329,7 +351,7 @@ def test_replicas_get_a_pdb(chart: Any) -> None:
 
 
 def _ztunnel_root_configmap(docs: list[dict[str, Any]]) -> str:
-    pod = one(docs, "DaemonSet")["spec"]["template"]["spec"]
+    pod = one(docs, "DaemonSet", "ztunnel")["spec"]["template"]["spec"]
     (vol,) = [v for v in pod["volumes"] if v["name"] == "xds-root"]
     return vol["configMap"]["name"]
 
@@ -367,7 +389,7 @@ def test_config_checksums_roll_pods_only_when_config_changes(chart: Any) -> None
     def sums(values: dict[str, Any]) -> tuple[str, str]:
         docs = render(chart, values)
         return (one(docs, "Deployment")["spec"]["template"]["metadata"]["annotations"]["checksum/mesh-config"],
-                one(docs, "DaemonSet")["spec"]["template"]["metadata"]["annotations"]["checksum/bootstrap"])
+                one(docs, "DaemonSet", "ztunnel")["spec"]["template"]["metadata"]["annotations"]["checksum/bootstrap"])
 
     base = sums({})
     assert sums({}) == base
@@ -713,6 +735,45 @@ def _leaf_keys(values: dict[str, Any], prefix: str = "") -> list[str]:
         else:
             out.append(path)
     return out
+
+
+def test_node_agent_daemonset(chart: Any) -> None:
+    docs = render(chart)
+    ds = one(docs, "DaemonSet", "node-agent")
+    pod = ds["spec"]["template"]["spec"]
+    assert pod["hostNetwork"] is True and pod["dnsPolicy"] == "ClusterFirstWithHostNet"
+    assert pod["priorityClassName"] == "system-node-critical"
+    assert pod["tolerations"] == [{"operator": "Exists"}]  # every taint
+    assert pod["serviceAccountName"] == "node-agent"
+    c = container(pod, "node-agent")
+    assert c["args"] == ["node-agent", "--node", "$(NODE_NAME)", "--source", "kubernetes", "--tunnel", "vxlan",
+                         "--resync", "30", "--health-address", "$(HOST_IP):15031", "--state-dir", "/run/xdsserver-node-agent",
+                         "--cleanup-when-annotated", "/etc/podinfo/annotations"]
+    sc = c["securityContext"]
+    assert sc["privileged"] is False and sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN", "NET_RAW", "SYS_ADMIN"]}
+    assert {p: c[p]["httpGet"]["path"] for p in ("startupProbe", "livenessProbe", "readinessProbe")} == {
+        "startupProbe": "/healthz", "livenessProbe": "/healthz", "readinessProbe": "/ready"}
+    mounts = {m["name"]: m for m in c["volumeMounts"]}
+    vols = {v["name"]: v for v in pod["volumes"]}
+    assert mounts["netns"]["mountPropagation"] == "HostToContainer" and vols["netns"]["hostPath"]["path"] == "/var/run/netns"
+    assert vols["podinfo"]["downwardAPI"]["items"] == [{"path": "annotations", "fieldRef": {"fieldPath": "metadata.annotations"}}]
+    assert vols["xtables-lock"]["hostPath"] == {"path": "/run/xtables.lock", "type": "FileOrCreate"}
+    # The agent's args are the real command line: parse them with the real parser.
+    from xdsserver.cli import build_parser
+
+    args = build_parser().parse_args([a.replace("$(NODE_NAME)", "n1").replace("$(HOST_IP)", "10.0.0.1") for a in c["args"]])
+    assert args.func.__name__ == "cmd_node_agent" and args.source == "kubernetes" and args.resync == 30.0
+    job = one(docs, "Job", "node-agent-uninstall")
+    assert job["metadata"]["annotations"]["helm.sh/hook"] == "pre-delete"
+    jc = container(job["spec"]["template"]["spec"], "uninstall")
+    assert jc["args"] == ["node-agent-uninstall", "--namespace", NAMESPACE, "--selector",
+                          "app.kubernetes.io/component=node-agent,app.kubernetes.io/instance=xdsserver,app.kubernetes.io/name=node-agent",
+                          "--timeout", "120"]
+    jargs = build_parser().parse_args(jc["args"])
+    assert jargs.func.__name__ == "cmd_node_agent_uninstall"
+    selector = dict(kv.split("=") for kv in jc["args"][4].split(","))
+    assert selector.items() <= ds["spec"]["template"]["metadata"]["labels"].items()
 
 
 def test_readme_documents_every_value() -> None:

@@ -265,3 +265,28 @@ class TestForcedFailure:
         got, _, end = download(lab.pod_netns("client-6db7cfc846"), *PATHS[path], 50 * 2**20, "abort", query=f"&abort={20 * 2**20}")
         assert got < 50 * 2**20
         assert end == "reset", f"{got} bytes then a clean end: a cut transfer looked complete"
+
+
+class TestNodeAgentRestart:
+    def test_sigkill_and_restart_of_the_agent_drops_no_byte_and_changes_nothing(self, lab):
+        """Issue 11: the agent of the client's node is SIGKILLed and restarted (as kubelet would)
+        while a 200 MB download and 20 parallel connections run through that node."""
+        import json
+        import signal
+
+        ns = lab.pod_netns("client-6db7cfc846")
+        big = hashlib.sha256(pattern(SIZE, "agent")).hexdigest()
+        small_n = 2 * 2**20
+        small = hashlib.sha256(pattern(small_n, "agent")).hexdigest()
+        with ThreadPoolExecutor(max_workers=21) as pool:
+            futures = [pool.submit(download, ns, *VIP, SIZE, "agent")]
+            futures += [pool.submit(download, ns, *(VIP if i % 2 else SERVER), small_n, "agent", 0.002) for i in range(20)]
+            time.sleep(0.3)  # not a synchronisation: lets the transfers get going before the kill
+            offset = lab.restart_agent(SRC, signal.SIGKILL)
+            results = [f.result(timeout=300) for f in futures]
+        assert results[0][:2] == (SIZE, big), f"200 MB download: {results[0]}"
+        bad = [r for r in results[1:] if r[:2] != (small_n, small)]
+        assert not bad, f"{len(bad)} of 20 parallel downloads incomplete: {bad}"
+        log = Path(lab.procs[f"agent:{SRC}"].log).read_bytes()[offset:].decode(errors="replace")
+        passes = [json.loads(x) for x in log.splitlines() if x.startswith("{") and '"reconcile"' in x]
+        assert passes and passes[0]["changes"] == 0 and passes[0]["errors"] == 0, passes[:1]

@@ -182,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _register_optional(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Commands owned by other modules register themselves here (lab, redirect, synth)."""
-    for mod in ("xdsserver.lab.cli", "xdsserver.synth", "xdsserver.nodecreds", "xdsserver.agent.cli"):
+    for mod in ("xdsserver.lab.cli", "xdsserver.synth", "xdsserver.nodecreds", "xdsserver.agent.cli", "xdsserver.agent.uninstall"):
         try:
             m = __import__(mod, fromlist=["register"])
         except ImportError:

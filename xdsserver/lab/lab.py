@@ -1,11 +1,14 @@
 """The namespace lab: the manifests' topology in network namespaces, with real ztunnel Envoys
-configured only by ``xdsserver serve`` (ADS over a Unix socket) and the redirection plans applied.
+configured only by ``xdsserver serve`` (ADS over a Unix socket), and one ``xdsserver node-agent``
+per node applying the redirection plan (the lab itself only plays kubelet/CNI and kube-proxy).
 
 Layout (prefix ``xds`` by default; every name starts with ``<prefix>-``):
 
 - ``<prefix>-fabric``: bridge ``br0`` (the kind docker network), gateway 172.18.0.1/16
 - ``<prefix>-cp``: ``xdsserver serve`` (debug HTTP on its own loopback, ADS on ``<state>/xds.sock``)
-- ``<prefix>-node-<node>``: eth0 on the fabric, pod routes, ip_forward, redirect plan, kube-proxy stand-in
+- ``<prefix>-node-<node>``: eth0 on the fabric, pod routes, ip_forward, kubelet's canary chains, the
+  kube-proxy stand-in, and the node agent (``--source manifests``, health on 127.0.0.1:15021 there),
+  which installs the plan here and, entering its namespace, in the ztunnel pod
 - ``<prefix>-pod-<ns>-<name>``: one per pod, ptp-wired; a pod server on each declared TCP port,
   or Envoy (bootstrap from :func:`render_bootstrap`) in the ztunnel pod
 
@@ -29,8 +32,8 @@ from pathlib import Path
 from ..bootstrap import render_bootstrap
 from ..model import ports as P
 from ..model.index import MeshIndex
-from ..redirect import IPSET_NAME, build_plan, netns_commands
-from ..redirect.plan import NODE_INBOUND_DEV, ZT_INBOUND_ADDR
+from ..agent.kernel import netns_runner, read_ipsets
+from ..redirect import IPSET_NAME, build_plan
 from ..sources.manifests import load_model
 from . import kubeproxy
 from .client import request
@@ -40,6 +43,10 @@ from .topology import LabPod, Topology, build_topology
 DEFAULT_PREFIX = "xds"
 STATE_ROOT = Path("/run/xdsserver-lab")
 DEBUG_ADDRESS = ("127.0.0.1", P.DEBUG_PORT)
+AGENT_HEALTH = ("127.0.0.1", 15021)  # inside each node namespace
+AGENT_RESYNC_S = 5.0
+# What kubelet creates in every node's iptables (its canary chains): the tables exist before the agent.
+KUBELET_CANARY = "".join(f"*{t}\n:KUBE-KUBELET-CANARY - [0:0]\nCOMMIT\n" for t in ("mangle", "nat", "filter"))
 ADMIN_ADDRESS = ("127.0.0.1", P.ADMIN_PORT)
 MARKER = ".xdsserver-lab"
 _PREFIX_RE = re.compile(r"^[a-z][a-z0-9]{1,11}$")
@@ -158,9 +165,12 @@ class Lab:
         for pod in topo.pods:
             self._add_pod(topo, pod)
         for node in topo.nodes:
-            self._apply_plan(model, index, node.name)
             self._apply_kubeproxy(index, node.name, hook=True)
+            self._start_agent(node.name)
         self._save()
+        for node in topo.nodes:
+            self._wait(lambda node=node: self._http_ok(node.netns, AGENT_HEALTH, "/ready"), deadline, f"node agent on {node.name} /ready")
+            self.captured[node.name] = [p.ip for p in build_plan(model, node.name, tunnel=self.tunnel, index=index).captured]
         self._wait(lambda: self._http_ok(topo.control_netns, DEBUG_ADDRESS, "/ready"), deadline, "xdsserver /ready")
         for node in topo.nodes:
             self._start_ztunnel(topo, node.name)
@@ -212,6 +222,7 @@ class Lab:
         lines += [f"route add {o.pod_cidr} via {o.ip} dev eth0" for o in topo.nodes if o.name != node.name]
         ip_batch(node.netns, lines)
         run(node.netns, ["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+        run(node.netns, ["iptables-restore", "--noflush"], KUBELET_CANARY)
 
     def _add_pod(self, topo: Topology, pod: LabPod) -> None:
         node = topo.node(pod.node)
@@ -238,16 +249,12 @@ class Lab:
             self.netns.remove(pod.netns)
         self._save()
 
-    def _apply_plan(self, model, index: MeshIndex, node_name: str) -> None:
-        plan = build_plan(model, node_name, tunnel=self.tunnel, index=index)
-        node = self.topo.node(node_name)
-        for cmd in netns_commands(plan.node):
-            run(node.netns, cmd.argv, cmd.stdin)
-        zt_ns = self.topo.pod(node.ztunnel).netns
-        for cmd in netns_commands(plan.ztunnel):
-            run(zt_ns, cmd.argv, cmd.stdin)
-        self.captured[node_name] = [p.ip for p in plan.captured]
-        self._save()
+    def _start_agent(self, node_name: str) -> None:
+        """The DaemonSet pod of this node: ``node-agent --source manifests`` in the node namespace."""
+        argv = [sys.executable, "-m", "xdsserver", "node-agent", "--node", node_name, "--source", "manifests",
+                "--manifests", str(self.manifests), "--tunnel", self.tunnel, "--resync", str(AGENT_RESYNC_S),
+                "--state-dir", str(self.state_dir / "agent"), "--health-address", f"{AGENT_HEALTH[0]}:{AGENT_HEALTH[1]}"]
+        self._spawn(f"agent:{node_name}", self.topo.node(node_name).netns, argv, f"agent-{node_name}.log")
 
     def _apply_kubeproxy(self, index: MeshIndex, node_name: str, hook: bool = False) -> None:
         ns = self.topo.node(node_name).netns
@@ -288,10 +295,33 @@ class Lab:
         argv = [sys.executable, str(script), "--pod", pod.key] + [f"--port={p}" for p in pod.ports]
         self._spawn(f"pod:{pod.key}", pod.netns, argv, f"pod-{pod.key.replace('/', '_')}.log")
 
-    # -- sync (the node agent reacting to pod changes) ------------------------------------------
+    def restart_agent(self, node_name: str, sig: int = 9, timeout: float = 30.0) -> int:
+        """Kill the node's agent (by PID, SIGKILL by default) and start it again, as kubelet
+        restarts a crashed container. Returns the agent log's size before the restart (its new
+        lines start there) once the new agent is /ready."""
+        name = f"agent:{node_name}"
+        ref = self.procs[name]
+        log_path = Path(ref.log)
+        if ref.alive():
+            os.kill(ref.pid, sig)
+        deadline = time.monotonic() + timeout
+        popen = self._popens.pop(name, None)
+        while ref.alive() and time.monotonic() < deadline:
+            if popen is not None and popen.poll() is not None:
+                break
+            time.sleep(0.02)
+        offset = log_path.stat().st_size if log_path.exists() else 0
+        self._start_agent(node_name)
+        node = self.topo.node(node_name)
+        self._wait(lambda: self._http_ok(node.netns, AGENT_HEALTH, "/ready"), deadline, f"restarted node agent on {node_name} /ready")
+        return offset
+
+    # -- sync (kubelet/CNI and kube-proxy reacting to pod changes) ------------------------------
     def sync(self, timeout: float = 30.0) -> dict[str, list[str]]:
-        """Re-read the manifests: wire added pods, remove deleted ones, refresh ipsets, table 100
-        and the kube-proxy stand-in. xdsserver reloads the manifests by itself; nothing restarts."""
+        """Re-read the manifests: wire added pods, remove deleted ones, refresh the kube-proxy
+        stand-in. Capture (ipset, table 100) is the node agents' job: they see the manifests change
+        by themselves; this only waits (bounded) until every node's ipset shows the new plan.
+        xdsserver reloads the manifests by itself; nothing restarts."""
         deadline = time.monotonic() + timeout
         model = load_model(self.manifests)
         index = MeshIndex(model)
@@ -311,28 +341,16 @@ class Lab:
             if p.ports:
                 self._start_pod_server(p)
         for node in new.nodes:
-            self._update_capture(model, index, node.name)
             self._apply_kubeproxy(index, node.name)
+            self.captured[node.name] = [p.ip for p in build_plan(model, node.name, tunnel=self.tunnel, index=index).captured]
         self._save()
+        for node in new.nodes:
+            want, run_node = frozenset(self.captured[node.name]), netns_runner(node.netns)
+            self._wait(lambda run_node=run_node, want=want: read_ipsets(run_node).get(IPSET_NAME) == want, deadline, f"node agent on {node.name} capturing {sorted(want)}")
         for p in added:
             if p.ports:
                 self._wait(lambda p=p: self._listening(p), deadline, f"pod server {p.key}")
         return {"added": sorted(p.key for p in added), "removed": sorted(p.key for p in removed)}
-
-    def _update_capture(self, model, index: MeshIndex, node_name: str) -> None:
-        plan = build_plan(model, node_name, tunnel=self.tunnel, index=index)
-        ns = self.topo.node(node_name).netns
-        want = [p.ip for p in plan.captured]
-        tmp = f"{IPSET_NAME}-new"
-        lines = [f"create {tmp} hash:ip family inet hashsize 1024 maxelem 65536"] + [f"add {tmp} {ip}" for ip in want]
-        lines += [f"swap {tmp} {IPSET_NAME}", f"destroy {tmp}"]
-        run(ns, ["ipset", "restore"], "\n".join(lines) + "\n")
-        have = set(self.captured.get(node_name, []))
-        via = ZT_INBOUND_ADDR.split("/")[0]
-        cmds = [f"route del table 100 {ip}" for ip in sorted(have - set(want))]
-        cmds += [f"route replace table 100 {ip} via {via} dev {NODE_INBOUND_DEV} src {plan.net.gateway}" for ip in want]
-        ip_batch(ns, cmds)
-        self.captured[node_name] = want
 
     # -- queries ----------------------------------------------------------------------------
     def pod_netns(self, query: str) -> str:

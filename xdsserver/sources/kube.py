@@ -68,6 +68,7 @@ class KindSpec:
     args: tuple[str, ...] = ()  # leading positional arguments (custom objects: group, version, plural)
     # custom objects: older versions to watch when the API does not serve this one (404)
     fallback_versions: tuple[str, ...] = ()
+    field_selector: str = ""  # e.g. "spec.nodeName=NODE" (the node agent); sent with every list and watch
 
     def fallback(self) -> KindSpec:
         """The same kind at its next older version (custom objects only)."""
@@ -248,7 +249,11 @@ class KubeSource:
 
     def _list_fn(self, spec: KindSpec) -> Callable[..., Awaitable[aiohttp.ClientResponse]]:
         fn = getattr(getattr(kclient, spec.api_class)(self._api), f"{spec.list_method}_without_preload_content")
-        return functools.partial(fn, *spec.args) if spec.args else fn
+        if spec.args:
+            fn = functools.partial(fn, *spec.args)
+        if spec.field_selector:
+            fn = functools.partial(fn, field_selector=spec.field_selector)
+        return fn
 
     async def _run_kind(self, spec: KindSpec) -> None:
         fn = self._list_fn(spec)
@@ -504,3 +509,21 @@ async def api_client_from_env(kubeconfig: str | None = None) -> kclient.ApiClien
             kubeconfig = os.environ.get("KUBECONFIG") or None
     await kconfig.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
     return kclient.ApiClient(configuration=cfg)
+
+
+async def annotate_pods(api: kclient.ApiClient, namespace: str, selector: str, annotations: dict[str, str]) -> list[tuple[str, str]]:
+    """Merge ``annotations`` into every pod matching ``selector``; returns (name, node) of each.
+    The node agent's uninstall hook (``xdsserver node-agent-uninstall``) is the only writer."""
+    core = kclient.CoreV1Api(api)
+    pods = (await core.list_namespaced_pod(namespace, label_selector=selector)).items
+    for p in pods:
+        await core.patch_namespaced_pod(p.metadata.name, namespace, {"metadata": {"annotations": annotations}},
+                                        _content_type="application/merge-patch+json")
+    return [(p.metadata.name, p.spec.node_name or "") for p in pods]
+
+
+async def ready_pods(api: kclient.ApiClient, namespace: str, selector: str) -> list[str]:
+    """Names of the pods matching ``selector`` whose Ready condition is True, sorted."""
+    pods = (await kclient.CoreV1Api(api).list_namespaced_pod(namespace, label_selector=selector)).items
+    return sorted(p.metadata.name for p in pods
+                  if any(c.type == "Ready" and c.status == "True" for c in ((p.status.conditions if p.status else None) or [])))

@@ -156,3 +156,23 @@ sds-xds-client-cert.yaml: |
 sds-xds-root-ca.yaml: |
   {{- tpl (.Files.Get "files/sds-xds-root-ca.yaml.tpl") . | trim | nindent 2 }}
 {{- end }}
+
+{{- define "xdsserver.nodeAgent.selectorLabels" -}}
+app.kubernetes.io/name: {{ .Values.nodeAgent.name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: node-agent
+{{- end }}
+
+{{- define "xdsserver.nodeAgent.labels" -}}
+{{ include "xdsserver.commonLabels" . }}
+{{ include "xdsserver.nodeAgent.selectorLabels" . }}
+{{- end }}
+
+{{/* A label map as a Kubernetes label selector string: k=v,k2=v2 (sorted). */}}
+{{- define "xdsserver.selectorString" -}}
+{{- $out := list }}
+{{- range $k := keys . | sortAlpha }}
+{{- $out = append $out (printf "%s=%s" $k (index $ $k)) }}
+{{- end }}
+{{- join "," $out }}
+{{- end }}
