@@ -1,7 +1,11 @@
-"""Issue 11: the lab restarts a killed process the way kubelet would (its supervisor), so faults
-are injected by killing a PID. One lab (seed 003's client-server); each test SIGKILLs one process
-and checks that it comes back with a new PID and does its job again: a ztunnel Envoy is LIVE and
-carries a new connection, the control plane re-syncs both ztunnels, a node agent is /ready.
+"""Issue 11 in the lab: kubelet-like restarts, and a replaced ztunnel pod.
+
+One lab (seed 003's client-server plus a second meshed pod on the client's node). The lab
+restarts a killed process the way kubelet would (its supervisor), so faults are injected by
+killing a PID: each test SIGKILLs one process and checks that it comes back with a new PID and
+does its job again (a ztunnel Envoy is LIVE and carries a new connection, the control plane
+re-syncs both ztunnels, a node agent is /ready). Last, the client node's ztunnel pod is replaced
+by one with a new name and IP: the node agent follows it and traffic flows through the new Envoy.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ pytestmark = [
 
 from xdsserver.lab.client import request  # noqa: E402
 from xdsserver.lab.lab import AGENT_HEALTH, DEBUG_ADDRESS, Lab, owned_netns  # noqa: E402
-from xdsserver.lab.netns import netns_pids  # noqa: E402
+from xdsserver.lab.netns import list_netns, netns_pids, run  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 PREFIX = os.environ.get("XDS_LAB_PREFIX", "xdssup") + "k"  # never the prefix another lab module uses
@@ -32,6 +36,33 @@ from labguard import root_namespace_untouched  # noqa: E402,F401 (module-scoped 
 
 SRC, DST = "ambient-worker", "ambient-worker2"
 SERVER = ("10.244.2.5", 8080)
+CLIENT_IP, OTHER = "10.244.1.4", ("10.244.1.6", 8080)  # OTHER: meshed, on the client's node
+OLD_ZT = ("ztunnel-g7mrp", "5c0f1a2e-0000-4000-8000-000000000021", "10.244.1.2")
+NEW_ZT = ("ztunnel-n3wpd", "5c0f1a2e-0000-4000-8000-000000000031", "10.244.1.9")
+OTHER_POD = f"""
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {{name: other, namespace: ambient}}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: other-7d9f8c6b5-x2k4p
+  namespace: ambient
+  uid: d3000000-0000-4000-8000-0000000000a1
+  labels: {{app: other}}
+  creationTimestamp: '2022-10-01T00:00:00Z'
+spec:
+  nodeName: {SRC}
+  serviceAccountName: other
+  containers: [{{name: other, image: example/app, ports: [{{containerPort: 8080}}]}}]
+status:
+  phase: Running
+  podIP: {OTHER[0]}
+  podIPs: [{{ip: {OTHER[0]}}}]
+  conditions: [{{type: Ready, status: 'True'}}]
+"""
 RESTART_S = 30.0  # bound on each recovery (a restarted Envoy waits for ADS; Envoy's ADS retry backoff)
 
 
@@ -39,6 +70,7 @@ RESTART_S = 30.0  # bound on each recovery (a restarted Envoy waits for ADS; Env
 def lab(request, tmp_path_factory):
     dst = tmp_path_factory.mktemp("supervise") / "manifests"
     shutil.copytree(ROOT / "golden" / "client-server" / "manifests", dst)
+    (dst / "other.yaml").write_text(OTHER_POD.lstrip("\n"))
     lab = Lab(dst, prefix=PREFIX, log=lambda m: print(m, file=sys.stderr))
 
     def down() -> None:
@@ -129,3 +161,46 @@ class TestKubeletRestarts:
         assert lab.restarts.get(f"ztunnel:{DST}", 0) == 0
         assert netns_pids(lab.ztunnel_netns(DST)) == [after.pid]
         assert lab.supervised()
+
+
+class TestZtunnelPodReplaced:
+    """Runs last (it changes the lab): the DaemonSet replaced the client node's ztunnel pod."""
+
+    def test_agent_follows_the_new_ztunnel_and_traffic_goes_through_it(self, lab):
+        old_zt = lab.topo.pod(lab.topo.node(SRC).ztunnel)
+        assert (old_zt.name, old_zt.ip) == (OLD_ZT[0], OLD_ZT[2])
+        node_ns = lab.topo.node(SRC).netns
+        cluster = lab.manifests / "cluster.yaml"
+        text = cluster.read_text()
+        for a, b in zip(OLD_ZT, NEW_ZT):
+            assert a in text
+            text = text.replace(a, b)
+        cluster.write_text(text)
+
+        got = lab.sync()
+        assert got["ztunnel_replaced"] == [SRC]
+        assert f"istio-system/{OLD_ZT[0]}" in got["removed"] and f"istio-system/{NEW_ZT[0]}" in got["added"]
+        new_zt = lab.topo.pod(lab.topo.node(SRC).ztunnel)
+        assert (new_zt.ip, new_zt.netns != old_zt.netns, new_zt.veth != old_zt.veth) == (NEW_ZT[2], True, True)
+        # the old pod is gone: its namespace, its Envoy, and every node rule naming its IP or veth
+        assert old_zt.netns not in list_netns()
+        ref = lab.refresh()[f"ztunnel:{SRC}"]
+        assert ref.alive() and ref.ns == new_zt.netns and netns_pids(new_zt.netns) == [ref.pid]
+        node_state = "\n".join(run(node_ns, argv) for argv in (["iptables-save"], ["ip", "rule"], ["ip", "-d", "link"],
+                                                                 ["ip", "route", "show", "table", "all"]))
+        assert old_zt.veth not in node_state and f"{OLD_ZT[2]}/" not in node_state and f"{OLD_ZT[2]} " not in node_state
+        assert f"remote {NEW_ZT[2]} " in run(node_ns, ["ip", "-d", "link", "show", "istioout"])
+        assert f"default via {NEW_ZT[2]} dev {new_zt.veth}" in run(node_ns, ["ip", "route", "show", "table", "102"])
+
+        log_at = len(lab.access_log(SRC))
+        cross = client_gets_server(lab)  # cross-node, HBONE from the new ztunnel
+        assert cross["pod"] == "ambient/server-f44ffdf6f-dqgm2" and cross["peer"].startswith(CLIENT_IP + ":")
+        same = request(lab.pod_netns("client-6db7cfc846"), *OTHER, "/", timeout=10)  # same node, both ends on it
+        assert same.status == 200 and same.json()["pod"] == "ambient/other-7d9f8c6b5-x2k4p"
+        assert same.json()["peer"].startswith(CLIENT_IP + ":")
+        served = lambda: lab.access_log(SRC)[log_at:]  # noqa: E731
+        poll(lambda: "10.244.2.5:15008" in served() and f"{OTHER[0]}:8080" in served(), 10,
+             "both connections in the new ztunnel's access log")
+        # a fresh Envoy's counter: the cross-node CONNECT left from the new ztunnel
+        assert lab.envoy_stats(SRC, "outbound_pod_tunnel_clus").get(
+            "cluster.outbound_pod_tunnel_clus_spiffe_cluster.local/ns/ambient/sa/client.upstream_rq_total", 0) >= 1

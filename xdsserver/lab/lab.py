@@ -425,36 +425,50 @@ class Lab:
         """Re-read the manifests: wire added pods, remove deleted ones, refresh the kube-proxy
         stand-in. Capture (ipset, table 100) is the node agents' job: they see the manifests change
         by themselves; this only waits (bounded) until every node's ipset shows the new plan.
-        xdsserver reloads the manifests by itself; nothing restarts."""
+        A node's ztunnel pod replaced in the manifests (the DaemonSet's new pod: new name, IP, veth)
+        gets a new namespace and a new Envoy bootstrapped for it; the old pod's namespace and Envoy
+        go, and the wait includes the node agent pointing the node's tunnels at the new IP.
+        xdsserver reloads the manifests by itself; nothing else restarts."""
         deadline = time.monotonic() + timeout
         model = load_model(self.manifests)
         index = MeshIndex(model)
         new = build_topology(model, self.prefix, index)
         old = self.topo
-        if [(n.name, n.ztunnel, n.pod_cidr) for n in new.nodes] != [(n.name, n.ztunnel, n.pod_cidr) for n in old.nodes]:
-            raise LabError("nodes or ztunnel pods changed; sync handles pods only (run `lab down` and `lab up`)")
+        if [(n.name, n.pod_cidr) for n in new.nodes] != [(n.name, n.pod_cidr) for n in old.nodes]:
+            raise LabError("nodes changed; sync handles pods only (run `lab down` and `lab up`)")
         old_pods = {p.key: p for p in old.pods}
         new_pods = {p.key: p for p in new.pods}
         removed = [p for k, p in old_pods.items() if k not in new_pods or new_pods[k] != p]
         added = [p for k, p in new_pods.items() if k not in old_pods or old_pods[k] != p]
-        for p in removed:
-            self._remove_pod(p)
-        self.topo = new
-        for p in added:
-            self._add_pod(new, p)
-            if p.ports:
-                self._start_pod_server(p)
-        for node in new.nodes:
-            self._apply_kubeproxy(index, node.name)
-            self.captured[node.name] = [p.ip for p in build_plan(model, node.name, tunnel=self.tunnel, index=index).captured]
-        self._save()
+        replaced = [n.name for n in new.nodes if new.pod(n.ztunnel) != old.pod(old.node(n.name).ztunnel)]
+        with self._lock():  # the supervisor must not restart the Envoy of a ztunnel pod being removed
+            for name in replaced:
+                self._stop(f"ztunnel:{name}")
+            for p in removed:
+                self._remove_pod(p)
+            self.topo = new
+            for p in added:
+                self._add_pod(new, p)
+                if p.ports and not p.ztunnel:
+                    self._start_pod_server(p)
+            for name in replaced:
+                self._start_ztunnel(new, name)
+            for node in new.nodes:
+                self._apply_kubeproxy(index, node.name)
+                self.captured[node.name] = [p.ip for p in build_plan(model, node.name, tunnel=self.tunnel, index=index).captured]
+            self._save()
         for node in new.nodes:
             want, run_node = frozenset(self.captured[node.name]), netns_runner(node.netns)
             self._wait(lambda run_node=run_node, want=want: read_ipsets(run_node).get(IPSET_NAME) == want, deadline, f"node agent on {node.name} capturing {sorted(want)}")
+        for name in replaced:
+            node, zt = new.node(name), new.pod(new.node(name).ztunnel)
+            self._wait(lambda node=node, zt=zt: f"via {zt.ip} " in run(node.netns, ["ip", "route", "show", "table", "102"]),
+                       deadline, f"node agent on {name} routing to the new ztunnel {zt.ip}")
+            self._wait(lambda zt=zt: self._envoy_live(zt.netns), deadline, f"new ztunnel Envoy on {name} LIVE")
         for p in added:
-            if p.ports:
+            if p.ports and not p.ztunnel:
                 self._wait(lambda p=p: self._listening(p), deadline, f"pod server {p.key}")
-        return {"added": sorted(p.key for p in added), "removed": sorted(p.key for p in removed)}
+        return {"added": sorted(p.key for p in added), "removed": sorted(p.key for p in removed), "ztunnel_replaced": sorted(replaced)}
 
     # -- queries ----------------------------------------------------------------------------
     def pod_netns(self, query: str) -> str:
