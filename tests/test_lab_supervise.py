@@ -28,41 +28,20 @@ pytestmark = [
 from xdsserver.lab.client import request  # noqa: E402
 from xdsserver.lab.lab import AGENT_HEALTH, DEBUG_ADDRESS, Lab, owned_netns  # noqa: E402
 from xdsserver.lab.netns import list_netns, netns_pids, run  # noqa: E402
+from xdsserver.lab.supervise import backoff  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 PREFIX = os.environ.get("XDS_LAB_PREFIX", "xdssup") + "k"  # never the prefix another lab module uses
 
 from labguard import root_namespace_untouched  # noqa: E402,F401 (module-scoped autouse guard)
+from labpods import other_pod  # noqa: E402
 
 SRC, DST = "ambient-worker", "ambient-worker2"
 SERVER = ("10.244.2.5", 8080)
 CLIENT_IP, OTHER = "10.244.1.4", ("10.244.1.6", 8080)  # OTHER: meshed, on the client's node
 OLD_ZT = ("ztunnel-g7mrp", "5c0f1a2e-0000-4000-8000-000000000021", "10.244.1.2")
 NEW_ZT = ("ztunnel-n3wpd", "5c0f1a2e-0000-4000-8000-000000000031", "10.244.1.9")
-OTHER_POD = f"""
----
-apiVersion: v1
-kind: ServiceAccount
-metadata: {{name: other, namespace: ambient}}
----
-apiVersion: v1
-kind: Pod
-metadata:
-  name: other-7d9f8c6b5-x2k4p
-  namespace: ambient
-  uid: d3000000-0000-4000-8000-0000000000a1
-  labels: {{app: other}}
-  creationTimestamp: '2022-10-01T00:00:00Z'
-spec:
-  nodeName: {SRC}
-  serviceAccountName: other
-  containers: [{{name: other, image: example/app, ports: [{{containerPort: 8080}}]}}]
-status:
-  phase: Running
-  podIP: {OTHER[0]}
-  podIPs: [{{ip: {OTHER[0]}}}]
-  conditions: [{{type: Ready, status: 'True'}}]
-"""
+OTHER_POD = other_pod(SRC, OTHER[0])
 RESTART_S = 30.0  # bound on each recovery (a restarted Envoy waits for ADS; Envoy's ADS retry backoff)
 
 
@@ -70,7 +49,7 @@ RESTART_S = 30.0  # bound on each recovery (a restarted Envoy waits for ADS; Env
 def lab(request, tmp_path_factory):
     dst = tmp_path_factory.mktemp("supervise") / "manifests"
     shutil.copytree(ROOT / "golden" / "client-server" / "manifests", dst)
-    (dst / "other.yaml").write_text(OTHER_POD.lstrip("\n"))
+    (dst / "other.yaml").write_text(OTHER_POD)
     lab = Lab(dst, prefix=PREFIX, log=lambda m: print(m, file=sys.stderr))
 
     def down() -> None:
@@ -121,6 +100,10 @@ def synced_nodes(lab: Lab) -> set[str]:
         by_node.setdefault(r["node"], []).append(r)
     return {n for n, rs in by_node.items()
             if {r["type"] for r in rs} >= {"CDS", "LDS"} and all(r["acked_version"] and r["acked_version"] == r["sent_version"] for r in rs)}
+
+
+def test_crash_loop_backoff_doubles_up_to_the_cap():
+    assert [backoff(n, 0.5, 10.0) for n in range(7)] == [0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 10.0]
 
 
 class TestKubeletRestarts:
