@@ -28,7 +28,8 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -93,7 +94,6 @@ class Lab:
         self._popens: dict[str, subprocess.Popen] = {}
         self._dirty: set[str] = set()  # process entries this object started/stopped since its last save
         self._lock_depth = 0
-        self._lock_cm = None
         self.netns: list[str] = []
         self.captured: dict[str, list[str]] = {}
         self.kube_chains: dict[str, list[str]] = {}
@@ -108,26 +108,24 @@ class Lab:
     def xds_socket(self) -> str:
         return str(self.state_dir / "xds.sock")
 
-    def _lock(self):
+    @contextmanager
+    def _lock(self) -> Iterator[None]:
         """``state.lock``, re-entrant within this object: held while the lab stops or starts a
         process on purpose, so the supervisor never restarts what the lab is replacing."""
-        lab = self
-
-        class _Held:
-            def __enter__(self) -> None:
-                if lab._lock_depth == 0:
-                    lab.state_dir.mkdir(parents=True, exist_ok=True)
-                    lab._lock_cm = state_lock(lab.state_dir)
-                    lab._lock_cm.__enter__()
-                lab._lock_depth += 1
-
-            def __exit__(self, *exc: object) -> None:
-                lab._lock_depth -= 1
-                if lab._lock_depth == 0:
-                    cm, lab._lock_cm = lab._lock_cm, None
-                    cm.__exit__(None, None, None)
-
-        return _Held()
+        if self._lock_depth:
+            self._lock_depth += 1
+            try:
+                yield
+            finally:
+                self._lock_depth -= 1
+            return
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        with state_lock(self.state_dir):
+            self._lock_depth = 1
+            try:
+                yield
+            finally:
+                self._lock_depth = 0
 
     def refresh(self) -> dict[str, ProcRef]:
         """Take the supervisor's restarts from the state file: a process this object did not

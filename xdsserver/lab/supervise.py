@@ -6,7 +6,7 @@ It polls the PIDs recorded in ``<state>/state.json`` (PID + start time, so a reu
 taken for the old process), restarts a dead one with a crash-loop backoff (immediately the first
 time; doubling from ``--backoff-min`` up to ``--backoff-max`` while it keeps dying within
 ``--stable`` seconds of its start), and writes the new PID back under ``<state>/state.lock``, the
-lock every writer of the state file takes. It exits when the state file is gone (``lab down``).
+lock every writer of the state file takes. It exits when the state file is gone (``lab down``; unreadable for 5 s counts as gone).
 
 Run by ``xdsserver lab up`` as ``python -m xdsserver.lab.supervise --state-dir DIR``.
 """
@@ -31,6 +31,7 @@ POLL_S = 0.2
 BACKOFF_MIN_S = 0.5
 BACKOFF_MAX_S = 10.0
 STABLE_S = 10.0
+STATE_GONE_S = 5.0  # no readable state file for this long: the lab was removed, exit
 
 
 @contextmanager
@@ -79,15 +80,18 @@ class Supervisor:
         self.due: dict[str, tuple[ProcRef, float]] = {}  # dead ref -> when it may be restarted
 
     def run(self) -> int:
+        missing_since: float | None = None
         while True:
             for popen in self.children.values():
                 popen.poll()  # type: ignore[attr-defined]
             state = read_state(self.state_file)
             if state is None:
-                if not self.state_dir.exists():
+                missing_since = missing_since or time.monotonic()
+                if not self.state_dir.exists() or time.monotonic() - missing_since > STATE_GONE_S:
                     return 0  # the lab is gone
-                time.sleep(self.poll_s)  # mid-replace or not written yet; next poll reads it
+                time.sleep(self.poll_s)
                 continue
+            missing_since = None
             now = time.monotonic()
             ready = [n for n, ref in recorded(state).items() if n != NAME and ref.argv and not ref.alive()
                      and self._due(n, ref, now) <= now]
