@@ -178,7 +178,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     common(st)
     st.set_defaults(func=cmd_lab_status)
 
-    sy = lsub.add_parser("sync", help="apply pod additions/removals in the manifests (node agent role)")
+    sy = lsub.add_parser("sync", help="apply pod additions/removals and replaced ztunnel pods in the manifests (kubelet/CNI role)")
     common(sy)
     sy.set_defaults(func=cmd_lab_sync)
 
