@@ -34,36 +34,14 @@ ROOT = Path(__file__).resolve().parent.parent
 PREFIX = os.environ.get("XDS_LAB_PREFIX", "xdsdp") + "d"  # never the prefix test_lab.py uses
 
 from labguard import root_namespace_untouched  # noqa: E402,F401 (module-scoped autouse guard)
+from labpods import other_pod  # noqa: E402
 IDLE_S = int(os.environ.get("XDS_DP_IDLE", "3"))
 SRC, DST = "ambient-worker", "ambient-worker2"
 CLIENT_IP, OTHER_IP, SERVER = "10.244.1.4", "10.244.1.6", ("10.244.2.5", 8080)
 VIP = ("10.96.0.105", 9080)
 OTHER_VIP = ("10.96.0.106", 9080)  # a Service whose only backend is on the client's node
 
-EXTRA = f"""
----
-apiVersion: v1
-kind: ServiceAccount
-metadata: {{name: other, namespace: ambient}}
----
-apiVersion: v1
-kind: Pod
-metadata:
-  name: other-7d9f8c6b5-x2k4p
-  namespace: ambient
-  uid: d3000000-0000-4000-8000-0000000000a1
-  labels: {{app: other}}
-  creationTimestamp: '2022-10-01T00:00:00Z'
-spec:
-  nodeName: {SRC}
-  serviceAccountName: other
-  containers: [{{name: other, image: example/app, ports: [{{containerPort: 8080}}]}}]
-status:
-  phase: Running
-  podIP: {OTHER_IP}
-  podIPs: [{{ip: {OTHER_IP}}}]
-  conditions: [{{type: Ready, status: 'True'}}]
----
+EXTRA = other_pod(SRC, OTHER_IP) + f"""---
 apiVersion: v1
 kind: Service
 metadata: {{name: other, namespace: ambient}}

@@ -47,7 +47,7 @@ def cmd_lab_up(args: argparse.Namespace) -> int:
     if (rc := _root_required()) is not None:
         return rc
     lab = Lab(_manifests(args), prefix=args.prefix, state_dir=args.state_dir, tunnel=args.tunnel,
-              log=lambda m: print(m, file=sys.stderr), concurrency=args.concurrency)
+              log=lambda m: print(m, file=sys.stderr), concurrency=args.concurrency, supervise=not args.no_supervise)
     # Ctrl-C / SIGTERM while building: Lab.up tears down before re-raising.
     signal.signal(signal.SIGTERM, _interrupt)
     try:
@@ -165,6 +165,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     up.add_argument("--timeout", type=float, default=60.0)
     up.add_argument("--concurrency", type=int, default=1, help="ztunnel Envoy worker threads (--concurrency; default 1)")
     up.add_argument("--foreground", action="store_true", help="stay attached; Ctrl-C tears down")
+    up.add_argument("--no-supervise", action="store_true",
+                    help="no supervisor: a killed agent, ztunnel or control plane stays dead (default: restarted, as kubelet would)")
     common(up)
     up.set_defaults(func=cmd_lab_up)
 
@@ -176,7 +178,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     common(st)
     st.set_defaults(func=cmd_lab_status)
 
-    sy = lsub.add_parser("sync", help="apply pod additions/removals in the manifests (node agent role)")
+    sy = lsub.add_parser("sync", help="apply pod additions/removals and replaced ztunnel pods in the manifests (kubelet/CNI role)")
     common(sy)
     sy.set_defaults(func=cmd_lab_sync)
 

@@ -12,6 +12,9 @@ Layout (prefix ``xds`` by default; every name starts with ``<prefix>-``):
 - ``<prefix>-pod-<ns>-<name>``: one per pod, ptp-wired; a pod server on each declared TCP port,
   or Envoy (bootstrap from :func:`render_bootstrap`) in the ztunnel pod
 
+Once up, the lab's supervisor (:mod:`.supervise`, kubelet's role) restarts any of these processes
+that dies; every write of the state file (the lab's and the supervisor's) holds ``state.lock``.
+
 State (processes with start times, namespaces, applied plan state) lives in ``<state>/state.json``
 so ``down`` works from another process and a crashed lab is removed by the next ``up``.
 """
@@ -25,7 +28,8 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -38,6 +42,7 @@ from ..sources.manifests import load_model
 from . import kubeproxy
 from .client import request
 from .netns import LabError, ProcRef, add_netns, del_netns, ip_batch, list_netns, netns_pids, ns_connect, run, spawn, stop
+from .supervise import NAME as SUPERVISOR, read_state, recorded, state_lock, write_state
 from .topology import LabPod, Topology, build_topology
 
 DEFAULT_PREFIX = "xds"
@@ -73,7 +78,8 @@ def envoy_binary() -> str:
 
 class Lab:
     def __init__(self, manifests: Path | str | None = None, *, prefix: str = DEFAULT_PREFIX, state_dir: Path | str | None = None,
-                 tunnel: str = "vxlan", log: Callable[[str], None] | None = None, concurrency: int = 1) -> None:
+                 tunnel: str = "vxlan", log: Callable[[str], None] | None = None, concurrency: int = 1,
+                 supervise: bool = True) -> None:
         self.prefix = check_prefix(prefix)
         if concurrency < 1:
             raise LabError(f"ztunnel Envoy --concurrency {concurrency}: expected at least 1 worker")
@@ -82,8 +88,12 @@ class Lab:
         self.manifests = Path(manifests).resolve() if manifests else None
         self.tunnel = tunnel
         self.log = log or (lambda msg: None)
+        self.supervise = supervise  # start the supervisor at the end of `up` (restarts dead processes)
         self.procs: dict[str, ProcRef] = {}
+        self.restarts: dict[str, int] = {}  # by the supervisor, per process name
         self._popens: dict[str, subprocess.Popen] = {}
+        self._dirty: set[str] = set()  # process entries this object started/stopped since its last save
+        self._lock_depth = 0
         self.netns: list[str] = []
         self.captured: dict[str, list[str]] = {}
         self.kube_chains: dict[str, list[str]] = {}
@@ -98,22 +108,61 @@ class Lab:
     def xds_socket(self) -> str:
         return str(self.state_dir / "xds.sock")
 
-    def _save(self) -> None:
+    @contextmanager
+    def _lock(self) -> Iterator[None]:
+        """``state.lock``, re-entrant within this object: held while the lab stops or starts a
+        process on purpose, so the supervisor never restarts what the lab is replacing."""
+        if self._lock_depth:
+            self._lock_depth += 1
+            try:
+                yield
+            finally:
+                self._lock_depth -= 1
+            return
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        (self.state_dir / MARKER).touch()
-        state = {
-            "prefix": self.prefix,
-            "manifests": str(self.manifests) if self.manifests else None,
-            "tunnel": self.tunnel,
-            "concurrency": self.concurrency,
-            "netns": self.netns,
-            "procs": {k: asdict(v) for k, v in sorted(self.procs.items())},
-            "captured": self.captured,
-            "kube_chains": self.kube_chains,
-        }
-        tmp = self.state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state, indent=1, sort_keys=True))
-        tmp.replace(self.state_file)
+        with state_lock(self.state_dir):
+            self._lock_depth = 1
+            try:
+                yield
+            finally:
+                self._lock_depth = 0
+
+    def refresh(self) -> dict[str, ProcRef]:
+        """Take the supervisor's restarts from the state file: a process this object did not
+        touch since its last save is whatever the file records now (a restarted PID)."""
+        with self._lock():
+            st = read_state(self.state_file)
+            if st is None:
+                return self.procs
+            disk = recorded(st)
+            self.restarts = dict(st.get("restarts", {}))
+            for name, ref in disk.items():
+                if name in self._dirty or self.procs.get(name) == ref:
+                    continue  # ours is newer, or the same
+                old = self._popens.pop(name, None)
+                if old is not None:
+                    old.poll()  # reap the process the supervisor replaced
+                self.procs[name] = ref
+        return self.procs
+
+    def _save(self) -> None:
+        with self._lock():
+            self.refresh()
+            (self.state_dir / MARKER).touch()
+            state = {
+                "prefix": self.prefix,
+                "manifests": str(self.manifests) if self.manifests else None,
+                "tunnel": self.tunnel,
+                "concurrency": self.concurrency,
+                "supervise": self.supervise,
+                "netns": self.netns,
+                "procs": {k: asdict(v) for k, v in sorted(self.procs.items())},
+                "restarts": self.restarts,
+                "captured": self.captured,
+                "kube_chains": self.kube_chains,
+            }
+            write_state(self.state_file, state)
+            self._dirty.clear()
 
     @classmethod
     def load(cls, prefix: str = DEFAULT_PREFIX, state_dir: Path | str | None = None) -> Lab:
@@ -124,6 +173,8 @@ class Lab:
         lab.manifests = Path(st["manifests"]) if st.get("manifests") else None
         lab.tunnel = st.get("tunnel", "vxlan")
         lab.concurrency = int(st.get("concurrency", 1))
+        lab.supervise = bool(st.get("supervise", True))
+        lab.restarts = dict(st.get("restarts", {}))
         lab.netns = list(st.get("netns", []))
         lab.procs = {k: ProcRef(**v) for k, v in st.get("procs", {}).items()}
         lab.captured = {k: list(v) for k, v in st.get("captured", {}).items()}
@@ -184,9 +235,17 @@ class Lab:
         for pod in topo.pods:
             if pod.ports and not pod.ztunnel:
                 self._wait(lambda pod=pod: self._listening(pod), deadline, f"pod server {pod.key}")
+        if self.supervise:
+            self._start_supervisor()
         self.log(f"lab {self.prefix} up: {len(topo.nodes)} nodes, {len(topo.pods)} pods, state in {self.state_dir}")
 
     def down(self) -> None:
+        if self.state_dir.exists():
+            with self._lock():  # the supervisor first: nothing is restarted behind our back
+                self.refresh()
+                if SUPERVISOR in self.procs:
+                    stop(self.procs[SUPERVISOR], self._popens.get(SUPERVISOR))
+            self.refresh()
         for name in sorted(self.procs, key=lambda n: (not n.startswith("pod:"), n)):
             stop(self.procs[name], self._popens.get(name))
         self.procs.clear()
@@ -209,9 +268,26 @@ class Lab:
         self._spawn("xdsserver", self.topo.control_netns, argv, "xdsserver.log")
 
     def _spawn(self, name: str, ns: str, argv: list[str], log: str) -> None:
-        ref, popen = spawn(name, ns, argv, str(self.state_dir / log))
-        self.procs[name], self._popens[name] = ref, popen
-        self._save()
+        with self._lock():
+            ref, popen = spawn(name, ns, argv, str(self.state_dir / log))
+            self.procs[name], self._popens[name] = ref, popen
+            self._dirty.add(name)
+            self._save()
+
+    def _stop(self, name: str) -> None:
+        """Stop a process on purpose (the caller holds the lock until its replacement is saved)."""
+        self.refresh()
+        if name in self.procs:
+            stop(self.procs.pop(name), self._popens.pop(name, None))
+            self._dirty.add(name)
+
+    def _start_supervisor(self) -> None:
+        argv = [sys.executable, "-m", "xdsserver.lab.supervise", "--state-dir", str(self.state_dir)]
+        self._spawn(SUPERVISOR, self.topo.control_netns, argv, "supervisor.log")
+
+    def supervised(self) -> bool:
+        ref = self.procs.get(SUPERVISOR)
+        return ref is not None and ref.alive()
 
     def _add_node(self, topo: Topology, node) -> None:
         self._add_ns(node.netns)
@@ -241,13 +317,12 @@ class Lab:
                               f"route add {pod.ip} dev {pod.veth} scope host"])
 
     def _remove_pod(self, pod: LabPod) -> None:
-        name = f"pod:{pod.key}"
-        if name in self.procs:
-            stop(self.procs.pop(name), self._popens.pop(name, None))
-        del_netns(pod.netns)  # its veth pair (and the node's host route) go with it
-        if pod.netns in self.netns:
-            self.netns.remove(pod.netns)
-        self._save()
+        with self._lock():
+            self._stop(f"pod:{pod.key}")
+            del_netns(pod.netns)  # its veth pair (and the node's host route) go with it
+            if pod.netns in self.netns:
+                self.netns.remove(pod.netns)
+            self._save()
 
     def _start_agent(self, node_name: str) -> None:
         """The DaemonSet pod of this node: ``node-agent --source manifests`` in the node namespace."""
@@ -281,10 +356,9 @@ class Lab:
         deadline = time.monotonic() + timeout
         self.concurrency = concurrency
         for node in self.topo.nodes:
-            name = f"ztunnel:{node.name}"
-            if name in self.procs:
-                stop(self.procs.pop(name), self._popens.pop(name, None))
-            self._start_ztunnel(self.topo, node.name)
+            with self._lock():
+                self._stop(f"ztunnel:{node.name}")
+                self._start_ztunnel(self.topo, node.name)
         self._save()
         for node in self.topo.nodes:
             ns = self.ztunnel_netns(node.name)
@@ -295,23 +369,51 @@ class Lab:
         argv = [sys.executable, str(script), "--pod", pod.key] + [f"--port={p}" for p in pod.ports]
         self._spawn(f"pod:{pod.key}", pod.netns, argv, f"pod-{pod.key.replace('/', '_')}.log")
 
-    def restart_agent(self, node_name: str, sig: int = 9, timeout: float = 30.0) -> int:
-        """Kill the node's agent (by PID, SIGKILL by default) and start it again, as kubelet
-        restarts a crashed container. Returns the agent log's size before the restart (its new
-        lines start there) once the new agent is /ready."""
-        name = f"agent:{node_name}"
-        ref = self.procs[name]
-        log_path = Path(ref.log)
-        if ref.alive():
-            os.kill(ref.pid, sig)
+    def kill(self, name: str, sig: int = 9, timeout: float = 10.0) -> ProcRef:
+        """Kill one lab process by PID (a fault, not a stop: the supervisor restarts it) and wait,
+        bounded, until it is gone. Returns the dead process's record."""
+        with self._lock():  # the supervisor restarts it only after the lock is released
+            ref = self.refresh()[name]
+            if ref.alive():
+                os.kill(ref.pid, sig)
+            popen = self._popens.get(name)
+            deadline = time.monotonic() + timeout
+            while ref.alive():
+                if popen is not None and popen.poll() is not None:
+                    break
+                if time.monotonic() > deadline:
+                    raise LabError(f"{name} (pid {ref.pid}) still alive {timeout}s after signal {sig}")
+                time.sleep(0.02)
+            return ref
+
+    def wait_restarted(self, name: str, old: ProcRef, timeout: float = 30.0) -> ProcRef:
+        """The supervisor's new process for ``name`` (bounded wait): recorded and alive."""
         deadline = time.monotonic() + timeout
-        popen = self._popens.pop(name, None)
-        while ref.alive() and time.monotonic() < deadline:
-            if popen is not None and popen.poll() is not None:
-                break
-            time.sleep(0.02)
-        offset = log_path.stat().st_size if log_path.exists() else 0
-        self._start_agent(node_name)
+        while True:
+            ref = self.refresh().get(name)
+            if ref is not None and ref != old and ref.alive():
+                return ref
+            if time.monotonic() > deadline:
+                raise LabError(f"{name} was not restarted within {timeout}s (supervisor: {self.supervised()}); "
+                               f"see {self.state_dir / 'supervisor.log'}")
+            time.sleep(0.05)
+
+    def restart_agent(self, node_name: str, sig: int = 9, timeout: float = 30.0) -> int:
+        """Kill the node's agent (by PID, SIGKILL by default) and let the supervisor start it
+        again, as kubelet restarts a crashed container (without a supervisor the lab starts it).
+        Returns the agent log's size at the kill (the new agent's lines start there) once the new
+        agent is /ready."""
+        name = f"agent:{node_name}"
+        deadline = time.monotonic() + timeout
+        with self._lock():
+            old = self.kill(name, sig, timeout)
+            log_path = Path(old.log)
+            offset = log_path.stat().st_size if log_path.exists() else 0
+            if not self.supervised():
+                self._popens.pop(name, None)
+                self._start_agent(node_name)
+        if self.supervised():
+            self.wait_restarted(name, old, max(0.0, deadline - time.monotonic()))
         node = self.topo.node(node_name)
         self._wait(lambda: self._http_ok(node.netns, AGENT_HEALTH, "/ready"), deadline, f"restarted node agent on {node_name} /ready")
         return offset
@@ -321,36 +423,50 @@ class Lab:
         """Re-read the manifests: wire added pods, remove deleted ones, refresh the kube-proxy
         stand-in. Capture (ipset, table 100) is the node agents' job: they see the manifests change
         by themselves; this only waits (bounded) until every node's ipset shows the new plan.
-        xdsserver reloads the manifests by itself; nothing restarts."""
+        A node's ztunnel pod replaced in the manifests (the DaemonSet's new pod: new name, IP, veth)
+        gets a new namespace and a new Envoy bootstrapped for it; the old pod's namespace and Envoy
+        go, and the wait includes the node agent pointing the node's tunnels at the new IP.
+        xdsserver reloads the manifests by itself; nothing else restarts."""
         deadline = time.monotonic() + timeout
         model = load_model(self.manifests)
         index = MeshIndex(model)
         new = build_topology(model, self.prefix, index)
         old = self.topo
-        if [(n.name, n.ztunnel, n.pod_cidr) for n in new.nodes] != [(n.name, n.ztunnel, n.pod_cidr) for n in old.nodes]:
-            raise LabError("nodes or ztunnel pods changed; sync handles pods only (run `lab down` and `lab up`)")
+        if [(n.name, n.pod_cidr) for n in new.nodes] != [(n.name, n.pod_cidr) for n in old.nodes]:
+            raise LabError("nodes changed; sync handles pods only (run `lab down` and `lab up`)")
         old_pods = {p.key: p for p in old.pods}
         new_pods = {p.key: p for p in new.pods}
         removed = [p for k, p in old_pods.items() if k not in new_pods or new_pods[k] != p]
         added = [p for k, p in new_pods.items() if k not in old_pods or old_pods[k] != p]
-        for p in removed:
-            self._remove_pod(p)
-        self.topo = new
-        for p in added:
-            self._add_pod(new, p)
-            if p.ports:
-                self._start_pod_server(p)
-        for node in new.nodes:
-            self._apply_kubeproxy(index, node.name)
-            self.captured[node.name] = [p.ip for p in build_plan(model, node.name, tunnel=self.tunnel, index=index).captured]
-        self._save()
+        replaced = [n.name for n in new.nodes if new.pod(n.ztunnel) != old.pod(old.node(n.name).ztunnel)]
+        with self._lock():  # the supervisor must not restart the Envoy of a ztunnel pod being removed
+            for name in replaced:
+                self._stop(f"ztunnel:{name}")
+            for p in removed:
+                self._remove_pod(p)
+            self.topo = new
+            for p in added:
+                self._add_pod(new, p)
+                if p.ports and not p.ztunnel:
+                    self._start_pod_server(p)
+            for name in replaced:
+                self._start_ztunnel(new, name)
+            for node in new.nodes:
+                self._apply_kubeproxy(index, node.name)
+                self.captured[node.name] = [p.ip for p in build_plan(model, node.name, tunnel=self.tunnel, index=index).captured]
+            self._save()
         for node in new.nodes:
             want, run_node = frozenset(self.captured[node.name]), netns_runner(node.netns)
             self._wait(lambda run_node=run_node, want=want: read_ipsets(run_node).get(IPSET_NAME) == want, deadline, f"node agent on {node.name} capturing {sorted(want)}")
+        for name in replaced:
+            node, zt = new.node(name), new.pod(new.node(name).ztunnel)
+            self._wait(lambda node=node, zt=zt: f"via {zt.ip} " in run(node.netns, ["ip", "route", "show", "table", "102"]),
+                       deadline, f"node agent on {name} routing to the new ztunnel {zt.ip}")
+            self._wait(lambda zt=zt: self._envoy_live(zt.netns), deadline, f"new ztunnel Envoy on {name} LIVE")
         for p in added:
-            if p.ports:
+            if p.ports and not p.ztunnel:
                 self._wait(lambda p=p: self._listening(p), deadline, f"pod server {p.key}")
-        return {"added": sorted(p.key for p in added), "removed": sorted(p.key for p in removed)}
+        return {"added": sorted(p.key for p in added), "removed": sorted(p.key for p in removed), "ztunnel_replaced": sorted(replaced)}
 
     # -- queries ----------------------------------------------------------------------------
     def pod_netns(self, query: str) -> str:
@@ -389,7 +505,8 @@ class Lab:
             "manifests": str(self.manifests),
             "tunnel": self.tunnel,
             "netns": {ns: ns in present for ns in self.netns},
-            "processes": {k: {"pid": v.pid, "alive": v.alive(), "log": v.log} for k, v in sorted(self.procs.items())},
+            "processes": {k: {"pid": v.pid, "alive": v.alive(), "log": v.log, "restarts": self.restarts.get(k, 0)}
+                          for k, v in sorted(self.refresh().items())},
         }
         if self.topo:
             out["ztunnels"] = {}
@@ -405,7 +522,7 @@ class Lab:
     # -- waiting ----------------------------------------------------------------------------
     def _wait(self, ok: Callable[[], bool], deadline: float, what: str) -> None:
         while True:
-            for name, ref in self.procs.items():
+            for name, ref in self.procs.items() if not self.supervised() else ():  # else it is restarted
                 popen = self._popens.get(name)
                 if popen is not None and popen.poll() is not None:
                     raise LabError(f"{name} exited ({popen.returncode}) while waiting for {what}; see {ref.log}")
@@ -447,15 +564,16 @@ def cleanup(prefix: str, state_dir: Path | str | None = None, log: Callable[[str
     sdir = Path(state_dir) if state_dir else STATE_ROOT / prefix
     state = sdir / "state.json"
     if state.exists():
-        try:
-            procs = json.loads(state.read_text()).get("procs", {})
-        except (OSError, ValueError):
-            procs = {}
-        for name in sorted(procs):
+        with state_lock(sdir):  # the supervisor first, so it restarts nothing of what follows
+            st = read_state(state) or {}
             try:
-                stop(ProcRef(**procs[name]))
+                procs = recorded(st)
             except TypeError:
-                continue
+                procs = {}
+            if SUPERVISOR in procs:
+                stop(procs[SUPERVISOR])
+        for name in sorted(procs):
+            stop(procs[name])
     removed = owned_netns(prefix)
     for ns in removed:
         for pid in netns_pids(ns):  # only processes living inside our own namespaces

@@ -120,12 +120,18 @@ def ns_connect(ns: str, host: str, port: int, timeout: float = 5.0) -> socket.so
 # -- processes ------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ProcRef:
-    """A process the lab started: PID plus kernel start time (guards against PID reuse)."""
+    """A process the lab started: PID plus kernel start time (guards against PID reuse), and
+    what it was started with (namespace, argv) so the lab's supervisor can start it again."""
 
     name: str
     pid: int
     start: int
     log: str
+    ns: str = ""
+    argv: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "argv", tuple(self.argv))  # JSON gives a list
 
     def alive(self) -> bool:
         return proc_start_time(self.pid) == self.start
@@ -159,7 +165,7 @@ def spawn(name: str, ns: str, argv: Sequence[str], log_path: str, env: dict[str,
             break
     if start is None:
         raise LabError(f"[{ns}] {name} exited at once ({popen.poll()}); see {log_path}")
-    return ProcRef(name, popen.pid, start, log_path), popen
+    return ProcRef(name, popen.pid, start, log_path, ns, tuple(argv)), popen
 
 
 def stop(ref: ProcRef, popen: subprocess.Popen | None = None, grace: float = 5.0) -> None:
