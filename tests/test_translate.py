@@ -758,6 +758,11 @@ BROKEN_STOCK = [
      f"endpoints {REVIEWS_PORT}: internal address names missing listener {names.OUTBOUND_TUNNEL_LIS!r}"),
     ("dispatch-listener", lambda r: _drop(r, "listeners", DISPATCH),
      f"endpoints {DISPATCH}: internal address names missing listener {DISPATCH!r}"),
+    # the HBONE chain's RDS route (which carries the pod's L4 policy) and the cluster it names
+    ("inbound-route", lambda r: _drop(r, "routes", "inbound_10.244.2.3"),
+     "listener ztunnel_inbound: rds names missing route configuration 'inbound_10.244.2.3'"),
+    ("inbound-route-cluster", lambda r: _drop(r, "clusters", "virtual_inbound"),
+     "listener ztunnel_inbound: route names missing cluster 'virtual_inbound'"),
 ]
 BROKEN = [(Flavor.ISTIO_2022, *case) for case in BROKEN_ISTIO_2022] + [(Flavor.ENVOY, *case) for case in BROKEN_STOCK]
 
