@@ -48,7 +48,7 @@ def one_node(index: MeshIndex, node: str, certs: Any) -> dict[str, Any]:
     t0 = time.perf_counter()
     res = translate(view, FLAVOR, certs, check=False)
     t1 = time.perf_counter()
-    problems = refcheck.check(res.listeners, res.clusters, (c.cluster_name for c in res.endpoints), (s.name for s in res.secrets))
+    problems = refcheck.check(res.listeners, res.clusters, (c.cluster_name for c in res.endpoints), (s.name for s in res.secrets), routes=res.routes)
     problems += refcheck.check_endpoints(res.endpoints, {lis.name for lis in res.listeners})
     t2 = time.perf_counter()
     rs = serialize(res)

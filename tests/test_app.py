@@ -128,7 +128,7 @@ def test_serve_without_arguments_serves_bundled_example(tmp_path: Path) -> None:
         reg = s.get("/debug/registryz")
         assert {p["key"] for p in reg["pods"]} >= {"default/productpage-v1-7c548b785b-mhjm6", "default/reviews-v1-67f5987496-7z5ts"}
         poll(lambda: {r["type"] for r in s.get("/debug/syncz") if r["node"] == "ambient-worker2" and r["acked_version"]}
-             == {"CDS", "EDS", "SDS", "LDS"}, what="bundled example served to a real Envoy", timeout=30)
+             == {"CDS", "EDS", "SDS", "LDS", "RDS"}, what="bundled example served to a real Envoy", timeout=30)
         status, metrics = http_get(s.debug + "/metrics")
         assert status == 200
         for name in ("pilot_xds{", "pilot_xds_pushes_total", "pilot_proxy_convergence_time", "pilot_total_xds_rejects_total",
@@ -136,7 +136,8 @@ def test_serve_without_arguments_serves_bundled_example(tmp_path: Path) -> None:
             assert name in metrics, name
         dump = s.get("/debug/config_dump?node=ambient-worker2")
         types = [c["@type"].rsplit(".", 1)[1] for c in dump["configs"]]
-        assert types == ["ClustersConfigDump", "EndpointsConfigDump", "ListenersConfigDump", "SecretsConfigDump"]
+        assert types == ["ClustersConfigDump", "EndpointsConfigDump", "ListenersConfigDump", "RoutesConfigDump", "SecretsConfigDump"]
+        assert all(item.get("version_info") for item in dump["configs"][3]["dynamic_route_configs"])
         assert all(item.get("version_info") for item in dump["configs"][0]["dynamic_active_clusters"])
         assert "PRIVATE KEY" not in str(dump)
         assert http_get(s.debug + "/debug/config_dump?node=nope")[0] == 404

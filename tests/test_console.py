@@ -40,7 +40,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve]:
     envoys = [Envoy(work, "ambient-worker2", s.xds_port), Envoy(work, "ambient-worker", s.xds_port, delta=True)]
     try:
         poll(lambda: {(r["node"], r["type"]) for r in s.get("/debug/syncz") if r["acked_version"] and r["acked_version"] == r["sent_version"]}
-             == {(n, t) for n in ("ambient-worker", "ambient-worker2") for t in ("CDS", "EDS", "LDS", "SDS")},
+             == {(n, t) for n in ("ambient-worker", "ambient-worker2") for t in ("CDS", "EDS", "LDS", "SDS", "RDS")},
              what="both Envoys ACK every type", timeout=60)
         yield s
     finally:

@@ -205,5 +205,5 @@ def test_envoy_validate_misses_dangling_names(mutate: Callable[[NodeResources], 
     update this test and the doc."""
     broken = mutate(_node())
     assert envoycheck.validate(broken).ok
-    found = refcheck.check(broken.listeners, broken.clusters, (c.cluster_name for c in broken.endpoints), (s.name for s in broken.secrets))
+    found = refcheck.check(broken.listeners, broken.clusters, (c.cluster_name for c in broken.endpoints), (s.name for s in broken.secrets), routes=broken.routes)
     assert any(refcheck_says in p for p in found), found

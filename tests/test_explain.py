@@ -261,3 +261,14 @@ def test_cli_unknown_node_is_an_error() -> None:
 def test_cli_malformed_address_is_a_usage_error(src: str, dst: str) -> None:
     r = _cli("--manifests", str(GOLDEN / "bookinfo" / "manifests"), "--node", "ambient-worker2", "--src", src, "--dst", dst)
     assert r.returncode == 2 and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
+def test_policy_verdict_read_from_the_served_rbac(flavor: Flavor) -> None:
+    """The destination verdict comes from the generated RBAC: stock flavor from the pod's
+    RouteConfiguration (RBACPerRoute over RDS), istio-2022 from the inline filters; same answer."""
+    allowed = run("policy", "ambient-worker", "10.244.1.4", "10.244.2.5:8080", flavor).inbound[0].policy
+    assert allowed.allowed and allowed.decided_by == "ns[ambient]-policy[allow-client]-rule[0]", allowed
+    denied = run("policy", "ambient-worker", "10.244.1.4", "10.244.2.5:9090", flavor).inbound[0].policy
+    assert not denied.allowed and denied.decided_by == "no ALLOW rule matches", denied
+    assert denied.dry_run == ["ns[ambient]-policy[dry-run-deny-admin]-rule[0]: would deny"], denied

@@ -173,6 +173,36 @@ def test_policy_change_translates_only_selected_nodes():
     assert step(_pa("strict", "STRICT", ns="ambient"))[0] == ["ambient-worker", "ambient-worker2"]
 
 
+
+def test_policy_change_patches_only_routes_and_plaintext_listener():
+    """Stock flavor: the HBONE chain never changes with policy (a replaced chain drains for
+    minutes and pooled HBONE connections keep its old policy); a policy change patches the pod's
+    RouteConfiguration (RBACPerRoute) and the plaintext listener (network RBAC), nothing else,
+    byte-equal to a full translation."""
+    from pathlib import Path
+
+    from xdsserver.incremental import LDS, RDS, IncrementalTranslator, serialize
+    from xdsserver.model import Flavor
+    from xdsserver.model.index import MeshIndex
+    from xdsserver.pipeline import ephemeral_certs
+    from xdsserver.sources.manifests import read_objects
+    from xdsserver.translate import translate
+
+    base = list(read_objects(Path(__file__).resolve().parent.parent / "golden" / "client-server" / "manifests"))
+    certs = ephemeral_certs()
+    inc = IncrementalTranslator(Flavor.ENVOY, certs)
+    before = inc.snapshots(MeshIndex(build_model(base)))["ambient-worker2"]
+    deny = _ap("d", {"selector": {"matchLabels": {"app": "server"}}, "action": "DENY",
+                     "rules": [{"from": [{"source": {"namespaces": ["elsewhere"]}}]}]}, ns="ambient")
+    index = MeshIndex(build_model([*base, SourceObject("x#0", deny)]))
+    after = inc.snapshots(index)["ambient-worker2"]
+    assert after == serialize(translate(index.node_view("ambient-worker2"), Flavor.ENVOY, certs))
+    assert "ambient-worker2" in inc.stats.patched and inc.stats.full == []
+    delta = inc.stats.deltas["ambient-worker2"]
+    assert set(delta) == {RDS, LDS} and list(delta[LDS]) == ["ztunnel_inbound_plaintext"]
+    assert list(delta[RDS]) == ["inbound_10.244.2.5"] and b"ns[ambient]-policy[d]-rule[0]" in delta[RDS]["inbound_10.244.2.5"]
+    assert dict(after[LDS])["ztunnel_inbound"] == dict(before[LDS])["ztunnel_inbound"]
+
 BAD_YAML = {
     "unknown-action": "action: MAYBE\n  rules: [{}]",
     "malformed-cidr": "rules: [{from: [{source: {ipBlocks: [10.1.2.300/24]}}]}]",

@@ -664,7 +664,7 @@ def test_stock_connection_walk_resolves_per_source(tmp_path: Path) -> None:
 
 def problems(res: NodeResources) -> list[str]:
     """Every check translate() runs before emitting (refcheck.check covers STATIC clusters' internal endpoints)."""
-    found = refcheck.check(res.listeners, res.clusters, (c.cluster_name for c in res.endpoints), (s.name for s in res.secrets))
+    found = refcheck.check(res.listeners, res.clusters, (c.cluster_name for c in res.endpoints), (s.name for s in res.secrets), routes=res.routes)
     return found + refcheck.check_endpoints(res.endpoints, {lis.name for lis in res.listeners})
 
 
@@ -758,6 +758,11 @@ BROKEN_STOCK = [
      f"endpoints {REVIEWS_PORT}: internal address names missing listener {names.OUTBOUND_TUNNEL_LIS!r}"),
     ("dispatch-listener", lambda r: _drop(r, "listeners", DISPATCH),
      f"endpoints {DISPATCH}: internal address names missing listener {DISPATCH!r}"),
+    # the HBONE chain's RDS route (which carries the pod's L4 policy) and the cluster it names
+    ("inbound-route", lambda r: _drop(r, "routes", "inbound_10.244.2.3"),
+     "listener ztunnel_inbound: rds names missing route configuration 'inbound_10.244.2.3'"),
+    ("inbound-route-cluster", lambda r: _drop(r, "clusters", "virtual_inbound"),
+     "listener ztunnel_inbound: route names missing cluster 'virtual_inbound'"),
 ]
 BROKEN = [(Flavor.ISTIO_2022, *case) for case in BROKEN_ISTIO_2022] + [(Flavor.ENVOY, *case) for case in BROKEN_STOCK]
 
@@ -1083,7 +1088,10 @@ def test_upstream_san_pinned_to_expected_server() -> None:
 def guard_regex(res: NodeResources, chain_name: str) -> str:
     chain = next(ch for ch in listener(res, "ztunnel_inbound").filter_chains if ch.name == chain_name)
     [hcm] = [f for f in filters(chain) if isinstance(f, hcm_pb2.HttpConnectionManager)]
-    [route] = hcm.route_config.virtual_hosts[0].routes
+    rc = hcm.route_config
+    if hcm.HasField("rds"):  # stock flavor: the pod's RouteConfiguration comes over RDS
+        [rc] = [r for r in res.routes if r.name == hcm.rds.route_config_name]
+    [route] = rc.virtual_hosts[0].routes
     assert route.match.HasField("connect_matcher") and route.route.cluster == "virtual_inbound"
     [hdr] = route.match.headers
     assert hdr.name == "x-envoy-original-dst-host"

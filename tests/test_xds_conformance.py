@@ -320,7 +320,7 @@ async def test_delta_reconnect_with_initial_versions(env):
 
 async def test_unknown_type_url_is_ignored_and_stream_stays_usable(env):
     async with env.sotw() as c:
-        await c.request("type.googleapis.com/envoy.config.route.v3.RouteConfiguration", ["r"])
+        await c.request("type.googleapis.com/envoy.config.route.v3.ScopedRouteConfiguration", ["r"])
         assert await c.sync() == []
         await c.request(CLUSTER, [])
         assert names(await c.recv(CLUSTER)) == ["c1", "c2"]

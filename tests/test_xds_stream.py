@@ -22,7 +22,7 @@ from xdsserver.xds.stream import (
     SotwResponse,
     SotwStream,
 )
-from xdsserver.xds.types import CLUSTER, ENDPOINT, LISTENER, PUSH_ORDER, SECRET, content_version
+from xdsserver.xds.types import CLUSTER, ENDPOINT, LISTENER, PUSH_ORDER, ROUTE, SECRET, content_version
 
 NODE = "node-a"
 
@@ -299,7 +299,7 @@ def test_sotw_resume_after_reconnect(cache):
 
 def test_sotw_unknown_type_is_ignored(cache, sotw):
     snap = snapshot_of(cache, {CLUSTER: {"c": 0}})
-    out = sotw.on_request(sreq("type.googleapis.com/envoy.config.route.v3.RouteConfiguration"), snap)
+    out = sotw.on_request(sreq("type.googleapis.com/envoy.config.route.v3.ScopedRouteConfiguration"), snap)
     assert out.kind == "unknown" and out.responses == []
     assert only(sotw.on_request(sreq(CLUSTER), snap).responses).names == ("c",)
 
@@ -534,4 +534,4 @@ def test_wire_encoding_matches_protobuf(cache):
     big = tuple(cache._intern(CLUSTER, f"c{i}", b"\x00" * 300) for i in range(3))  # multi-byte lengths
     s = SotwResponse(CLUSTER, "", "n3", big)
     assert discovery_pb2.DiscoveryResponse.FromString(s.encode()) == s.to_proto()
-    assert PUSH_ORDER == (CLUSTER, ENDPOINT, SECRET, LISTENER)
+    assert PUSH_ORDER == (CLUSTER, ENDPOINT, SECRET, LISTENER, ROUTE)

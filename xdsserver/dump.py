@@ -25,8 +25,10 @@ SECTIONS = {
     "type.googleapis.com/envoy.admin.v3.ClustersConfigDump": ("dynamic_active_clusters", "cluster"),
     "type.googleapis.com/envoy.admin.v3.EndpointsConfigDump": ("dynamic_endpoint_configs", "endpoint_config"),
     "type.googleapis.com/envoy.admin.v3.ListenersConfigDump": ("dynamic_listeners", "active_state"),
+    "type.googleapis.com/envoy.admin.v3.RoutesConfigDump": ("dynamic_route_configs", "route_config"),
     "type.googleapis.com/envoy.admin.v3.SecretsConfigDump": ("dynamic_active_secrets", "secret"),
 }
+ROUTES_DUMP = "type.googleapis.com/envoy.admin.v3.RoutesConfigDump"
 
 
 def _redact_secret(s: secret_pb2.Secret) -> secret_pb2.Secret:
@@ -72,7 +74,12 @@ def build_config_dump(res: NodeResources, versions: dict[tuple[str, str], str] |
             for s in res.secrets
         ]
     )
-    return config_dump_pb2.ConfigDump(configs=[pack(clusters), pack(endpoints), pack(listeners), pack(secrets)])
+    routes = shared.RoutesConfigDump(
+        dynamic_route_configs=[
+            shared.RoutesConfigDump.DynamicRouteConfig(version_info=ver(4, r.name), route_config=pack(r)) for r in res.routes
+        ]
+    )
+    return config_dump_pb2.ConfigDump(configs=[pack(clusters), pack(endpoints), pack(listeners), pack(routes), pack(secrets)])
 
 
 def to_dict(msg: Message) -> dict[str, Any]:
@@ -119,7 +126,7 @@ def _normalize_secret(secret: dict[str, Any]) -> None:
 
 
 def normalize(dump: dict[str, Any], *, sort: bool = False) -> dict[str, Any]:
-    """Keep the four xDS sections; drop fields Envoy adds (versions, timestamps); summarise certs.
+    """Keep the xDS sections (routes only when there are RDS routes); drop fields Envoy adds (versions, timestamps); summarise certs.
 
     ``sort`` orders entries by name, for comparing with a real Envoy (whose admin orders them by
     its own maps, not by arrival).
@@ -168,12 +175,14 @@ def normalize(dump: dict[str, Any], *, sort: bool = False) -> dict[str, Any]:
             items.append(item)
         if sort:
             items.sort(key=_entry_name)
+        if t == ROUTES_DUMP and not items:
+            continue  # istio-2022 flavor: routes are inline, no RDS
         out.append({"@type": t, key: items})
     return {"configs": out}
 
 
 def _entry_name(item: dict[str, Any]) -> str:
-    for path in (("name",), ("cluster", "name"), ("endpoint_config", "cluster_name")):
+    for path in (("name",), ("cluster", "name"), ("endpoint_config", "cluster_name"), ("route_config", "name")):
         v: Any = item
         for p in path:
             v = v.get(p) if isinstance(v, dict) else None

@@ -3,7 +3,7 @@ carries one node's resources as static resources (stock-envoy.md §9).
 
 Static clusters must not use SDS-over-ADS (gotcha 12: Envoy segfaults, in validate mode too), so
 their secrets are inlined from the node's own Secret resources; listeners keep their SDS
-references. EDS clusters stay ``type: EDS`` next to an ``ads_config`` (validate mode accepts it).
+references; RDS route configurations are put inline in their HCMs. EDS clusters stay ``type: EDS`` next to an ``ads_config`` (validate mode accepts it).
 """
 
 from __future__ import annotations
@@ -17,6 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.listener.v3 import listener_pb2
+from envoy.config.route.v3 import route_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2, tls_pb2
 
 from .dump import to_dict
@@ -52,8 +55,26 @@ def _inline_tls(c: cluster_pb2.Cluster, secrets: dict[str, secret_pb2.Secret]) -
     return c
 
 
+def _inline_routes(lis: listener_pb2.Listener, routes: dict[str, route_pb2.RouteConfiguration]) -> listener_pb2.Listener:
+    """Put each HCM's RDS route configuration inline, so validate mode checks it too (static
+    listeners would otherwise only name it)."""
+    out = None
+    for i, fc in enumerate(lis.filter_chains):
+        for j, f in enumerate(fc.filters):
+            if not f.typed_config.Is(hcm_pb2.HttpConnectionManager.DESCRIPTOR):
+                continue
+            hcm = hcm_pb2.HttpConnectionManager.FromString(f.typed_config.value)
+            if not hcm.HasField("rds") or hcm.rds.route_config_name not in routes:
+                continue
+            out = out or copy.deepcopy(lis)
+            hcm.route_config.CopyFrom(routes[hcm.rds.route_config_name])  # sets the oneof: rds is cleared
+            out.filter_chains[i].filters[j].typed_config.CopyFrom(pack(hcm))
+    return out or lis
+
+
 def validation_bootstrap(res: NodeResources) -> dict:
     secrets = {s.name: s for s in res.secrets}
+    routes = {r.name: r for r in res.routes}
     clusters = [to_dict(_inline_tls(c, secrets)) for c in res.clusters]
     clusters.append(
         {
@@ -88,7 +109,7 @@ def validation_bootstrap(res: NodeResources) -> dict:
                 "grpc_services": [{"envoy_grpc": {"cluster_name": "xds-grpc"}}],
             }
         },
-        "static_resources": {"listeners": [to_dict(lis) for lis in res.listeners], "clusters": clusters},
+        "static_resources": {"listeners": [to_dict(_inline_routes(lis, routes)) for lis in res.listeners], "clusters": clusters},
     }
 
 

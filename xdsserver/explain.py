@@ -206,6 +206,28 @@ def _in_prefix(ip: str, fcm: listener_components_pb2.FilterChainMatch) -> bool:
     return False
 
 
+def _route_config(res: NodeResources, hcm: Any) -> Any:
+    """The HCM's inline route configuration, or the RDS one it names (None if not published)."""
+    if not hcm.HasField("rds"):
+        return hcm.route_config
+    return next((r for r in res.routes if r.name == hcm.rds.route_config_name), None)
+
+
+def _connect_rbacs(hcm: Any, vhost: Any, route: Any) -> list[http_rbac_pb2.RBAC]:
+    """The RBAC each filter applies on this route, as Envoy picks it: the route's (then the
+    virtual host's) ``RBACPerRoute``, else the filter's own config; stages without rules (the
+    neutral base) are left out."""
+    out = []
+    for f in hcm.http_filters:
+        if not f.name.startswith("envoy.filters.http.rbac"):
+            continue
+        per = route.typed_per_filter_config.get(f.name) or vhost.typed_per_filter_config.get(f.name)
+        cfg = _unpack(per, http_rbac_pb2.RBACPerRoute).rbac if per is not None else _unpack(f.typed_config, http_rbac_pb2.RBAC)
+        if cfg.HasField("rules") or cfg.HasField("shadow_rules"):
+            out.append(cfg)
+    return out
+
+
 def explain_inbound(nodes: dict[str, NodeResources], dst_ip: str, destination: str, *, src: str = "", principal: str = "") -> Inbound | None:
     for node in sorted(nodes):
         lis = _listener(nodes[node], names.ZTUNNEL_INBOUND)
@@ -219,9 +241,12 @@ def explain_inbound(nodes: dict[str, NodeResources], dst_ip: str, destination: s
             prefix = dvc.match_typed_subject_alt_names[0].matcher.prefix if dvc.match_typed_subject_alt_names else (
                 dvc.match_subject_alt_names[0].prefix if dvc.match_subject_alt_names else "")
             hcm = _unpack(chain.filters[-1].typed_config, hcm_pb2.HttpConnectionManager)
-            route = hcm.route_config.virtual_hosts[0].routes[0]
+            rc = _route_config(nodes[node], hcm)
+            if rc is None:
+                continue
+            route = rc.virtual_hosts[0].routes[0]
             guard = route.match.headers[0].string_match.safe_regex.regex if route.match.headers else "(any)"
-            rbacs = [_unpack(f.typed_config, http_rbac_pb2.RBAC) for f in hcm.http_filters if f.name.startswith("envoy.filters.http.rbac")]
+            rbacs = _connect_rbacs(hcm, rc.virtual_hosts[0], route)
             port = int(destination.rpartition(":")[2])
             verdict = policy_evaluate(rbacs, PolicyConn(src, dst_ip, port, principal, destination)) if src else None
             return Inbound(node, lis.name, chain.name, secret, ctx.require_client_certificate.value, prefix, guard, route.route.cluster, destination, verdict)

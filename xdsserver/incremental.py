@@ -18,6 +18,9 @@ built from, and on the next :class:`~xdsserver.model.index.MeshIndex`:
   touches only stage 2 (the shared dispatch listener), the service clusters (a cluster depends on
   its name only: a new one is built once for all nodes) and the CLAs whose target changed, matched
   by cluster name since targets' positions shift; every other resource keeps its bytes;
+* **policy changes** (stock flavor) -- the policies selecting a node's pods live in its pods'
+  RouteConfigurations (RDS) and the plaintext inbound listener: only those are rebuilt, the
+  HBONE chains keep their bytes (so Envoy does not drain them);
 * anything else falls back to a full ``translate`` (with its reference check) for that node.
 
 The output is byte-for-byte what ``translate`` + deterministic serialization gives (the tests
@@ -35,18 +38,21 @@ from .translate import CertPair, CertProvider, NodeResources, service_clusters, 
 from .translate.dispatch import build_dispatch_listener
 from .translate.clusters import build_service_cluster
 from .translate.endpoints import build_cla
+from .translate.inbound import build_inbound_routes, build_ztunnel_inbound_plaintext
 from .translate.names import OUTBOUND_DISPATCH
 from .translate.secrets import build_root_secret, build_workload_secret
 
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_pb2
+from envoy.config.route.v3 import route_pb2
 from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 
 EDS = type_url(endpoint_pb2.ClusterLoadAssignment())
 LDS = type_url(listener_pb2.Listener())
 CDS = type_url(cluster_pb2.Cluster())
 SDS = type_url(secret_pb2.Secret())
+RDS = type_url(route_pb2.RouteConfiguration())
 
 ResourceSet = dict[str, list[tuple[str, bytes]]]
 
@@ -93,6 +99,7 @@ def _policy_shape(view: NodeView) -> tuple[Any, ...]:
 @dataclass
 class _NodeMemo:
     local: tuple[tuple[Any, ...], ...]
+    policy: tuple[Any, ...]
     workloads: tuple[tuple[Any, ...], ...]
     shapes: tuple[tuple[Any, ...], ...]
     targets: tuple[ServiceTarget, ...]
@@ -161,11 +168,13 @@ class IncrementalTranslator:
         for node in wanted:
             view = index.node_view(node)
             memo = self._memo.get(node)
-            local = tuple(_workload_shape(wl) for wl in view.local_workloads) + _policy_shape(view)
+            local = tuple(_workload_shape(wl) for wl in view.local_workloads)
+            pol = _policy_shape(view)
             moved = memo is not None and not same(memo.workloads, workloads)  # a pod elsewhere came, went or changed
             reshaped = memo is not None and not same(memo.shapes, shapes)  # a service or port came, went or changed
-            if memo is None or memo.local != local or ((reshaped or moved) and self.flavor is not Flavor.ENVOY):
-                staged[node] = self._full(view, local, workloads, shapes)
+            repoliced = memo is not None and memo.policy != pol  # the policies selecting this node's pods changed
+            if memo is None or memo.local != local or ((reshaped or moved or repoliced) and self.flavor is not Flavor.ENVOY):
+                staged[node] = self._full(view, local, pol, workloads, shapes)
                 out[node] = staged[node].resources
                 stats.full.append(node)
                 stats.deltas[node] = resource_delta(memo.resources if memo else None, out[node])
@@ -176,7 +185,7 @@ class IncrementalTranslator:
                 changed_names[key] = self._changed_names(memo.cla_targets, memo.targets, new_map, targets, reshaped)
             changed = changed_names[key]
             secrets = self._secrets(view.local_identities, pairs)
-            if not changed and not moved and not reshaped and secrets == memo.secrets:
+            if not changed and not moved and not reshaped and not repoliced and secrets == memo.secrets:
                 staged[node] = replace(memo, targets=targets, workloads=workloads, shapes=shapes)
                 out[node] = memo.resources
                 stats.untouched.append(node)
@@ -195,6 +204,8 @@ class IncrementalTranslator:
                     lds[OUTBOUND_DISPATCH] = hit[1]
                     res[LDS] = list(lds.items())
                     delta[LDS] = {OUTBOUND_DISPATCH: hit[1]}
+            if repoliced:  # stock flavor: policy lives in the pods' RDS routes and the plaintext chains only
+                self._patch_policy(view, res, delta)
             if reshaped:  # service clusters lead CDS in service-map order; one CLA per service cluster
                 old_cds = res[CDS]
                 bodies = dict(old_cds[: len(memo.cla_targets)])
@@ -234,7 +245,7 @@ class IncrementalTranslator:
                 old_sds = dict(memo.resources[SDS])
                 delta[SDS] = {name: body for name, body in res[SDS] if old_sds.get(name) != body}
             staged[node] = replace(memo, resources=res, targets=targets, workloads=workloads, shapes=shapes, secrets=secrets,
-                                   cla_targets=new_map)
+                                   cla_targets=new_map, policy=pol)
             out[node] = res
             stats.patched[node] = n
             if delta:
@@ -320,13 +331,28 @@ class IncrementalTranslator:
         out[None] = self._root_bytes[1]
         return out
 
-    def _full(self, view: NodeView, local: tuple[tuple[Any, ...], ...], workloads: tuple[tuple[Any, ...], ...],
-              shapes: tuple[tuple[Any, ...], ...]) -> _NodeMemo:
+    def _patch_policy(self, view: NodeView, res: ResourceSet, delta: dict[str, dict[str, bytes | None]]) -> None:
+        """A policy change, stock flavor: rebuild the pods' RouteConfigurations (HBONE: the RBAC
+        per route) and the plaintext inbound listener (network RBAC); the HBONE chains, whose
+        replacement would drain for minutes, keep their bytes."""
+        plain = build_ztunnel_inbound_plaintext(view, self.flavor)
+        fresh = {LDS: [(plain.name, plain.SerializeToString(deterministic=True))],
+                 RDS: [(r.name, r.SerializeToString(deterministic=True)) for r in build_inbound_routes(view, self.flavor)]}
+        for url, items in fresh.items():
+            bodies = dict(res[url])
+            d = {name: body for name, body in items if bodies.get(name) != body}
+            if d:
+                bodies.update(d)
+                res[url] = list(bodies.items())
+                delta[url] = d
+
+    def _full(self, view: NodeView, local: tuple[tuple[Any, ...], ...], pol: tuple[Any, ...],
+              workloads: tuple[tuple[Any, ...], ...], shapes: tuple[tuple[Any, ...], ...]) -> _NodeMemo:
         res = translate(view, self.flavor, self.certs, check=self.check)
         rs = serialize(res, self._shared_bytes)
         cla_targets = self._service_map(view)
         secrets = {ident: body for ident, (_, body) in zip([*view.local_identities, None], rs[SDS])}
-        return _NodeMemo(local, workloads, shapes, view.targets, rs, cla_targets, secrets)
+        return _NodeMemo(local, pol, workloads, shapes, view.targets, rs, cla_targets, secrets)
 
 
 def resource_delta(old: ResourceSet | None, new: ResourceSet) -> dict[str, dict[str, bytes | None]]:

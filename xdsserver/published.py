@@ -14,6 +14,7 @@ from google.protobuf.message import Message
 from envoy.config.cluster.v3.cluster_pb2 import Cluster
 from envoy.config.endpoint.v3.endpoint_pb2 import ClusterLoadAssignment
 from envoy.config.listener.v3.listener_pb2 import Listener
+from envoy.config.route.v3.route_pb2 import RouteConfiguration
 from envoy.extensions.transport_sockets.tls.v3.secret_pb2 import Secret
 
 from .incremental import ResourceSet
@@ -42,7 +43,7 @@ class LazyNodes(Mapping[str, NodeResources]):
                 return tuple(cls.FromString(body) for _, body in rs.get(type_url(cls()), []))
 
             self._parsed[node] = NodeResources(node, self._flavor, parse(Listener), parse(Cluster),
-                                               parse(ClusterLoadAssignment), parse(Secret))
+                                               parse(ClusterLoadAssignment), parse(Secret), parse(RouteConfiguration))
         return self._parsed[node]
 
     def __iter__(self) -> Iterator[str]:

@@ -13,6 +13,7 @@ from google.protobuf.message import Message
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_pb2
+from envoy.config.route.v3 import route_pb2
 from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 
 from ..model import Flavor
@@ -21,7 +22,7 @@ from . import blocks, dispatch, endpoints, names, refcheck
 from .clusters import build_fixed_clusters, build_service_cluster
 from .dispatch import build_dispatch_listener, build_pod_listener, build_stage_clusters
 from .endpoints import shared_cla
-from .inbound import build_ztunnel_inbound, build_ztunnel_inbound_plaintext
+from .inbound import build_inbound_routes, build_ztunnel_inbound, build_ztunnel_inbound_plaintext
 from .outbound import build_ztunnel_outbound
 from .secrets import CertPair, CertProvider, build_root_secret, build_workload_secret
 from .tunnel import TUNNEL_HOP_LOG, build_outbound_tunnel_lis, build_tunnel_clusters
@@ -47,15 +48,19 @@ class NodeResources:
     clusters: tuple[cluster_pb2.Cluster, ...]
     endpoints: tuple[endpoint_pb2.ClusterLoadAssignment, ...]
     secrets: tuple[secret_pb2.Secret, ...]
+    routes: tuple[route_pb2.RouteConfiguration, ...] = ()  # stock flavor only (RDS)
 
     def named(self) -> dict[str, list[tuple[str, Message]]]:
-        """type URL -> (name, message) in emission order."""
-        return {
+        """type URL -> (name, message) in emission order (RDS only in the stock flavor)."""
+        out = {
             type_url(listener_pb2.Listener()): [(r.name, r) for r in self.listeners],
             type_url(cluster_pb2.Cluster()): [(r.name, r) for r in self.clusters],
             type_url(endpoint_pb2.ClusterLoadAssignment()): [(r.cluster_name, r) for r in self.endpoints],
             type_url(secret_pb2.Secret()): [(r.name, r) for r in self.secrets],
         }
+        if self.flavor is Flavor.ENVOY:
+            out[type_url(route_pb2.RouteConfiguration())] = [(r.name, r) for r in self.routes]
+        return out
 
 
 def service_clusters(view: NodeView, flavor: Flavor) -> dict[str, tuple[str, int]]:
@@ -110,9 +115,11 @@ def translate(view: NodeView, flavor: Flavor, certs: CertProvider, *, check: boo
     secrets = [build_workload_secret(ident, certs.workload(ident)) for ident in view.local_identities]
     secrets.append(build_root_secret(certs.root_pem()))
 
-    res = NodeResources(view.node_name, flavor, tuple(listeners), tuple(clusters), tuple(endpoints), tuple(secrets))
+    routes = build_inbound_routes(view, flavor)
+    res = NodeResources(view.node_name, flavor, tuple(listeners), tuple(clusters), tuple(endpoints), tuple(secrets), tuple(routes))
     if check:
-        problems = refcheck.check(res.listeners, res.clusters, (c.cluster_name for c in res.endpoints), (s.name for s in res.secrets))
+        problems = refcheck.check(res.listeners, res.clusters, (c.cluster_name for c in res.endpoints), (s.name for s in res.secrets),
+                                  routes=res.routes)
         problems += refcheck.check_endpoints(res.endpoints, {lis.name for lis in res.listeners})
         if problems:
             raise TranslationError(f"node {view.node_name}: " + "; ".join(problems))

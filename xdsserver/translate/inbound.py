@@ -19,6 +19,7 @@ from ..model.index import NodeView, Workload
 from . import blocks, names, policy
 
 HCM = hcm_pb2.HttpConnectionManager
+HCM_RDS = hcm_pb2.Rds
 
 
 def _host_pattern(ip: str) -> str:
@@ -36,7 +37,8 @@ def destination_guard(ips: tuple[str, ...]) -> route_components_pb2.HeaderMatche
     )
 
 
-def _connect_hcm(view: NodeView, wl: Workload, flavor: Flavor) -> listener_components_pb2.Filter:
+def _connect_route_config(view: NodeView, wl: Workload, flavor: Flavor) -> route_pb2.RouteConfiguration:
+    """The CONNECT route to this pod; stock flavor: with the pod's L4 policy as ``RBACPerRoute``."""
     route = route_components_pb2.Route(
         match=route_components_pb2.RouteMatch(
             connect_matcher=route_components_pb2.RouteMatch.ConnectMatcher(), headers=[destination_guard(wl.pod.ips)]
@@ -46,18 +48,40 @@ def _connect_hcm(view: NodeView, wl: Workload, flavor: Flavor) -> listener_compo
             upgrade_configs=[route_components_pb2.RouteAction.UpgradeConfig(upgrade_type="CONNECT", connect_config=route_components_pb2.RouteAction.UpgradeConfig.ConnectConfig())],
         ),
     )
+    if flavor is Flavor.ENVOY:
+        for name, cfg in policy.per_route_rbac(view, wl).items():
+            route.typed_per_filter_config[name].CopyFrom(cfg)
+    name = names.inbound_route(wl.ip) if flavor is Flavor.ENVOY else names.LOCAL_ROUTE
+    return route_pb2.RouteConfiguration(
+        name=name, virtual_hosts=[route_components_pb2.VirtualHost(name=names.LOCAL_SERVICE, domains=["*"], routes=[route])]
+    )
+
+
+def _connect_hcm(view: NodeView, wl: Workload, flavor: Flavor) -> listener_components_pb2.Filter:
+    """Stock flavor: the route (and the policy in it) comes over RDS, so a policy change leaves the
+    filter chain as it is; istio-2022: inline route and inline RBAC filters, as that shape had."""
+    router = hcm_pb2.HttpFilter(name="envoy.filters.http.router", typed_config=blocks.pack(router_pb2.Router()))
     hcm = HCM(
         stat_prefix=names.INBOUND_HCM_STAT,
         codec_type=HCM.HTTP2 if flavor is Flavor.ENVOY else HCM.AUTO,
         access_log=[blocks.access_log("inbound hcm", flavor)],
-        route_config=route_pb2.RouteConfiguration(
-            name=names.LOCAL_ROUTE, virtual_hosts=[route_components_pb2.VirtualHost(name=names.LOCAL_SERVICE, domains=["*"], routes=[route])]
-        ),
-        http_filters=[*policy.http_filters(view, wl), hcm_pb2.HttpFilter(name="envoy.filters.http.router", typed_config=blocks.pack(router_pb2.Router()))],
         http2_protocol_options=blocks.hbone_h2_options(view.mesh if flavor is Flavor.ENVOY else None),
         upgrade_configs=[HCM.UpgradeConfig(upgrade_type="CONNECT")],
     )
+    if flavor is Flavor.ENVOY:
+        hcm.rds.CopyFrom(HCM_RDS(config_source=blocks.ads_source(), route_config_name=names.inbound_route(wl.ip)))
+        hcm.http_filters.extend([*policy.base_http_filters(), router])
+    else:
+        hcm.route_config.CopyFrom(_connect_route_config(view, wl, flavor))
+        hcm.http_filters.extend([*policy.http_filters(view, wl), router])
     return listener_components_pb2.Filter(name="envoy.filters.network.http_connection_manager", typed_config=blocks.pack(hcm))
+
+
+def build_inbound_routes(view: NodeView, flavor: Flavor) -> list[route_pb2.RouteConfiguration]:
+    """Stock flavor: one RouteConfiguration per node-local pod (its HBONE chain's RDS)."""
+    if flavor is not Flavor.ENVOY:
+        return []
+    return [_connect_route_config(view, wl, flavor) for wl in view.local_workloads]
 
 
 def _capture_listener(name: str, port: int, log: str, flavor: Flavor) -> listener_pb2.Listener:

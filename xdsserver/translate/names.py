@@ -109,5 +109,10 @@ def inbound_chain(pod_ip: str) -> str:
     return f"inbound_{pod_ip}"
 
 
+def inbound_route(pod_ip: str) -> str:
+    """The RouteConfiguration (RDS) of a pod's HBONE chain: its CONNECT route and its L4 policy."""
+    return f"inbound_{pod_ip}"
+
+
 def workload_secret(identity: Identity) -> str:
     return identity.spiffe

@@ -29,6 +29,7 @@ from envoy.extensions.filters.network.rbac.v3 import rbac_pb2 as net_rbac_pb2
 from envoy.config.listener.v3 import listener_components_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 from envoy.type.matcher.v3 import regex_pb2, string_pb2
+from google.protobuf import any_pb2
 
 from ..model.index import NodeView, Workload
 from ..model.policy import Action, AuthorizationPolicy, Match, Rule, applicable, strict_mtls
@@ -196,16 +197,51 @@ def network_filters(view: NodeView, wl: Workload) -> list[listener_components_pb
     return out
 
 
-def http_filters(view: NodeView, wl: Workload) -> list[hcm_pb2.HttpFilter]:
-    """HBONE CONNECT: the same stages as HTTP RBAC filters placed before the router."""
+HTTP_STAGES = ("deny", "allow", "audit")
+
+
+def _http_rbac(tag: str) -> http_rbac_pb2.RBAC:
+    """A stage's stat prefixes, without rules: the filter's neutral base (no rules = no enforcement)."""
+    return http_rbac_pb2.RBAC(rules_stat_prefix=f"{STAT_PREFIX}{tag}_", track_per_rule_stats=True,
+                              shadow_rules_stat_prefix=DRY_RUN_ALLOW_STAT if tag == "allow" else DRY_RUN_DENY_STAT)
+
+
+def http_filter_name(tag: str) -> str:
+    return f"envoy.filters.http.rbac.{tag}"
+
+
+def _connect_stages(view: NodeView, wl: Workload) -> list[tuple[str, http_rbac_pb2.RBAC]]:
     out = []
     for tag, rules, shadow in stages(workload_policies(view, wl), connect_permission):
-        cfg = http_rbac_pb2.RBAC(rules_stat_prefix=f"{STAT_PREFIX}{tag}_", track_per_rule_stats=True)
+        cfg = _http_rbac(tag)
         if rules is not None:
             cfg.rules.CopyFrom(rules)
         if shadow is not None:
             cfg.shadow_rules.CopyFrom(shadow)
-            cfg.shadow_rules_stat_prefix = DRY_RUN_ALLOW_STAT if tag == "allow" else DRY_RUN_DENY_STAT
-        out.append(hcm_pb2.HttpFilter(name=f"envoy.filters.http.rbac.{tag}", typed_config=blocks.pack(cfg)))
+        else:
+            cfg.ClearField("shadow_rules_stat_prefix")
+        out.append((tag, cfg))
     return out
 
+
+def http_filters(view: NodeView, wl: Workload) -> list[hcm_pb2.HttpFilter]:
+    """HBONE CONNECT, istio-2022 flavor: the stages as HTTP RBAC filters placed before the router."""
+    return [hcm_pb2.HttpFilter(name=http_filter_name(tag), typed_config=blocks.pack(cfg)) for tag, cfg in _connect_stages(view, wl)]
+
+
+def base_http_filters() -> list[hcm_pb2.HttpFilter]:
+    """HBONE CONNECT, stock flavor: every stage's filter, always, with a neutral base (Envoy takes
+    the stats' prefixes from here, the rules from the route's ``RBACPerRoute``). The chain
+    then never changes with policy (a new chain would drain the old one for minutes, and pooled
+    HBONE connections keep using it); the rules travel in the pod's RouteConfiguration (RDS),
+    which applies to the next CONNECT on existing connections."""
+    out = []
+    for tag in HTTP_STAGES:
+        out.append(hcm_pb2.HttpFilter(name=http_filter_name(tag), typed_config=blocks.pack(_http_rbac(tag))))
+    return out
+
+
+def per_route_rbac(view: NodeView, wl: Workload) -> dict[str, any_pb2.Any]:
+    """``typed_per_filter_config`` of the pod's CONNECT route: the stages that have rules; a
+    stage without an entry keeps the neutral base."""
+    return {http_filter_name(tag): blocks.pack(http_rbac_pb2.RBACPerRoute(rbac=cfg)) for tag, cfg in _connect_stages(view, wl)}

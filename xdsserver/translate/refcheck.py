@@ -15,6 +15,7 @@ from google.protobuf.message import Message
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
+from envoy.config.route.v3 import route_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 from envoy.extensions.filters.network.set_filter_state.v3 import set_filter_state_pb2
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
@@ -134,6 +135,8 @@ def check(
     clusters: Iterable[cluster_pb2.Cluster],
     endpoint_names: Iterable[str],
     secret_names: Iterable[str],
+    *,
+    routes: Iterable[route_pb2.RouteConfiguration] = (),
 ) -> list[str]:
     """Return one message per dangling reference (empty list: consistent).
 
@@ -143,6 +146,8 @@ def check(
     cluster_names = {c.name for c in clusters}
     cla_names, secrets = set(endpoint_names), set(secret_names)
     problems: list[str] = []
+    route_configs = {r.name: r for r in routes}
+    used_routes: set[str] = set()
     sources: set[str] = set()  # source identities stage 1 can put in filter state
     dynamic: list[tuple[str, str]] = []  # (listener, envoy.tcp_proxy.cluster format)
     for lis in listeners:
@@ -171,10 +176,18 @@ def check(
                             dynamic.append((lis.name, value))
                 elif cfg.Is(hcm_pb2.HttpConnectionManager.DESCRIPTOR):
                     hcm = hcm_pb2.HttpConnectionManager.FromString(cfg.value)
-                    for vh in hcm.route_config.virtual_hosts:
+                    rc = hcm.route_config
+                    if hcm.HasField("rds"):
+                        used_routes.add(hcm.rds.route_config_name)
+                        if hcm.rds.route_config_name not in route_configs:
+                            problems.append(f"listener {lis.name}: rds names missing route configuration {hcm.rds.route_config_name!r}")
+                            continue
+                        rc = route_configs[hcm.rds.route_config_name]
+                    for vh in rc.virtual_hosts:
                         for route in vh.routes:
                             if route.HasField("route") and route.route.cluster and route.route.cluster not in cluster_names:
                                 problems.append(f"listener {lis.name}: route names missing cluster {route.route.cluster!r}")
+    problems += [f"route configuration {n!r}: no listener uses it" for n in sorted(set(route_configs) - used_routes)]
     # a cluster chosen at run time must exist for every source identity that can reach the chain
     if any(_SOURCE in fmt for _, fmt in dynamic) and not sources:
         problems.append(f"envoy.tcp_proxy.cluster depends on {names.SOURCE_IDENTITY_STATE}, which no chain sets")

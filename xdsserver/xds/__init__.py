@@ -7,7 +7,7 @@ business (docs/style.md §2: go-control-plane's cache/server split).
 from .cache import Resource, Snapshot, SnapshotCache, SnapshotChange, UnsafeSnapshot
 from .metrics import XdsMetrics
 from .server import AdsServer, node_name_of, start_server
-from .types import CLUSTER, ENDPOINT, FULL_STATE_TYPES, LISTENER, PUSH_ORDER, SECRET, SHORT, ResourceSet
+from .types import CLUSTER, ENDPOINT, FULL_STATE_TYPES, LISTENER, PUSH_ORDER, ROUTE, SECRET, SHORT, ResourceSet
 
 __all__ = [
     "CLUSTER",
@@ -15,6 +15,7 @@ __all__ = [
     "FULL_STATE_TYPES",
     "LISTENER",
     "PUSH_ORDER",
+    "ROUTE",
     "SECRET",
     "SHORT",
     "AdsServer",

@@ -14,12 +14,15 @@ LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
 CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 ENDPOINT = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
 SECRET = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
+ROUTE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
 
 # Make-before-break: clusters, their endpoints and the secrets they reference exist before a
-# listener points at them. Responses that only remove things go after all of these, in reverse.
-PUSH_ORDER = (CLUSTER, ENDPOINT, SECRET, LISTENER)
+# listener points at them. Route configurations follow the listeners that name them (Envoy asks
+# for an RDS name only once a listener's HCM carries it). Responses that only remove things go
+# after all of these, in reverse.
+PUSH_ORDER = (CLUSTER, ENDPOINT, SECRET, LISTENER, ROUTE)
 
-SHORT = {LISTENER: "LDS", CLUSTER: "CDS", ENDPOINT: "EDS", SECRET: "SDS"}
+SHORT = {LISTENER: "LDS", CLUSTER: "CDS", ENDPOINT: "EDS", SECRET: "SDS", ROUTE: "RDS"}
 
 # SotW responses of these types carry the full set (a missing name is deleted); they are also the
 # only types with wildcard ("*") subscriptions.
