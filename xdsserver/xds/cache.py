@@ -282,13 +282,7 @@ class SnapshotCache:
                         raise ValueError(f"node {node!r}, {short(type_url)} {name!r}: body must be bytes, got {type(body).__name__}")
                     if was is not None and was.body is body:
                         continue
-                    key = (type_url, name, id(body))
-                    hit = memo.get(key)
-                    if hit is not None and hit[0] is body:
-                        res = hit[1]
-                    else:
-                        res = self._intern(type_url, name, body)
-                        memo[key] = (body, res)
+                    res = self._intern_memo(memo, type_url, name, body)
                     if was is None:
                         a.append(name)
                     elif was.version == res.version:
@@ -347,13 +341,7 @@ class SnapshotCache:
                 if was is not None and was.body is body:
                     by_name[name] = was  # the very same bytes as last time: no hashing (O(changed))
                     continue
-                key = (type_url, name, id(body))
-                hit = memo.get(key)
-                if hit is not None and hit[0] is body:
-                    res = hit[1]
-                else:
-                    res = self._intern(type_url, name, body)
-                    memo[key] = (body, res)
+                res = self._intern_memo(memo, type_url, name, body)
                 by_name[name] = res
             if by_name:
                 typed[type_url] = by_name
@@ -363,6 +351,17 @@ class SnapshotCache:
                 if old.resources(t) and not typed.get(t):
                     raise _wipe(node, t, len(old.resources(t)))
         return Snapshot(typed)
+
+    def _intern_memo(self, memo: dict[tuple[str, str, int], tuple[bytes, Resource]], type_url: str, name: str,
+                     body: bytes) -> Resource:
+        """:meth:`_intern`, hashing a bytes object shared by many nodes once per publish."""
+        key = (type_url, name, id(body))
+        hit = memo.get(key)
+        if hit is not None and hit[0] is body:
+            return hit[1]
+        res = self._intern(type_url, name, body)
+        memo[key] = (body, res)
+        return res
 
     def _intern(self, type_url: str, name: str, body: bytes) -> Resource:
         digest = hashlib.sha256(body).hexdigest()
