@@ -57,22 +57,9 @@ class ManifestSource:
         self._reader: Any = None  # sources.manifests.ManifestReader: re-parses changed files only
 
     def signature(self) -> tuple[Any, ...]:
-        from .sources.manifests import SUFFIXES
+        from .sources.manifests import signature
 
-        if self.path.is_file():
-            files = [self.path]
-        elif self.path.is_dir():
-            files = sorted(p for p in self.path.rglob("*") if p.suffix in SUFFIXES)
-        else:
-            return ("missing",)
-        sig = []
-        for f in files:
-            try:
-                st = f.stat()
-            except OSError:
-                continue
-            sig.append((str(f), st.st_mtime_ns, st.st_size, st.st_ino))
-        return tuple(sig)
+        return signature(self.path)
 
     def objects(self) -> list[SourceObject]:
         if self._reader is None:

@@ -25,21 +25,9 @@ class ManifestAgentSource:
         self.path = path
 
     def signature(self) -> Any:
-        from ..sources.manifests import manifest_files
-        from ..sources.objects import InputErrors
+        from ..sources.manifests import signature
 
-        try:
-            files = manifest_files(self.path)
-        except InputErrors:
-            return ("missing",)
-        out = []
-        for f in files:
-            try:
-                st = f.stat()
-            except OSError:
-                continue
-            out.append((str(f), st.st_mtime_ns, st.st_size, st.st_ino))
-        return tuple(out)
+        return signature(self.path)
 
     def objects(self) -> list[SourceObject]:
         from ..sources.manifests import read_objects

@@ -31,6 +31,23 @@ def manifest_files(path: Path) -> list[Path]:
     raise InputErrors([InputError(str(path), "path", "", "no such file or directory")])
 
 
+def signature(path: Path) -> tuple[Any, ...]:
+    """A cheap (stat-only) fingerprint of the manifest tree: it changes when a file is added,
+    removed, edited in place or swapped (ConfigMap symlinks); ``("missing",)`` for no path."""
+    try:
+        files = manifest_files(path)
+    except InputErrors:
+        return ("missing",)
+    out = []
+    for f in files:
+        try:
+            st = f.stat()
+        except OSError:
+            continue
+        out.append((str(f), st.st_mtime_ns, st.st_size, st.st_ino))
+    return tuple(out)
+
+
 def _file_objects(f: Path) -> list[SourceObject]:
     """The objects of one file; raises :class:`InputErrors` naming the file if it cannot be parsed."""
     try:
