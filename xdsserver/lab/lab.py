@@ -79,8 +79,9 @@ def envoy_binary() -> str:
 class Lab:
     def __init__(self, manifests: Path | str | None = None, *, prefix: str = DEFAULT_PREFIX, state_dir: Path | str | None = None,
                  tunnel: str = "vxlan", log: Callable[[str], None] | None = None, concurrency: int = 1,
-                 supervise: bool = True) -> None:
+                 supervise: bool = True, serve_args: tuple[str, ...] = ()) -> None:
         self.prefix = check_prefix(prefix)
+        self.serve_args = tuple(serve_args)  # extra `xdsserver serve` flags (e.g. --endpoint-barrier-timeout)
         if concurrency < 1:
             raise LabError(f"ztunnel Envoy --concurrency {concurrency}: expected at least 1 worker")
         self.concurrency = concurrency  # Envoy worker threads per ztunnel (README: cost choices)
@@ -264,7 +265,7 @@ class Lab:
         if os.path.exists(sock):
             os.unlink(sock)
         argv = [sys.executable, "-m", "xdsserver", "serve", "--manifests", str(self.manifests), "--xds-uds", sock,
-                "--debug-address", f"{DEBUG_ADDRESS[0]}:{DEBUG_ADDRESS[1]}"]
+                "--debug-address", f"{DEBUG_ADDRESS[0]}:{DEBUG_ADDRESS[1]}", *self.serve_args]
         self._spawn("xdsserver", self.topo.control_netns, argv, "xdsserver.log")
 
     def _spawn(self, name: str, ns: str, argv: list[str], log: str) -> None:
