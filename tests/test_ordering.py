@@ -1,10 +1,12 @@
 """Ordered pushes (issue 14, point 2): a new endpoint reaches a client ztunnel only after the
-destination node's ztunnel ACKed the listeners holding the pod's inbound chain (ordering.py).
+destination node's ztunnel ACKed the listeners holding the pod's inbound chain and the routes
+they name (ordering.py: Envoy warms an updated listener only once its RDS routes came).
 
 The real pipeline (`ControlPlane` on the client-server manifests, edited on disk) and the real
 grpc.aio ADS server; the ztunnels are scripted clients (`xdsclient.py`), so the test decides when
 the destination ztunnel ACKs. With the barrier disabled the first test fails: the client holds the
-new endpoint while the destination has not ACKed.
+new endpoint while the destination has not ACKed; with a barrier on LDS only it fails too (the
+endpoint goes out on the LDS ACK, before the destination has the pod's route).
 """
 
 from __future__ import annotations
@@ -15,27 +17,18 @@ import time
 from pathlib import Path
 
 from envoy.config.endpoint.v3.endpoint_pb2 import ClusterLoadAssignment
+from envoy.config.route.v3.route_pb2 import RouteConfiguration
 from prometheus_client import CollectorRegistry
 
+from labpods import new_server_pod
 from xdsclient import SotwClient
 from xdsserver.app import ControlPlane, ManifestSource
 from xdsserver.pipeline import ephemeral_certs
 from xdsserver.xds.server import start_server
-from xdsserver.xds.types import CLUSTER, ENDPOINT, LISTENER
+from xdsserver.xds.types import CLUSTER, ENDPOINT, LISTENER, ROUTE
 
 SCENARIO = Path(__file__).resolve().parent.parent / "golden" / "client-server" / "manifests"
 CLIENT_NODE, DEST_NODE, NEW_IP = "ambient-worker", "ambient-worker2", "10.244.2.9"
-NEW_POD = f"""---
-apiVersion: v1
-kind: Pod
-metadata: {{name: server-f44ffdf6f-new01, namespace: ambient, uid: d3000000-0000-4000-8000-0000000000aa, labels: {{app: server}},
-           creationTimestamp: '2022-10-01T00:00:00Z'}}
-spec:
-  nodeName: {DEST_NODE}
-  serviceAccountName: server
-  containers: [{{name: server, image: example/app, ports: [{{containerPort: 8080, name: http, protocol: TCP}}]}}]
-status: {{phase: Running, podIP: {NEW_IP}, podIPs: [{{ip: {NEW_IP}}}], conditions: [{{type: Ready, status: 'True'}}]}}
-"""
 
 
 def endpoint_ips(client: SotwClient) -> set[str]:
@@ -52,6 +45,15 @@ async def until(pred, timeout: float = 10.0) -> None:
     async with asyncio.timeout(timeout):
         while not pred():
             await asyncio.sleep(0.01)
+
+
+def routes(cp: ControlPlane) -> list[str]:
+    """Every RouteConfiguration the destination's listeners name (refcheck: no unused ones)."""
+    return sorted(cp.cache.get(DEST_NODE).names(ROUTE))
+
+
+def _name(a) -> str:
+    return RouteConfiguration.FromString(a.value).name
 
 
 def _ips(bodies) -> set[str]:
@@ -83,7 +85,7 @@ async def client_ztunnel(cp: ControlPlane, target: str) -> SotwClient:
 
 def add_backend(cp: ControlPlane, tmp_path: Path) -> None:
     with open(tmp_path / "m" / "apps.yaml", "a") as f:
-        f.write(NEW_POD)
+        f.write(new_server_pod(DEST_NODE, NEW_IP))
     assert cp.rebuild()
 
 
@@ -94,19 +96,30 @@ async def test_endpoint_waits_for_the_destination_ztunnel_ack(tmp_path):
         await dest.connect()
         await dest.request(LISTENER, [])
         await dest.ack(await dest.recv(LISTENER))
+        await dest.request(ROUTE, routes(cp))  # as Envoy: the routes its listeners name
+        await dest.ack(await dest.recv(ROUTE))
         client = await client_ztunnel(cp, target)
-        await until(lambda: cp.server.lds_acked(DEST_NODE) is True)
+        await until(lambda: cp.server.acked(DEST_NODE) is True)
 
         t0 = time.monotonic()
         add_backend(cp, tmp_path)
         new_lds = await dest.recv(LISTENER)  # the destination gets the inbound chain first
         assert any(NEW_IP.encode() in a.value for a in new_lds.resources)
-        assert cp.server.lds_acked(DEST_NODE) is False
+        assert cp.server.acked(DEST_NODE) is False
         assert NEW_IP not in served_ips(cp, CLIENT_NODE), "the endpoint is served to the client before the destination ACKed"
         assert NEW_IP not in endpoint_ips(client)
         assert cp.barrier.counts["gated"] == 1 and cp.barrier.counts["released"] == 0
 
-        await dest.ack(new_lds)
+        await dest.ack(new_lds)  # Envoy ACKs LDS at once, but the new listener warms until its route came
+        await until(lambda: cp.server.acked(DEST_NODE, (LISTENER,)) is True)
+        await asyncio.sleep(0.3)  # an observation window for "still not", not synchronization
+        assert NEW_IP not in served_ips(cp, CLIENT_NODE), "the endpoint is served on the LDS ACK, before the route"
+        assert cp.barrier.counts["released"] == 0
+
+        await dest.request(ROUTE, routes(cp))  # the new chain's route ...
+        new_rds = await dest.recv(ROUTE)
+        assert f"inbound_{NEW_IP}" in {_name(a) for a in new_rds.resources}
+        await dest.ack(new_rds)  # ... ACKed: now the endpoint goes out
         await client.wait_for(lambda: NEW_IP in endpoint_ips(client), timeout=10)
         waited = time.monotonic() - t0
         assert cp.barrier.counts["released"] == 1 and cp.barrier.counts["timeouts"] == 0

@@ -134,7 +134,7 @@ class ControlPlane:
         self.cache = SnapshotCache(self.xds_metrics)
         self.server = AdsServer(self.cache, metrics=self.xds_metrics, delta_only=delta_only, authorize=authorize)
         # ordering.py: new endpoints reach clients after the destination ztunnel ACKed its chain
-        self.barrier = EndpointBarrier(self.server.lds_acked)
+        self.barrier = EndpointBarrier(self.server.acked)
         self.server.ack_listeners.append(self.barrier.acked)
         self.state = State()
         self.translator = IncrementalTranslator(flavor, certs)

@@ -1,5 +1,6 @@
 """Ordered pushes (issue 14, point 2): a new endpoint reaches client ztunnels only after the
-destination node's ztunnel has ACKed the listeners that carry the pod's inbound chain.
+destination node's ztunnel has ACKed the listeners that carry the pod's inbound chain and the
+routes they name.
 
 Why: the client node's EDS and the destination node's LDS used to be pushed in the same round, so
 a connection in the first milliseconds could reach a destination ztunnel that had no chain for the
@@ -8,9 +9,15 @@ pod yet (reset). Now, when a rebuild makes an address a ready endpoint that was 
 1. the destination nodes' snapshots are published in full;
 2. every other node is published with its *previous* ClusterLoadAssignments (new CLAs, of new
    clusters, go out at once: nothing could reach them before);
-3. once every stream of each destination node has ACKed its current LDS (`AdsServer.lds_acked`),
-   or after `timeout` seconds (logged and counted: `timeouts`, `not_connected`), the other nodes
-   get their latest snapshot.
+3. once every stream of each destination node holds and has ACKed its current LDS *and* RDS
+   (`AdsServer.acked`), or after `timeout` seconds (logged and counted: `timeouts`,
+   `not_connected`), the other nodes get their latest snapshot.
+
+Why RDS too: Envoy ACKs an LDS update at once, but the updated listener (an in-place filter-chain
+update) only replaces the old one once it has warmed, i.e. once the RouteConfiguration its new
+chain names (stock flavor: `inbound_<pod ip>`, over RDS) has arrived; until then the old listener,
+without the pod's chain, takes the connections (the lab test showed resets).
+
 
 Content-blind towards the translator: it only swaps whole EDS resources by name.
 """
@@ -52,8 +59,8 @@ def with_previous_endpoints(new: ResourceSet, previous: ResourceSet | None) -> R
 class EndpointBarrier:
     """Splits a publish into destination-first and held parts, and releases the held part."""
 
-    def __init__(self, lds_acked: Callable[[str], bool | None], *, timeout: float = 5.0, enabled: bool = True) -> None:
-        self.lds_acked = lds_acked  # node -> True (all its streams ACKed current LDS), False, None (no stream)
+    def __init__(self, dest_acked: Callable[[str], bool | None], *, timeout: float = 5.0, enabled: bool = True) -> None:
+        self.dest_acked = dest_acked  # node -> True (all its streams ACKed current LDS+RDS), False, None (no stream)
         self.timeout = timeout
         self.enabled = enabled
         self.counts: collections.Counter[str] = collections.Counter()  # gated, released, timeouts, not_connected
@@ -98,7 +105,7 @@ class EndpointBarrier:
         deadline = started + self.timeout
         try:
             while True:
-                states = {n: self.lds_acked(n) for n in dest}
+                states = {n: self.dest_acked(n) for n in dest}
                 if all(states.values()):
                     self.counts["released"] += 1
                     log.info("endpoint barrier: %s ACKed the inbound chains after %.0f ms; pushing endpoints to %d node(s)",
@@ -111,7 +118,7 @@ class EndpointBarrier:
                     self.counts["timeouts"] += 1
                     if unconnected:
                         self.counts["not_connected"] += 1
-                    log.warning("endpoint barrier: no LDS ACK from %s within %.1f s (not connected: %s); pushing endpoints anyway",
+                    log.warning("endpoint barrier: no LDS/RDS ACK from %s within %.1f s (not connected: %s); pushing endpoints anyway",
                                 missing, self.timeout, unconnected or "none")
                     break
                 self._wake.clear()

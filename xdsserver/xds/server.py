@@ -41,7 +41,7 @@ from .stream import (
     SotwResponse,
     SotwStream,
 )
-from .types import PUSH_ORDER, short
+from .types import LISTENER, PUSH_ORDER, ROUTE, short
 
 log = logging.getLogger(__name__)
 
@@ -454,21 +454,22 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
             self.metrics.send_time.observe(self._clock() - now)
 
     # -- introspection ---------------------------------------------------------------------------
-    def lds_acked(self, node: str) -> bool | None:
-        """Whether every stream of `node` holds and has ACKed the node's current listeners
-        (None: no stream). Used by the endpoint barrier (ordering.py)."""
-        from .types import LISTENER
-
+    def acked(self, node: str, types: tuple[str, ...] = (LISTENER, ROUTE)) -> bool | None:
+        """Whether every stream of `node` subscribes to, holds and has ACKed every resource of
+        `types` in the node's current snapshot (None: no stream). The endpoint barrier's readiness
+        test (ordering.py): Envoy ACKs an LDS update before the new listener has warmed, and it
+        warms only once the RouteConfigurations it names (RDS) have arrived."""
         snap = self.cache.get(node)
         conns = [c for c in self._conns.values() if c.node == node]
         if not conns:
             return None
         for c in conns:
-            st = c.machine.states.get(LISTENER)
-            if c.pushing or c.change_pending or c.snapshot is not snap or st is None:
+            if snap is None or c.pushing or c.change_pending or c.snapshot is not snap:
                 return False
-            if st.sent_version is None or st.acked_version != st.sent_version:
-                return False
+            for t in types:
+                st = c.machine.states.get(t)
+                if snap.names(t) and (st is None or not st.holds(snap)):
+                    return False
         return True
 
     def sync_status(self) -> list[dict]:

@@ -217,6 +217,17 @@ class SotwTypeState:
             return snap.type_version(self.type_url)
         return content_version((r.name, r.version) for r in target.values())
 
+    def holds(self, snap: Snapshot) -> bool:
+        """Whether the client subscribes to, was sent and ACKed every resource of this type in
+        `snap` (the endpoint barrier's readiness test: a listener warms only once its routes came)."""
+        target = self.target(snap)
+        if len(target) != len(snap.names(self.type_url)):
+            return False
+        sent = self.sent or {}
+        if any((s := sent.get(n)) is None or s.version != r.version for n, r in target.items()):
+            return False
+        return self.sent_version is not None and self.acked_version == self.sent_version
+
     # -- requests --------------------------------------------------------------------------------
     def on_request(self, req: discovery_pb2.DiscoveryRequest, snap: Snapshot | None) -> RequestOutcome:
         first_request = self.requests == 0
@@ -410,6 +421,15 @@ class DeltaTypeState:
         if self.wildcard:
             return have
         return {n: have[n] for n in sorted(self.names) if n in have}
+
+    def holds(self, snap: Snapshot) -> bool:
+        """Like :meth:`SotwTypeState.holds`: every resource of this type in `snap`, ACKed."""
+        target = self.target(snap)
+        if len(target) != len(snap.names(self.type_url)):
+            return False
+        if any(self.known.get(n) != r.version for n, r in target.items()):
+            return False
+        return self.sent_version is not None and self.acked_version == self.sent_version
 
     def on_request(self, req: discovery_pb2.DeltaDiscoveryRequest, snap: Snapshot | None) -> RequestOutcome:
         first = not self.started
