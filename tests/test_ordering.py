@@ -21,7 +21,7 @@ from envoy.config.route.v3.route_pb2 import RouteConfiguration
 from prometheus_client import CollectorRegistry
 
 from labpods import new_server_pod
-from xdsclient import SotwClient
+from xdsclient import DeltaClient, SotwClient
 from xdsserver.app import ControlPlane, ManifestSource
 from xdsserver.pipeline import ephemeral_certs
 from xdsserver.xds.server import start_server
@@ -143,4 +143,32 @@ async def test_unconnected_destination_delays_the_endpoint_a_bounded_time(tmp_pa
         assert cp.barrier.counts["timeouts"] == 1 and cp.barrier.counts["not_connected"] == 1
         await client.close()
     finally:
+        await server.stop(None)
+
+
+async def test_delta_destination_is_held_until_its_rds_ack(tmp_path):
+    """The same rule for a delta ADS destination (`DeltaTypeState.holds`)."""
+    cp, server, target = await setup(tmp_path, timeout=30.0)
+    dest = DeltaClient(target, DEST_NODE)
+    try:
+        await dest.connect()
+        await dest.subscribe(LISTENER)  # wildcard
+        await dest.ack(await dest.recv(LISTENER))
+        await dest.subscribe(ROUTE, routes(cp))
+        await dest.ack(await dest.recv(ROUTE))
+        client = await client_ztunnel(cp, target)
+        await until(lambda: cp.server.acked(DEST_NODE) is True)
+
+        add_backend(cp, tmp_path)
+        await dest.ack(await dest.recv(LISTENER))
+        await until(lambda: cp.server.acked(DEST_NODE, (LISTENER,)) is True)
+        await asyncio.sleep(0.3)  # an observation window for "still not", not synchronization
+        assert NEW_IP not in served_ips(cp, CLIENT_NODE), "the endpoint is served on the LDS ACK, before the route"
+        await dest.subscribe(ROUTE, [f"inbound_{NEW_IP}"])
+        await dest.ack(await dest.recv(ROUTE))
+        await client.wait_for(lambda: NEW_IP in endpoint_ips(client), timeout=10)
+        assert cp.barrier.counts["released"] == 1 and cp.barrier.counts["timeouts"] == 0
+        await client.close()
+    finally:
+        await dest.close()
         await server.stop(None)
