@@ -78,7 +78,12 @@ class DelayRelay:
             except OSError:
                 return
             up = socket.socket(socket.AF_UNIX)
-            up.connect(self.upstream)
+            try:
+                up.connect(self.upstream)
+            except OSError:  # the server is not (yet, or no longer) listening: the ztunnel retries
+                up.close()
+                down.close()
+                continue
             self._socks += [down, up]
             held: queue.Queue = queue.Queue()
             threading.Thread(target=self._pump, args=(down, up, None), daemon=True).start()
