@@ -61,3 +61,31 @@ def root_namespace_untouched(request):
     after = root_snapshot()
     for key in before:
         assert after[key] == before[key], f"root namespace {key} changed"
+
+
+def lab_up(request, lab: Lab, timeout: float = 90) -> Lab:
+    """Bring ``lab`` up for a module fixture; torn down at the end (also on failure), asserting
+    that no namespace and none of its processes (the supervisor's restarts included) is left."""
+
+    def down() -> None:
+        procs = list(lab.refresh().values()) if lab.state_file.exists() else list(lab.procs.values())
+        lab.down()
+        assert owned_netns(lab.prefix) == [] and not [p for p in procs if p.alive()], "lab processes left running"
+
+    request.addfinalizer(down)
+    lab.up(timeout=timeout)
+    return lab
+
+
+def poll(pred, timeout: float, what: str, step: float = 0.05):
+    """``pred()`` once truthy (its value), polled every ``step`` s; AssertionError after ``timeout``."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        got = pred()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s: {what}")
+        time.sleep(step)

@@ -33,7 +33,7 @@ from xdsserver.lab.supervise import backoff  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 PREFIX = os.environ.get("XDS_LAB_PREFIX", "xdssup") + "k"  # never the prefix another lab module uses
 
-from labguard import root_namespace_untouched  # noqa: E402,F401 (module-scoped autouse guard)
+from labguard import poll, root_namespace_untouched  # noqa: E402,F401 (module-scoped autouse guard)
 from labpods import other_pod  # noqa: E402
 
 SRC, DST = "ambient-worker", "ambient-worker2"
@@ -60,17 +60,6 @@ def lab(request, tmp_path_factory):
     request.addfinalizer(down)
     lab.up(timeout=90)
     return lab
-
-
-def poll(pred, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        got = pred()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s: {what}")
-        time.sleep(0.1)
 
 
 def ok(fn) -> bool:

@@ -47,7 +47,8 @@ def cmd_lab_up(args: argparse.Namespace) -> int:
     if (rc := _root_required()) is not None:
         return rc
     lab = Lab(_manifests(args), prefix=args.prefix, state_dir=args.state_dir, tunnel=args.tunnel,
-              log=lambda m: print(m, file=sys.stderr), concurrency=args.concurrency, supervise=not args.no_supervise)
+              log=lambda m: print(m, file=sys.stderr), concurrency=args.concurrency, supervise=not args.no_supervise,
+              xds_relay=args.xds_relay)
     # Ctrl-C / SIGTERM while building: Lab.up tears down before re-raising.
     signal.signal(signal.SIGTERM, _interrupt)
     try:
@@ -167,6 +168,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     up.add_argument("--foreground", action="store_true", help="stay attached; Ctrl-C tears down")
     up.add_argument("--no-supervise", action="store_true",
                     help="no supervisor: a killed agent, ztunnel or control plane stays dead (default: restarted, as kubelet would)")
+    up.add_argument("--xds-relay", action="store_true",
+                    help="each ztunnel's ADS through its own relay (xds-<node>.sock) that Lab.cut_xds/delay_xds can break or slow")
     common(up)
     up.set_defaults(func=cmd_lab_up)
 

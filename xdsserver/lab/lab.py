@@ -39,7 +39,7 @@ from ..model.index import MeshIndex
 from ..agent.kernel import netns_runner, read_ipsets
 from ..redirect import IPSET_NAME, build_plan
 from ..sources.manifests import load_model
-from . import kubeproxy
+from . import kubeproxy, relay
 from .client import request
 from .netns import LabError, ProcRef, add_netns, del_netns, ip_batch, list_netns, netns_pids, ns_connect, run, spawn, stop
 from .supervise import NAME as SUPERVISOR, read_state, recorded, state_lock, write_state
@@ -79,7 +79,7 @@ def envoy_binary() -> str:
 class Lab:
     def __init__(self, manifests: Path | str | None = None, *, prefix: str = DEFAULT_PREFIX, state_dir: Path | str | None = None,
                  tunnel: str = "vxlan", log: Callable[[str], None] | None = None, concurrency: int = 1,
-                 supervise: bool = True, serve_args: tuple[str, ...] = ()) -> None:
+                 supervise: bool = True, xds_relay: bool = False, serve_args: tuple[str, ...] = ()) -> None:
         self.prefix = check_prefix(prefix)
         self.serve_args = tuple(serve_args)  # extra `xdsserver serve` flags (e.g. --endpoint-barrier-timeout)
         if concurrency < 1:
@@ -90,6 +90,7 @@ class Lab:
         self.tunnel = tunnel
         self.log = log or (lambda msg: None)
         self.supervise = supervise  # start the supervisor at the end of `up` (restarts dead processes)
+        self.xds_relay = xds_relay  # each ztunnel reaches the server through its own relay (:mod:`.relay`)
         self.procs: dict[str, ProcRef] = {}
         self.restarts: dict[str, int] = {}  # by the supervisor, per process name
         self._popens: dict[str, subprocess.Popen] = {}
@@ -108,6 +109,10 @@ class Lab:
     @property
     def xds_socket(self) -> str:
         return str(self.state_dir / "xds.sock")
+
+    def relay_socket(self, node: str, kind: str = "sock") -> str:
+        """The node's relay: ``xds-<node>.sock`` (its ztunnel's ADS) or ``relay-<node>.ctl``."""
+        return str(self.state_dir / (f"xds-{node}.sock" if kind == "sock" else f"relay-{node}.ctl"))
 
     @contextmanager
     def _lock(self) -> Iterator[None]:
@@ -156,6 +161,7 @@ class Lab:
                 "tunnel": self.tunnel,
                 "concurrency": self.concurrency,
                 "supervise": self.supervise,
+                "xds_relay": self.xds_relay,
                 "netns": self.netns,
                 "procs": {k: asdict(v) for k, v in sorted(self.procs.items())},
                 "restarts": self.restarts,
@@ -175,6 +181,7 @@ class Lab:
         lab.tunnel = st.get("tunnel", "vxlan")
         lab.concurrency = int(st.get("concurrency", 1))
         lab.supervise = bool(st.get("supervise", True))
+        lab.xds_relay = bool(st.get("xds_relay", False))
         lab.restarts = dict(st.get("restarts", {}))
         lab.netns = list(st.get("netns", []))
         lab.procs = {k: ProcRef(**v) for k, v in st.get("procs", {}).items()}
@@ -224,6 +231,11 @@ class Lab:
             self._wait(lambda node=node: self._http_ok(node.netns, AGENT_HEALTH, "/ready"), deadline, f"node agent on {node.name} /ready")
             self.captured[node.name] = [p.ip for p in build_plan(model, node.name, tunnel=self.tunnel, index=index).captured]
         self._wait(lambda: self._http_ok(topo.control_netns, DEBUG_ADDRESS, "/ready"), deadline, "xdsserver /ready")
+        if self.xds_relay:
+            for node in topo.nodes:
+                self._start_relay(node.name)
+            for node in topo.nodes:
+                self._wait(lambda node=node: os.path.exists(self.relay_socket(node.name, "ctl")), deadline, f"xDS relay for {node.name}")
         for node in topo.nodes:
             self._start_ztunnel(topo, node.name)
         for pod in topo.pods:
@@ -343,11 +355,34 @@ class Lab:
     def _start_ztunnel(self, topo: Topology, node_name: str) -> None:
         zt = topo.pod(topo.node(node_name).ztunnel)
         boot = self.state_dir / f"bootstrap-{node_name}.yaml"
-        boot.write_text(render_bootstrap(node_name, xds_uds=self.xds_socket, admin_address=f"{ADMIN_ADDRESS[0]}:{ADMIN_ADDRESS[1]}",
+        uds = self.relay_socket(node_name) if self.xds_relay else self.xds_socket
+        boot.write_text(render_bootstrap(node_name, xds_uds=uds, admin_address=f"{ADMIN_ADDRESS[0]}:{ADMIN_ADDRESS[1]}",
                                          pod_ip=zt.ip, pod_name=zt.name))
         argv = [envoy_binary(), "-c", str(boot), "--disable-hot-restart", "--concurrency", str(self.concurrency),
                 "--file-flush-interval-msec", "100", "--log-path", str(self.state_dir / f"envoy-{node_name}.log"), "-l", "info"]
         self._spawn(f"ztunnel:{node_name}", zt.netns, argv, f"access-{node_name}.log")
+
+    def _start_relay(self, node_name: str) -> None:
+        """The node's xDS relay (a lab process: the supervisor restarts it too); it removes stale sockets."""
+        argv = [sys.executable, "-m", "xdsserver.lab.relay", "--listen", self.relay_socket(node_name), "--upstream", self.xds_socket,
+                "--control", self.relay_socket(node_name, "ctl")]
+        self._spawn(f"relay:{node_name}", self.topo.control_netns, argv, f"relay-{node_name}.log")
+
+    def cut_xds(self, node: str) -> int:
+        """Abort the node's relayed xDS connection(s) (how many); its Envoy reconnects by itself."""
+        return int(self._relay_command(node, "cut"))
+
+    def delay_xds(self, node: str, seconds: float) -> None:
+        """From now on hold every server->ztunnel byte of this node ``seconds`` (0: off)."""
+        if seconds < 0:
+            raise LabError(f"delay_xds {seconds}: expected >= 0 seconds")
+        self._relay_command(node, f"delay {float(seconds)!r}")
+
+    def _relay_command(self, node: str, line: str) -> str:
+        if not self.xds_relay:
+            raise LabError(f"lab {self.prefix} has no xDS relays (Lab(..., xds_relay=True) / lab up --xds-relay)")
+        self.topo.node(node)  # a known node
+        return relay.command(self.relay_socket(node, "ctl"), line)
 
     def restart_ztunnels(self, concurrency: int, timeout: float = 60.0) -> None:
         """Restart every ztunnel Envoy with ``concurrency`` workers (the data-path bench compares
