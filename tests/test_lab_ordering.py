@@ -1,6 +1,6 @@
 """Ordered pushes with real packets (issue 14, point 2; ordering.py): a client pod opens new
 connections to a Service back to back while a new backend pod is added on the other node, whose
-ztunnel gets its xDS late (server->ztunnel bytes held `DELAY_S` by a relay). As in Kubernetes the
+ztunnel gets its xDS late (server->ztunnel bytes held `DELAY_S` by its relay, `lab.delay_xds`). As in Kubernetes the
 pod is created (wired, captured, not Ready) and becomes Ready right after. Required: no connection
 fails, the new backend receives connections, every one it receives succeeds (its pod server's
 log against the client's answers), and the barrier was released by ACKs, not by its timeout.
@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import http.client
 import os
-import queue
 import shutil
-import socket
 import sys
 import threading
 import time
@@ -35,11 +33,11 @@ pytestmark = [
 ]
 
 from xdsserver.lab.client import request  # noqa: E402
-from xdsserver.lab.lab import Lab, owned_netns  # noqa: E402
+from xdsserver.lab.lab import Lab  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 PREFIX = os.environ.get("XDS_LAB_PREFIX", "xdstest")
-from labguard import root_namespace_untouched  # noqa: E402,F401 (module-scoped autouse guard)
+from labguard import lab_up, poll, root_namespace_untouched  # noqa: E402,F401 (root_namespace_untouched: module-scoped autouse guard)
 from labpods import NEW_SERVER_POD as NEW_KEY, new_server_pod  # noqa: E402
 
 # 0 disables the barrier (how the test is shown to fail); the default outlasts two held pushes
@@ -48,115 +46,6 @@ CLIENT, DST = "client-6db7", "ambient-worker2"
 VIP, PORT = "10.96.0.105", 9080
 NEW_IP = "10.244.2.9"
 DELAY_S = 3.0  # how long the destination ztunnel's xDS is held while the pod is added
-
-
-class DelayRelay:
-    """Stand-in until `xdsserver/lab/relay.py` exists: one node's ztunnel reaches the server's ADS
-    socket through this Unix-socket relay, which holds server->ztunnel bytes `delay` seconds."""
-
-    def __init__(self, path: str, upstream: str) -> None:
-        self.path, self.upstream, self.delay = path, upstream, 0.0
-        self._closed = threading.Event()
-        self._socks: list[socket.socket] = []
-        self._listener = socket.socket(socket.AF_UNIX)
-        self._listener.bind(path)
-        self._listener.listen(8)
-        self._listener.settimeout(0.2)
-        threading.Thread(target=self._accept, name="relay-accept", daemon=True).start()
-
-    def close(self) -> None:
-        self._closed.set()
-        for s in [self._listener, *self._socks]:
-            s.close()
-
-    def _accept(self) -> None:
-        while not self._closed.is_set():
-            try:
-                down, _ = self._listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            up = socket.socket(socket.AF_UNIX)
-            try:
-                up.connect(self.upstream)
-            except OSError:  # the server is not (yet, or no longer) listening: the ztunnel retries
-                up.close()
-                down.close()
-                continue
-            self._socks += [down, up]
-            held: queue.Queue = queue.Queue()
-            threading.Thread(target=self._pump, args=(down, up, None), daemon=True).start()
-            threading.Thread(target=self._pump, args=(up, down, held), daemon=True).start()
-            threading.Thread(target=self._deliver, args=(held, down), daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket, held: queue.Queue | None) -> None:
-        try:
-            while data := src.recv(1 << 16):
-                if held is None:
-                    dst.sendall(data)
-                else:
-                    held.put((time.monotonic() + self.delay, data))
-        except OSError:
-            pass
-        finally:
-            if held is not None:
-                held.put((0.0, b""))
-            else:
-                _shut(dst)
-
-    def _deliver(self, held: queue.Queue, dst: socket.socket) -> None:
-        try:
-            while True:
-                due, data = held.get()
-                if not data:
-                    break
-                self._closed.wait(max(0.0, due - time.monotonic()))
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            _shut(dst)
-
-
-def _shut(s: socket.socket) -> None:
-    try:
-        s.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-
-
-class RelayLab(Lab):
-    """A lab whose `DST` ztunnel gets its xDS through a :class:`DelayRelay` (`delay_xds`)."""
-
-    relay: DelayRelay | None = None
-    _bootstrapping: str | None = None
-
-    @property
-    def xds_socket(self) -> str:
-        if self._bootstrapping == DST and self.relay is not None:
-            return self.relay.path
-        return str(self.state_dir / "xds.sock")
-
-    def _start_control_plane(self) -> None:
-        super()._start_control_plane()
-        self.relay = DelayRelay(str(self.state_dir / "relay.sock"), self.xds_socket)
-
-    def _start_ztunnel(self, topo, node_name: str) -> None:
-        self._bootstrapping = node_name
-        try:
-            super()._start_ztunnel(topo, node_name)
-        finally:
-            self._bootstrapping = None
-
-    def delay_xds(self, node: str, seconds: float) -> None:
-        assert node == DST and self.relay is not None
-        self.relay.delay = seconds
-
-    def down(self) -> None:
-        if self.relay is not None:
-            self.relay.close()
-        super().down()
 
 
 @dataclass
@@ -204,14 +93,6 @@ class Hammer:
             self.made = n
 
 
-def poll(pred, timeout: float, what: str, step: float = 0.05) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out ({timeout} s) waiting for {what}")
-        time.sleep(step)
-
-
 def logged_paths(lab: Lab, key: str) -> set[str]:
     """Paths of the requests the pod server received (its log: ``request ... path=...``)."""
     return {line.rsplit("path=", 1)[1] for line in lab.pod_log(key).splitlines() if line.startswith("request ") and "path=/ord-" in line}
@@ -221,18 +102,8 @@ def logged_paths(lab: Lab, key: str) -> set[str]:
 def lab(request, tmp_path_factory):
     dst = tmp_path_factory.mktemp("ordlab") / "manifests"
     shutil.copytree(ROOT / "golden" / "client-server" / "manifests", dst)
-    lab = RelayLab(dst, prefix=PREFIX, log=lambda m: print(m, file=sys.stderr),
-              serve_args=("--endpoint-barrier-timeout", BARRIER_TIMEOUT))
-
-    def down() -> None:
-        procs = list(lab.procs.values())
-        lab.down()
-        assert owned_netns(PREFIX) == []
-        assert not [p for p in procs if p.alive()], "lab processes left running"
-
-    request.addfinalizer(down)
-    lab.up(timeout=90)
-    return lab
+    return lab_up(request, Lab(dst, prefix=PREFIX, log=lambda m: print(m, file=sys.stderr), xds_relay=True,
+                                serve_args=("--endpoint-barrier-timeout", BARRIER_TIMEOUT)))
 
 
 def test_backend_added_while_a_client_hammers_its_service(lab):
