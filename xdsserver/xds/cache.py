@@ -267,7 +267,7 @@ class SnapshotCache:
                 if not isinstance(type_url, str) or not type_url.startswith(TYPE_PREFIX):
                     raise ValueError(f"node {node!r}: type URL {type_url!r} does not start with {TYPE_PREFIX!r}")
                 before = old.resources(type_url) if old is not None else _EMPTY
-                by_name = dict(before)
+                by_name = before.copy()  # type: ignore[attr-defined]  # mappingproxy -> dict at C speed (dict() goes key by key)
                 a, c, r = [], [], []
                 for name, body in items.items():
                     if not isinstance(name, str) or not name:
