@@ -14,7 +14,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ from .xds.cache import SnapshotCache, UnsafeSnapshot
 from .xds.metrics import XdsMetrics
 from .ordering import EndpointBarrier, new_endpoint_nodes
 from .xds.server import AdsServer
+from .xds.types import ENDPOINT
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +150,7 @@ class ControlPlane:
         self.injected: dict[str, dict[str, dict[str, Message]]] = {}
         self._lock = asyncio.Lock()
         self.gc = PublishedStateGc()
+        self._held: dict[str, set[str]] = {}  # node -> CLA names the endpoint barrier holds back
 
     # -- pipeline -------------------------------------------------------------------------------
     def rebuild(self) -> bool:
@@ -192,13 +194,9 @@ class ControlPlane:
         # ordered pushes: a node that gains a new endpoint gets it only after the endpoint's node
         # ACKed its inbound chain; until then it keeps its previous endpoint bytes
         dest = patch.new_ready_nodes if patch is not None else new_endpoint_nodes(self.state.model, model)
-        held: set[str] = set()
+        held: dict[str, set[str]] = {}
         if dest:
-            publish = {n: self._with_injected(n, snaps[n]) for n in deltas if n in snaps}
-            previous = {n: self._with_injected(n, self.snaps[n]) for n in publish if n in self.snaps}
-            now, held = self.barrier.split(publish, previous, dest)
-            for n in held:
-                deltas[n] = resource_delta(self.cache.resource_set(n), now[n])
+            deltas, held = self.barrier.split(deltas, self._served_endpoints, dest)
         t_deltas = time.perf_counter()
         try:
             changes = self.cache.apply_deltas(deltas)
@@ -230,7 +228,9 @@ class ControlPlane:
         if not self.cache.ready:
             self.cache.mark_ready()
         if held:
-            self.barrier.release_later(dest, held, self._publish_latest)
+            for n, names in held.items():
+                self._held.setdefault(n, set()).update(names)
+            self.barrier.release_later(dest, set(held), self._publish_latest)
         self.gc.published()
         return True
 
@@ -245,10 +245,21 @@ class ControlPlane:
             return None
         return self.readiness.patch(objects, self.validation_memo)
 
+    def _served_endpoints(self, node: str) -> Mapping[str, Any]:
+        snap = self.cache.get(node)
+        return snap.resources(ENDPOINT) if snap is not None else {}
+
     def _publish_latest(self, nodes: set[str]) -> None:
-        """The endpoint barrier's release: the latest good snapshot of `nodes`."""
+        """The endpoint barrier's release: the latest bytes of the CLAs held back on `nodes`."""
+        deltas: dict[str, dict[str, dict[str, bytes | None]]] = {}
+        for n in sorted(nodes):
+            names = self._held.pop(n, set())
+            if n not in self.snaps or not names:
+                continue
+            latest = dict(self._with_injected(n, self.snaps[n]).get(ENDPOINT, ()))
+            deltas[n] = {ENDPOINT: {name: latest.get(name) for name in sorted(names)}}
         try:
-            self.cache.set_snapshots({n: self._with_injected(n, self.snaps[n]) for n in nodes if n in self.snaps})
+            self.cache.apply_deltas(deltas)
         except UnsafeSnapshot as exc:
             log.error("endpoint barrier release refused: %s", exc)
 
