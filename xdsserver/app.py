@@ -9,12 +9,13 @@ input is logged and ignored: the last good configuration keeps being served.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import os
 import signal
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,19 @@ class PublishedStateGc:
         self.full_every = full_every
         self.count = 0
 
+    @contextlib.contextmanager
+    def building(self) -> Iterator[None]:
+        """No cyclic collection while a rebuild allocates: measured at 100 nodes from cold, 12
+        full collections walking the growing heap took 2.3 s of a 19 s build. The rebuild's
+        garbage is freed by reference counting; cycles wait for the periodic full collection."""
+        was = gc.isenabled()
+        gc.disable()
+        try:
+            yield
+        finally:
+            if was:
+                gc.enable()
+
     def published(self) -> None:
         self.count += 1
         if self.count % self.full_every == 0:
@@ -154,6 +168,11 @@ class ControlPlane:
 
     # -- pipeline -------------------------------------------------------------------------------
     def rebuild(self) -> bool:
+        """Load, validate, translate and publish (see :meth:`_rebuild`), the cyclic GC off meanwhile."""
+        with self.gc.building():
+            return self._rebuild()
+
+    def _rebuild(self) -> bool:
         """Load, validate, translate and publish. False (and nothing changed) on bad input.
 
         Translation is incremental: nodes whose inputs did not change are not translated and not
