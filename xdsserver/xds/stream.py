@@ -449,6 +449,8 @@ class DeltaTypeState:
         self.stats = {"stale": 0, "nack": 0, "quarantined": 0, "unsafe": 0}
         self.requests = 0
         self._quiet = _Quiet()
+        self._subscription = 0  # bumped by every request that may change names or wildcard
+        self._target_memo: tuple[Mapping[str, Resource], int, dict[str, Resource]] | None = None
 
     def _token(self) -> tuple[Any, ...]:
         return (self.requests, self.sent_nonce, len(self.rejected), tuple(self.stats.values()))
@@ -459,10 +461,17 @@ class DeltaTypeState:
         have = snap.resources(self.type_url)
         if self.wildcard:
             return have
-        return {n: have[n] for n in sorted(self.names) if n in have}
+        memo = self._target_memo
+        if memo is not None and memo[0] is have and memo[1] == self._subscription:
+            return memo[2]  # a push and the ACK after it ask for the same target
+        target = {n: have[n] for n in sorted(self.names) if n in have}
+        self._target_memo = (have, self._subscription, target)
+        return target
 
     def on_request(self, req: discovery_pb2.DeltaDiscoveryRequest, snap: Snapshot | None) -> RequestOutcome:
         self.requests += 1
+        if not self.started or req.resource_names_subscribe or req.resource_names_unsubscribe:
+            self._subscription += 1
         first = not self.started
         if first:
             self.started = True
