@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import itertools
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -181,6 +181,14 @@ class _Quiet:
         self.have, self.token = have, token
 
 
+def _subscribed(have: Mapping[str, Resource], names: AbstractSet[str]) -> Mapping[str, Resource]:
+    """``have`` restricted to ``names``, in name order; ``have`` itself (a snapshot keeps names
+    sorted) when the names cover it -- the usual EDS subscription, every cluster of the node."""
+    if len(names) >= len(have) and names.issuperset(have):
+        return have
+    return {n: have[n] for n in sorted(names) if n in have}
+
+
 class SotwTypeState:
     """One type's sub-stream of a SotW ADS stream (xds-protocol §2 decision table)."""
 
@@ -208,7 +216,7 @@ class SotwTypeState:
         self.stats = {"stale": 0, "nack": 0, "quarantined": 0, "unsafe": 0}
         self._quiet = _Quiet()
         # (resources, names, target, its version): the last non-wildcard target, built once
-        self._target_memo: tuple[Mapping[str, Resource], frozenset[str], dict[str, Resource], str] | None = None
+        self._target_memo: tuple[Mapping[str, Resource], frozenset[str], Mapping[str, Resource]] | None = None
 
     def _token(self) -> tuple[Any, ...]:
         return (self.requests, self.key, self.sent_nonce, self.sent_version, self.force, tuple(self.rejected), tuple(self.stats.values()))
@@ -242,16 +250,13 @@ class SotwTypeState:
         memo = self._target_memo
         if memo is not None and memo[0] is have and memo[1] == self.names:
             return memo[2]  # a push and the ACK after it ask for the same target
-        target = {n: have[n] for n in sorted(self.names) if n in have}
-        self._target_memo = (have, self.names, target, content_version((r.name, r.version) for r in target.values()))
+        target = _subscribed(have, self.names)
+        self._target_memo = (have, self.names, target)
         return target
 
     def _version(self, snap: Snapshot | None, target: Mapping[str, Resource]) -> str:
-        if snap is not None and self.wildcard:
-            return snap.type_version(self.type_url)
-        memo = self._target_memo
-        if memo is not None and memo[2] is target:
-            return memo[3]
+        if snap is not None and (self.wildcard or target is snap.resources(self.type_url)):
+            return snap.type_version(self.type_url)  # computed once per snapshot and type
         return content_version((r.name, r.version) for r in target.values())
 
     # -- requests --------------------------------------------------------------------------------
@@ -450,7 +455,7 @@ class DeltaTypeState:
         self.requests = 0
         self._quiet = _Quiet()
         self._subscription = 0  # bumped by every request that may change names or wildcard
-        self._target_memo: tuple[Mapping[str, Resource], int, dict[str, Resource]] | None = None
+        self._target_memo: tuple[Mapping[str, Resource], int, Mapping[str, Resource]] | None = None
 
     def _token(self) -> tuple[Any, ...]:
         return (self.requests, self.sent_nonce, len(self.rejected), tuple(self.stats.values()))
@@ -464,7 +469,7 @@ class DeltaTypeState:
         memo = self._target_memo
         if memo is not None and memo[0] is have and memo[1] == self._subscription:
             return memo[2]  # a push and the ACK after it ask for the same target
-        target = {n: have[n] for n in sorted(self.names) if n in have}
+        target = _subscribed(have, self.names)
         self._target_memo = (have, self._subscription, target)
         return target
 
