@@ -324,3 +324,25 @@ def test_server_rebuild_patches_readiness_and_equals_full_translation(base, cert
             {n: {t: dict(v) for t, v in rs.items()} for n, rs in cp.snaps.items()}, label
         if patch is not None:
             assert patch.new_ready_nodes == new_endpoint_nodes(before, fresh.model), label
+
+
+def test_server_rebuild_with_a_duplicated_pod_takes_the_full_path(base, certs) -> None:
+    """Lenient source: of two objects with one name the first is served and the second rejected;
+    a readiness change of the rejected copy must not patch the served pod."""
+    from prometheus_client import CollectorRegistry
+
+    from xdsserver.app import ControlPlane
+
+    objs, index = base
+    (key,) = _served(objs, index, 1)
+    first = next(o for o in objs if o["kind"] == "Pod" and f"{o['metadata']['namespace']}/{o['metadata']['name']}" == key)
+    state = {"objs": [*objs, copy.deepcopy(first)]}
+    feed = bc.ObjectFeed()
+    cp = ControlPlane(load_objects=lambda: feed(state["objs"]), certs=certs, registry=CollectorRegistry(), strict=False)
+    assert cp.rebuild()
+    dup = copy.deepcopy(first)
+    dup["status"]["conditions"] = [{"type": "Ready", "status": "False"}]
+    state["objs"] = [*state["objs"][:-1], dup]
+    assert cp.rebuild() and cp.last_path == "full"
+    served = next(p for p in cp.state.model.pods if p.key == key)
+    assert served.ready, "the rejected duplicate's readiness reached the served pod"

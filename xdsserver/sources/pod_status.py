@@ -38,12 +38,16 @@ class ReadinessPatcher:
 
     def __init__(self) -> None:
         self._objects: list[SourceObject] | None = None
+        self._duplicates = False
         self._model: Model | None = None
         self._index: MeshIndex | None = None
 
     def rebase(self, objects: list[SourceObject], model: Model, index: MeshIndex) -> None:
         """After a full build was published: the new base, and lookups built once (O(objects))."""
         self._objects, self._model, self._index = list(objects), model, index
+        refs = [so.ref for so in objects if so.kind == "Pod"]
+        # a duplicated Pod (rejected, lenient sources) would patch the accepted one: no patches then
+        self._duplicates = len(refs) != len(set(refs))
         sliced = set()
         for so in objects:
             if so.kind == "EndpointSlice" and isinstance(so.obj, dict):
@@ -68,7 +72,7 @@ class ReadinessPatcher:
 
     def patch(self, objects: list[SourceObject], memo: ValidationMemo | None = None) -> ReadinessPatch | None:
         old_objs, model, index = self._objects, self._model, self._index
-        if old_objs is None or model is None or index is None:
+        if old_objs is None or model is None or index is None or self._duplicates:
             return None
         positions = replaced_positions(old_objs, objects, MAX_CHANGED)
         if positions is None:
