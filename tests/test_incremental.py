@@ -280,6 +280,26 @@ def _slice_for_pod(key: str):
     return step
 
 
+def _edit_slice(change):
+    """The EndpointSlice edited in place, as the endpoint-slice controller updates it."""
+    return lambda objs, index: _replace(objs, lambda o: o["kind"] == "EndpointSlice", change)
+
+
+def _slice_ready(ready: bool):
+    def change(sl: dict) -> None:
+        sl["endpoints"][0]["conditions"]["ready"] = ready
+    return _edit_slice(change)
+
+
+def _slice_address(sl: dict) -> None:
+    node = sl["endpoints"][0]["nodeName"]
+    sl["endpoints"].append({"addresses": ["10.99.0.7"], "conditions": {"ready": True}, "nodeName": node})
+
+
+def _slice_port_renamed(sl: dict) -> None:
+    sl["ports"][0]["name"] = "renamed"
+
+
 def test_server_rebuild_patches_readiness_and_equals_full_translation(base, certs) -> None:
     """The ControlPlane's rebuild, events in sequence: readiness-only changes take the patch path
     (no model build, no per-node translation), everything else the full one; after each, the
@@ -307,6 +327,10 @@ def test_server_rebuild_patches_readiness_and_equals_full_translation(base, cert
         ("slice added", _slice_for_pod(d), "full"),
         ("pod behind the slice", _set_ready([d, a], True), "readiness patch"),
         ("pod behind the slice unready", _set_ready([d], False), "readiness patch"),
+        ("slice endpoint unready", _slice_ready(False), "readiness patch"),
+        ("slice address added", _edit_slice(_slice_address), "readiness patch"),
+        ("slice endpoint ready and a pod unready", lambda o, i: _set_ready([b], False)(_slice_ready(True)(o, i), i), "readiness patch"),
+        ("slice port renamed", _edit_slice(_slice_port_renamed), "full"),
         ("unchanged content, new objects", lambda o, i: [copy.deepcopy(x) if x["kind"] == "Pod" and x is o[-3] else x for x in o], "readiness patch"),
     ]
     for label, step, path in steps:
