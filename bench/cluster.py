@@ -9,7 +9,7 @@ from typing import Any
 
 from xdsserver import synth
 from xdsserver.model.index import MeshIndex
-from xdsserver.sources import SourceObject
+from xdsserver.sources import SourceObject, replaced_positions
 from xdsserver.sources.objects import ValidationMemo, build_model
 
 
@@ -59,8 +59,24 @@ class ObjectFeed:
 
     def __init__(self) -> None:
         self._last: dict[int, tuple[dict[str, Any], SourceObject]] = {}
+        self._list: tuple[list[dict[str, Any]], list[SourceObject]] | None = None
 
     def __call__(self, objs: list[dict[str, Any]]) -> list[SourceObject]:
+        positions = replaced_positions(self._list[0], objs, 64) if self._list is not None else None
+        if positions is not None and self._list is not None:
+            # objects replaced in place (as watch events do): new SourceObjects for those only
+            out = list(self._list[1])
+            for i in positions:
+                hit = self._last.get(id(objs[i]))
+                out[i] = hit[1] if hit is not None and hit[0] is objs[i] else SourceObject("synth", objs[i])
+                self._last[id(objs[i])] = (objs[i], out[i])
+            self._list = (list(objs), out)
+            return out
+        out = self._full(objs)
+        self._list = (list(objs), out)
+        return out
+
+    def _full(self, objs: list[dict[str, Any]]) -> list[SourceObject]:
         nxt: dict[int, tuple[dict[str, Any], SourceObject]] = {}
         out = []
         for o in objs:
@@ -74,6 +90,7 @@ class ObjectFeed:
     def copy(self) -> "ObjectFeed":
         other = ObjectFeed()
         other._last = dict(self._last)
+        other._list = self._list
         return other
 
 

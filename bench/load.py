@@ -169,7 +169,8 @@ async def run_load(scale: bc.Scale, certs: Any, m: int, *, with_envoy: bool, pip
                     if phase == "apply":
                         sends = cp.server.sends[n_sends:]
                         published = start + rebuild
-                        rows.append({"rebuild_s": rebuild, "lat": [t - start for t in done.values()],
+                        rows.append({"rebuild_s": rebuild, "stages": dict(cp.timings), "path": cp.last_path,
+                                     "lat": [t - start for t in done.values()],
                                      "after_publish": [t - published for t in done.values()],
                                      "pushes": len(sends), "bytes": sum(s[4] for s in sends), "streams": len(done)})
             lat = [x for r in rows for x in r["lat"]]
@@ -178,6 +179,10 @@ async def run_load(scale: bc.Scale, certs: Any, m: int, *, with_envoy: bool, pip
                 "what": what,
                 "repeats": len(rows),
                 "rebuild_ms_median": round(statistics.median(r["rebuild_s"] for r in rows) * 1000, 1),
+                # ControlPlane.timings: source, model (+ index), translate, deltas, cache; and the path taken
+                "stage_ms_median": {k: round(statistics.median(r["stages"].get(k, 0.0) for r in rows) * 1000, 2)
+                                    for k in rows[0]["stages"]},
+                "path": rows[0]["path"],
                 "affected_streams": rows[0]["streams"],
                 "pushes_per_event": rows[0]["pushes"],
                 "bytes_per_event": rows[0]["bytes"],

@@ -211,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--growth", action="store_true",
                    help="only the growth table: the four events at 10, 30 and 100 nodes (bench/results/growth.json)")
+    p.add_argument("--growth-sizes", type=lambda s: tuple(int(x) for x in s.split(",")),
+                   help="with --growth: only these node counts, e.g. 100 (their rows replace those in the JSON)")
     p.add_argument("--smoke", action="store_true",
                    help="CI smoke run of the small scale: 2 nodes translated, M=2, incremental pipeline, 2 events, no Envoy")
     args = p.parse_args(argv)
@@ -222,9 +224,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.growth:
         from . import growth
 
-        g = growth.run(ephemeral_certs(), log=log)
-        g["machine"] = machine()
         path = args.json or RESULTS / "growth.json"
+        if args.growth_sizes:
+            g = growth.merge(json.loads(path.read_text()) if path.exists() else None,
+                             growth.run(ephemeral_certs(), sizes=args.growth_sizes, log=log), machine())
+        else:
+            g = growth.run(ephemeral_certs(), log=log)
+            g["machine"] = machine()
         path.write_text(json.dumps(g, indent=1, sort_keys=True, default=str) + "\n")
         log(f"wrote {path}")
         print(growth.table(g))

@@ -242,3 +242,131 @@ def test_model_and_index_reuse_what_did_not_change(base) -> None:
             rebuilt = [t for t in new_index.targets if old.get((t.service.key, t.port.name)) is not t]
             assert rebuilt and all(t.backends != old[(t.service.key, t.port.name)].backends for t in rebuilt)
         objs, index = new_objs, new_index
+
+
+# -- the server's rebuild: a readiness change patches model, index and CLAs (sources/pod_status.py) --
+def _served(objs: list[dict], index: MeshIndex, n: int) -> list[str]:
+    """Keys of the first ``n`` pods behind a service with a VIP (their endpoints reach EDS)."""
+    served = {b.pod for t in index.targets for b in t.backends if b.identity is not None}
+    served |= {ep.pod for _, eps in index.model.endpoints for ep in eps if not ep.ready}
+    keys = [f"{o['metadata']['namespace']}/{o['metadata']['name']}" for o in objs if o["kind"] == "Pod"]
+    return [k for k in keys if k in served][:n]
+
+
+def _set_ready(keys: list[str], ready: bool, labels: dict | None = None):
+    def step(objs: list[dict], index: MeshIndex) -> list[dict]:
+        def change(o: dict) -> None:
+            o["status"]["conditions"] = [{"type": "Ready", "status": "True" if ready else "False"}]
+            o["metadata"]["labels"].update(labels or {})
+        out = list(objs)
+        for k in keys:
+            out = _replace(out, lambda o: o["kind"] == "Pod" and f"{o['metadata']['namespace']}/{o['metadata']['name']}" == k, change)
+        return out
+    return step
+
+
+def _slice_for_pod(key: str):
+    """An EndpointSlice for the first service selecting pod ``key``: that service's endpoints no
+    longer come from pod readiness, so a readiness flip must leave them as the slice says."""
+    def step(objs: list[dict], index: MeshIndex) -> list[dict]:
+        (svc, port), eps = next((k, eps) for k, eps in index.model.endpoints if any(e.pod == key for e in eps))
+        ns, name = svc.split("/")
+        ready = [{"addresses": [e.ip], "conditions": {"ready": True}, "nodeName": e.node_name,
+                  "targetRef": {"kind": "Pod", "namespace": ns, "name": e.pod.split("/")[1]}} for e in eps]
+        return [*objs, {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                        "metadata": {"name": f"{name}-slice", "namespace": ns, "labels": {"kubernetes.io/service-name": name}},
+                        "addressType": "IPv4", "ports": [{"name": port, "port": eps[0].port, "protocol": "TCP"}],
+                        "endpoints": ready}]
+    return step
+
+
+def _edit_slice(change):
+    """The EndpointSlice edited in place, as the endpoint-slice controller updates it."""
+    return lambda objs, index: _replace(objs, lambda o: o["kind"] == "EndpointSlice", change)
+
+
+def _slice_ready(ready: bool):
+    def change(sl: dict) -> None:
+        sl["endpoints"][0]["conditions"]["ready"] = ready
+    return _edit_slice(change)
+
+
+def _slice_address(sl: dict) -> None:
+    node = sl["endpoints"][0]["nodeName"]
+    sl["endpoints"].append({"addresses": ["10.99.0.7"], "conditions": {"ready": True}, "nodeName": node})
+
+
+def _slice_port_renamed(sl: dict) -> None:
+    sl["ports"][0]["name"] = "renamed"
+
+
+def test_server_rebuild_patches_readiness_and_equals_full_translation(base, certs) -> None:
+    """The ControlPlane's rebuild, events in sequence: readiness-only changes take the patch path
+    (no model build, no per-node translation), everything else the full one; after each, the
+    model, the index and every node's resources equal a build and translation from scratch, byte
+    for byte, and the nodes the endpoint barrier waits for are new_endpoint_nodes'."""
+    from prometheus_client import CollectorRegistry
+
+    from xdsserver.app import ControlPlane
+    from xdsserver.ordering import new_endpoint_nodes
+
+    objs, index = base
+    a, b, c, d = _served(objs, index, 4)
+    state = {"objs": objs}
+    feed = bc.ObjectFeed()
+    cp = ControlPlane(load_objects=lambda: feed(state["objs"]), certs=certs, registry=CollectorRegistry())
+    assert cp.rebuild() and cp.last_path == "full"
+    steps = [
+        ("one unready", _set_ready([a], False), "readiness patch"),
+        ("ready again", _set_ready([a], True), "readiness patch"),
+        ("three at once", _set_ready([a, b, c], False), "readiness patch"),
+        ("pod added", lambda o, i: bc.EVENTS["pod_added"](o, i)[0], "full"),
+        ("after a full build", _set_ready([b, c], True), "readiness patch"),
+        ("readiness and a label", _set_ready([d], False, {"extra": "x"}), "full"),
+        ("service added", lambda o, i: bc.EVENTS["service_added"](o, i)[0], "full"),
+        ("slice added", _slice_for_pod(d), "full"),
+        ("pod behind the slice", _set_ready([d, a], True), "readiness patch"),
+        ("pod behind the slice unready", _set_ready([d], False), "readiness patch"),
+        ("slice endpoint unready", _slice_ready(False), "readiness patch"),
+        ("slice address added", _edit_slice(_slice_address), "readiness patch"),
+        ("slice endpoint ready and a pod unready", lambda o, i: _set_ready([b], False)(_slice_ready(True)(o, i), i), "readiness patch"),
+        ("slice port renamed", _edit_slice(_slice_port_renamed), "full"),
+        ("unchanged content, new objects", lambda o, i: [copy.deepcopy(x) if x["kind"] == "Pod" and x is o[-3] else x for x in o], "readiness patch"),
+    ]
+    for label, step, path in steps:
+        before = cp.state.model
+        state["objs"] = step(state["objs"], cp.state.index)
+        patch = cp.readiness.patch(cp.load_objects())
+        assert cp.rebuild(), label
+        assert cp.last_path == path, label
+        fresh = bc.index_of(state["objs"])
+        assert cp.state.model == fresh.model, label
+        assert cp.state.index.workloads == fresh.workloads and cp.state.index.targets == fresh.targets, label
+        assert dict(cp.state.index.endpoints) == dict(fresh.endpoints), label
+        assert cp.snaps == full(fresh, certs), label
+        assert {n: {t: dict(v) for t, v in cp.cache.resource_set(n).items()} for n in cp.snaps} == \
+            {n: {t: dict(v) for t, v in rs.items()} for n, rs in cp.snaps.items()}, label
+        if patch is not None:
+            assert patch.new_ready_nodes == new_endpoint_nodes(before, fresh.model), label
+
+
+def test_server_rebuild_with_a_duplicated_pod_takes_the_full_path(base, certs) -> None:
+    """Lenient source: of two objects with one name the first is served and the second rejected;
+    a readiness change of the rejected copy must not patch the served pod."""
+    from prometheus_client import CollectorRegistry
+
+    from xdsserver.app import ControlPlane
+
+    objs, index = base
+    (key,) = _served(objs, index, 1)
+    first = next(o for o in objs if o["kind"] == "Pod" and f"{o['metadata']['namespace']}/{o['metadata']['name']}" == key)
+    state = {"objs": [*objs, copy.deepcopy(first)]}
+    feed = bc.ObjectFeed()
+    cp = ControlPlane(load_objects=lambda: feed(state["objs"]), certs=certs, registry=CollectorRegistry(), strict=False)
+    assert cp.rebuild()
+    dup = copy.deepcopy(first)
+    dup["status"]["conditions"] = [{"type": "Ready", "status": "False"}]
+    state["objs"] = [*state["objs"][:-1], dup]
+    assert cp.rebuild() and cp.last_path == "full"
+    served = next(p for p in cp.state.model.pods if p.key == key)
+    assert served.ready, "the rejected duplicate's readiness reached the served pod"

@@ -9,12 +9,13 @@ input is logged and ignored: the last good configuration keeps being served.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from .model.index import MeshIndex
 from .pipeline import CaCerts
 from .sources import SourceObject
 from .sources.objects import InputErrors, ValidationMemo, build_model
+from .sources.pod_status import ReadinessPatcher
 from .incremental import IncrementalTranslator, ResourceSet, resource_delta
 from .published import LazyNodes, State
 from .translate import TranslationError
@@ -35,6 +37,7 @@ from .xds.cache import SnapshotCache, UnsafeSnapshot
 from .xds.metrics import XdsMetrics
 from .ordering import EndpointBarrier, new_endpoint_nodes
 from .xds.server import AdsServer
+from .xds.types import ENDPOINT
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +85,19 @@ class PublishedStateGc:
     def __init__(self, full_every: int = 50) -> None:
         self.full_every = full_every
         self.count = 0
+
+    @contextlib.contextmanager
+    def building(self) -> Iterator[None]:
+        """No cyclic collection while a rebuild allocates: measured at 100 nodes from cold, 12
+        full collections walking the growing heap took 2.3 s of a 19 s build. The rebuild's
+        garbage is freed by reference counting; cycles wait for the periodic full collection."""
+        was = gc.isenabled()
+        gc.disable()
+        try:
+            yield
+        finally:
+            if was:
+                gc.enable()
 
     def published(self) -> None:
         self.count += 1
@@ -139,25 +155,47 @@ class ControlPlane:
         self.state = State()
         self.translator = IncrementalTranslator(flavor, certs)
         self.validation_memo = ValidationMemo()
+        self.readiness = ReadinessPatcher()  # pod readiness changes patch the model (O(change))
+        self.last_path = ""  # how the last published rebuild was computed: "full" or "readiness patch"
+        self.timings: dict[str, float] = {}  # the last published rebuild's stages, seconds
         self.snaps: dict[str, ResourceSet] = {}  # every node's last good serialized resources
         self.test_hooks = test_hooks
         # test-only: node -> type_url -> name -> message, layered over the translation
         self.injected: dict[str, dict[str, dict[str, Message]]] = {}
         self._lock = asyncio.Lock()
         self.gc = PublishedStateGc()
+        self._held: dict[str, set[str]] = {}  # node -> CLA names the endpoint barrier holds back
 
     # -- pipeline -------------------------------------------------------------------------------
     def rebuild(self) -> bool:
+        """Load, validate, translate and publish (see :meth:`_rebuild`), the cyclic GC off meanwhile."""
+        with self.gc.building():
+            return self._rebuild()
+
+    def _rebuild(self) -> bool:
         """Load, validate, translate and publish. False (and nothing changed) on bad input.
 
         Translation is incremental: nodes whose inputs did not change are not translated and not
-        handed to the cache; endpoint-only changes rebuild only the affected assignments."""
+        handed to the cache; endpoint-only changes rebuild only the affected assignments. A change
+        that is only pods' readiness skips the model build too: the last model and index are
+        patched (:class:`~xdsserver.sources.pod_status.ReadinessPatcher`)."""
         t0 = time.perf_counter()
         try:
             objects = self.load_objects()
-            model = build_model(objects, self.mesh, strict=self.strict, memo=self.validation_memo)
-            index = MeshIndex(model, previous=self.state.index)
-            snaps = self.translator.snapshots(index)
+            t_source = time.perf_counter()
+            patch = self._readiness_patch(objects)
+            if patch is not None:
+                model, index = patch.model, patch.index
+                t_model = time.perf_counter()
+                snaps = self.translator.patch_backends(index, self.state.index, patch.targets)  # type: ignore[arg-type]
+                if snaps is None:
+                    patch, snaps = None, self.translator.snapshots(index)
+            else:
+                model = build_model(objects, self.mesh, strict=self.strict, memo=self.validation_memo)
+                index = MeshIndex(model, previous=self.state.index)
+                t_model = time.perf_counter()
+                snaps = self.translator.snapshots(index)
+            t_translate = time.perf_counter()
         except InputErrors as exc:
             self._reject(f"input rejected, still serving the last good configuration:\n{exc}")
             return False
@@ -174,14 +212,11 @@ class ControlPlane:
                 deltas[n] = resource_delta(self.cache.resource_set(n), self._with_injected(n, snaps[n]))
         # ordered pushes: a node that gains a new endpoint gets it only after the endpoint's node
         # ACKed its inbound chain; until then it keeps its previous endpoint bytes
-        dest = new_endpoint_nodes(self.state.model, model)
-        held: set[str] = set()
+        dest = patch.new_ready_nodes if patch is not None else new_endpoint_nodes(self.state.model, model)
+        held: dict[str, set[str]] = {}
         if dest:
-            publish = {n: self._with_injected(n, snaps[n]) for n in deltas if n in snaps}
-            previous = {n: self._with_injected(n, self.snaps[n]) for n in publish if n in self.snaps}
-            now, held = self.barrier.split(publish, previous, dest)
-            for n in held:
-                deltas[n] = resource_delta(self.cache.resource_set(n), now[n])
+            deltas, held = self.barrier.split(deltas, self._served_endpoints, dest)
+        t_deltas = time.perf_counter()
         try:
             changes = self.cache.apply_deltas(deltas)
         except UnsafeSnapshot as exc:
@@ -192,26 +227,58 @@ class ControlPlane:
             return False
         for gone in stats.removed:
             self.cache.remove_node(gone)
+        t_cache = time.perf_counter()
         self.snaps = snaps
+        if patch is not None:
+            self.readiness.advance(objects, patch)
+        else:
+            self.readiness.rebase(objects, model, index)
+        self.last_path = "readiness patch" if patch is not None else "full"
+        self.timings = {"source": t_source - t0, "model": t_model - t_source, "translate": t_translate - t_model,
+                        "deltas": t_deltas - t_translate, "cache": t_cache - t_deltas}
         self.state = State(model, index, LazyNodes(snaps, self.flavor), time.time(), self.state.generation + 1, "")
         self.metrics.translate_time.observe(time.perf_counter() - t0)
         self.metrics.reloads.inc()
         self.metrics.nodes.set(len(snaps))
         changed = {n: sorted(c.types) for n, c in changes.items() if c}
-        log.info("published generation %d: %d nodes (%d translated, %d patched), changed %s (%.1f ms)",
-                 self.state.generation, len(snaps), len(stats.full), len(stats.patched), changed or "nothing",
+        log.info("published generation %d (%s): %d nodes (%d translated, %d patched), changed %s (%.1f ms)",
+                 self.state.generation, self.last_path, len(snaps), len(stats.full), len(stats.patched), changed or "nothing",
                  (time.perf_counter() - t0) * 1000)
         if not self.cache.ready:
             self.cache.mark_ready()
         if held:
-            self.barrier.release_later(dest, held, self._publish_latest)
+            for n, names in held.items():
+                self._held.setdefault(n, set()).update(names)
+            self.barrier.release_later(dest, set(held), self._publish_latest)
         self.gc.published()
         return True
 
+    def _readiness_patch(self, objects: list[SourceObject]) -> Any:
+        """The model and index patched for a readiness-only change (sources/pod_status.py), or
+        None: a full build then. Not while a certificate rotation is due (the patch path does
+        not look at secrets) nor with test-hook injections."""
+        if self.state.index is None or self.injected:
+            return None
+        ca = getattr(self.certs, "ca", None)
+        if ca is not None and hasattr(ca, "rotate_due") and ca.rotate_due():
+            return None
+        return self.readiness.patch(objects, self.validation_memo)
+
+    def _served_endpoints(self, node: str) -> Mapping[str, Any]:
+        snap = self.cache.get(node)
+        return snap.resources(ENDPOINT) if snap is not None else {}
+
     def _publish_latest(self, nodes: set[str]) -> None:
-        """The endpoint barrier's release: the latest good snapshot of `nodes`."""
+        """The endpoint barrier's release: the latest bytes of the CLAs held back on `nodes`."""
+        deltas: dict[str, dict[str, dict[str, bytes | None]]] = {}
+        for n in sorted(nodes):
+            names = self._held.pop(n, set())
+            if n not in self.snaps or not names:
+                continue
+            latest = dict(self._with_injected(n, self.snaps[n]).get(ENDPOINT, ()))
+            deltas[n] = {ENDPOINT: {name: latest.get(name) for name in sorted(names)}}
         try:
-            self.cache.set_snapshots({n: self._with_injected(n, self.snaps[n]) for n in nodes if n in self.snaps})
+            self.cache.apply_deltas(deltas)
         except UnsafeSnapshot as exc:
             log.error("endpoint barrier release refused: %s", exc)
 

@@ -260,6 +260,64 @@ class IncrementalTranslator:
         self.stats = stats
         return out
 
+    def patch_backends(self, index: MeshIndex, previous: MeshIndex, positions: tuple[int, ...]) -> dict[str, ResourceSet] | None:
+        """Every node's resources after only the backends of ``index.targets[positions]`` changed
+        (``index`` patched from ``previous``, the index of the last :meth:`snapshots` call; nodes,
+        workload shapes, services and policies the same): only those targets' CLAs are rebuilt,
+        once per body, with no per-node view or shape comparison. None if the memos are not
+        those of ``previous`` (the caller then runs :meth:`snapshots`). Certificates are not
+        looked at: the caller takes this path only when no rotation is due."""
+        old_targets, targets = previous.targets, index.targets
+        if set(self._memo) != set(index.node_names) or any(m.targets is not old_targets for m in self._memo.values()):
+            return None
+        stats = RunStats()
+        wanted = set(positions)
+        names_of: dict[int, list[tuple[str, str, int]]] = {}  # id(service map) -> [(CLA name, listener, target)]
+        pos_of: dict[int, dict[str, int]] = {}  # id(service map) -> CLA name -> position in a node's EDS list
+        cla_memo: dict[tuple[str, int, str], bytes] = {}
+        staged: dict[str, _NodeMemo] = {}
+        out: dict[str, ResourceSet] = {}
+        for node, memo in self._memo.items():
+            key = id(memo.cla_targets)
+            names = names_of.get(key)
+            if names is None:
+                names = names_of[key] = [(name, lis, i) for name, (lis, i) in memo.cla_targets.items() if i in wanted] if wanted else []
+            if not names:
+                staged[node] = replace(memo, targets=targets)
+                out[node] = memo.resources
+                stats.untouched.append(node)
+                continue
+            eds = list(memo.resources[EDS])
+            pos = pos_of.get(key)
+            if pos is None:
+                pos = pos_of[key] = {name: j for j, (name, _) in enumerate(eds)}
+            delta: dict[str, bytes | None] = {}
+            for name, lis, i in names:
+                t = targets[i]
+                host = node if any(b.node_name == node for b in t.backends) else ""  # capture port differs
+                body = cla_memo.get((name, i, host))
+                if body is None:
+                    body = cla_memo[(name, i, host)] = build_cla(name, lis, t, node).SerializeToString(deterministic=True)
+                    stats.clas_built += 1
+                j = pos.get(name)
+                if j is None or j >= len(eds) or eds[j][0] != name:  # another EDS order on this node
+                    j = next((k for k, (n, _) in enumerate(eds) if n == name), -1)
+                    if j < 0:
+                        return None  # nothing committed yet: the caller translates
+                if eds[j][1] != body:
+                    eds[j] = (name, body)
+                    delta[name] = body
+            res = dict(memo.resources)
+            res[EDS] = eds
+            staged[node] = replace(memo, resources=res, targets=targets)
+            out[node] = res
+            stats.patched[node] = len(names)
+            if delta:
+                stats.deltas[node] = {EDS: delta}
+        self._memo.update(staged)
+        self.stats = stats
+        return out
+
     def fork(self) -> "IncrementalTranslator":
         """A translator that starts from this one's memos (which are never mutated in place), so
         a benchmark can apply several alternative changes to one base state."""

@@ -6,20 +6,21 @@ Why: the client node's EDS and the destination node's LDS used to be pushed in t
 a connection in the first milliseconds could reach a destination ztunnel that had no chain for the
 pod yet (reset). Now, when a rebuild makes an address a ready endpoint that was not one before:
 
-1. the destination nodes' snapshots are published in full;
-2. every other node is published with its *previous* ClusterLoadAssignments (new CLAs, of new
-   clusters, go out at once: nothing could reach them before);
+1. the destination nodes' changes are published in full;
+2. every other node's change is published without the ClusterLoadAssignments it already has
+   (they keep their previous bytes; new CLAs, of new clusters, go out at once: nothing could
+   reach them before);
 3. once every stream of each destination node holds and has ACKed its current LDS *and* RDS
    (`AdsServer.acked`), or after `timeout` seconds (logged and counted: `timeouts`,
-   `not_connected`), the other nodes get their latest snapshot.
+   `not_connected`), the other nodes get the latest bytes of the CLAs held back.
 
 Why RDS too: Envoy ACKs an LDS update at once, but the updated listener (an in-place filter-chain
 update) only replaces the old one once it has warmed, i.e. once the RouteConfiguration its new
 chain names (stock flavor: `inbound_<pod ip>`, over RDS) has arrived; until then the old listener,
 without the pod's chain, takes the connections (the lab test showed resets).
 
-
-Content-blind towards the translator: it only swaps whole EDS resources by name.
+Content-blind towards the translator: it only holds whole EDS resources by name, and works on
+the per-node deltas the cache takes, so its cost is the change's, not every node's resources.
 """
 
 from __future__ import annotations
@@ -35,9 +36,6 @@ from .xds.types import ENDPOINT
 
 log = logging.getLogger(__name__)
 
-ResourceSet = Mapping[str, list]
-
-
 def new_endpoint_nodes(old: Model | None, new: Model) -> set[str]:
     """Nodes hosting an address that is a ready endpoint in `new` and was none in `old`."""
     if old is None:
@@ -46,14 +44,32 @@ def new_endpoint_nodes(old: Model | None, new: Model) -> set[str]:
     return {e.node_name for _, eps in new.endpoints for e in eps if e.ready and e.ip not in before and e.node_name}
 
 
-def with_previous_endpoints(new: ResourceSet, previous: ResourceSet | None) -> ResourceSet:
-    """`new` with each CLA that `previous` had replaced by the previous bytes."""
-    if previous is None or ENDPOINT not in new:
-        return new
-    old = dict(previous.get(ENDPOINT, []))
-    out = dict(new)
-    out[ENDPOINT] = [(n, old.get(n, body)) for n, body in new[ENDPOINT]]
-    return out
+Deltas = Mapping[str, Mapping[str, Mapping[str, object]]]  # node -> type URL -> name -> bytes or None
+
+
+def hold_endpoints(deltas: Deltas, served: Callable[[str], Mapping[str, object]], dest: set[str]) -> tuple[dict[str, dict], dict[str, set[str]]]:
+    """(deltas to publish now, node -> CLA names held back): every node outside `dest` keeps the
+    CLAs it is served (`served(node)`: its CLAs by name) until the release; CLAs it does not have
+    yet, of new clusters, and removals go out at once. O(change): only the delta's names are read."""
+    now: dict[str, dict] = {}
+    held: dict[str, set[str]] = {}
+    for node, delta in deltas.items():
+        eds = delta.get(ENDPOINT)
+        if node in dest or not eds:
+            now[node] = dict(delta)
+            continue
+        have = served(node)
+        keep = {name for name, body in eds.items() if body is not None and name in have}
+        if not keep:
+            now[node] = dict(delta)
+            continue
+        held[node] = keep
+        out = {t: d for t, d in delta.items() if t != ENDPOINT}
+        rest = {name: body for name, body in eds.items() if name not in keep}
+        if rest:
+            out[ENDPOINT] = rest
+        now[node] = out
+    return now, held
 
 
 class EndpointBarrier:
@@ -71,26 +87,15 @@ class EndpointBarrier:
         """Called on every ACK: re-check the waiting barriers."""
         self._wake.set()
 
-    def split(
-        self, publish: Mapping[str, ResourceSet], previous: Mapping[str, ResourceSet], dest: set[str]
-    ) -> tuple[dict[str, ResourceSet], set[str]]:
-        """(what to publish now, nodes whose latest snapshot must wait for `dest`)."""
+    def split(self, deltas: Deltas, served: Callable[[str], Mapping[str, object]], dest: set[str]) -> tuple[dict[str, dict], dict[str, set[str]]]:
+        """:func:`hold_endpoints` when the barrier is on and a loop can wait for the release."""
         if not self.enabled or not dest:
-            return dict(publish), set()
+            return {n: dict(d) for n, d in deltas.items()}, {}
         try:
             asyncio.get_running_loop()
         except RuntimeError:  # no loop to wait in (a synchronous caller): publish at once
-            return dict(publish), set()
-        now: dict[str, ResourceSet] = {}
-        held: set[str] = set()
-        for node, res in publish.items():
-            if node in dest:
-                now[node] = res
-                continue
-            gated = with_previous_endpoints(res, previous.get(node))
-            now[node] = gated
-            if gated is not res and gated.get(ENDPOINT) != res.get(ENDPOINT):
-                held.add(node)
+            return {n: dict(d) for n, d in deltas.items()}, {}
+        now, held = hold_endpoints(deltas, served, dest)
         if held:
             self.counts["gated"] += 1
         return now, held

@@ -8,6 +8,7 @@ once (ztunnel-config.md D3), so translation is a pure function of (NodeView, fla
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 
@@ -99,6 +100,59 @@ class MeshIndex:
             self.workloads, self.targets  # noqa: B018 (cached properties)
             self._previous = None
 
+    # cached lookups a patched index carries over (computed on the base index first)
+    _LOOKUPS = ("workloads", "_workload_of_pod", "workloads_by_node", "workload_by_ip", "pods_by_node", "node_names",
+                "endpoints", "targets", "_target_of", "_target_pos", "_workload_pos")
+
+    def patched(self, model: Model, pods: Mapping[str, Pod], endpoints: Mapping[tuple[str, str], tuple[Endpoint, ...]]) -> tuple[MeshIndex, tuple[int, ...]]:
+        """This index after pods changed only in readiness (``pods``: key -> new pod, same
+        position, labels, IPs and node) and the endpoint lists ``endpoints`` were replaced: the
+        new index and the positions in :attr:`targets` whose backends changed.
+
+        O(change) but for C-level copies of the lookups (the old index stays valid): no pod
+        is re-sorted, no enrollment re-evaluated, only the named service ports' backends rebuilt."""
+        for name in self._LOOKUPS:
+            getattr(self, name)
+        new = MeshIndex.__new__(MeshIndex)
+        new.model, new.mesh, new._ns_labels, new._previous = model, self.mesh, self._ns_labels, None
+        d = new.__dict__
+        for name in self._LOOKUPS:
+            d[name] = self.__dict__[name]
+        workloads, of_pod, by_ip = list(self.workloads), dict(self._workload_of_pod), dict(self.workload_by_ip)
+        by_node, pods_by_node = dict(self.workloads_by_node), dict(self.pods_by_node)
+        for key, pod in pods.items():
+            i = self._workload_pos.get(key)
+            node_pods = list(pods_by_node[pod.node_name])
+            node_pods[next(j for j, p in enumerate(node_pods) if p.key == key)] = pod
+            pods_by_node[pod.node_name] = tuple(node_pods)
+            if i is None:
+                continue  # not enrolled (enrollment does not depend on readiness)
+            old = workloads[i]
+            wl = workloads[i] = Workload(pod, old.identity)
+            del of_pod[id(old.pod)]
+            of_pod[id(pod)] = wl
+            by_ip.update((ip, wl) for ip in pod.ips)
+            local = list(by_node[pod.node_name])
+            local[local.index(old)] = wl
+            by_node[pod.node_name] = tuple(local)
+        d.update(workloads=tuple(workloads), _workload_of_pod=of_pod, workload_by_ip=by_ip, workloads_by_node=by_node,
+                 pods_by_node=pods_by_node)
+        eps = d["endpoints"] = dict(self.endpoints)
+        eps.update(endpoints)
+        targets, target_of, changed = list(self.targets), dict(self._target_of), []
+        for key in sorted(endpoints):
+            i = self._target_pos.get(key)
+            if i is None:
+                continue  # no VIP or not TCP: no target
+            was = targets[i]
+            backends = new._backends(was.service, was.port)
+            if backends != was.backends:
+                targets[i] = target_of[key] = ServiceTarget(was.service, was.port, was.hostname, backends)
+                changed.append(i)
+        if changed:
+            d.update(targets=tuple(targets), _target_of=target_of)
+        return new, tuple(sorted(changed))
+
     # -- enrollment -------------------------------------------------------------------------
     def namespace_enrolled(self, namespace: str) -> bool:
         if namespace in self.mesh.excluded_namespaces:
@@ -138,6 +192,14 @@ class MeshIndex:
                 a is b for a, b in zip(out, self._previous.workloads)):
             return self._previous.workloads  # nothing changed: the very same tuple
         return out
+
+    @cached_property
+    def _workload_pos(self) -> dict[str, int]:
+        return {wl.key: i for i, wl in enumerate(self.workloads)}
+
+    @cached_property
+    def _target_pos(self) -> dict[tuple[str, str], int]:
+        return {(t.service.key, t.port.name): i for i, t in enumerate(self.targets)}
 
     @cached_property
     def _workload_of_pod(self) -> dict[int, Workload]:

@@ -8,6 +8,8 @@ derivation are shared by all sources.
 
 from __future__ import annotations
 
+import operator
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,3 +42,22 @@ class SourceObject:
             ns, name = meta.get("namespace"), meta.get("name", "?")
             object.__setattr__(self, "_ref", f"{self.kind} {ns}/{name}" if ns else f"{self.kind} {name}")
         return self._ref  # type: ignore[return-value]
+
+
+def replaced_positions(old: Sequence[Any], new: Sequence[Any], limit: int) -> list[int] | None:
+    """Positions where ``new`` holds another object than ``old`` (by identity, compared at C
+    speed), or None if the lengths differ or more than ``limit`` differ: a source's change list
+    when objects are replaced in place."""
+    if len(old) != len(new):
+        return None
+    differs = list(map(operator.is_not, old, new))
+    out: list[int] = []
+    at = -1
+    while True:
+        try:
+            at = differs.index(True, at + 1)
+        except ValueError:
+            return out
+        out.append(at)
+        if len(out) > limit:
+            return None

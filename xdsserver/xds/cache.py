@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from google.protobuf import any_pb2
 
 from . import wire
-from .types import FULL_STATE_TYPES, TYPE_PREFIX, ResourceSet, content_version, short
+from .types import FULL_STATE_TYPES, TYPE_PREFIX, VERSION_MODULUS, ResourceSet, pair_digest, short, version_of_sum
 
 if TYPE_CHECKING:
     from .metrics import XdsMetrics
@@ -48,6 +48,14 @@ class Resource:
     _any: Any = field(default=None, init=False, repr=False, compare=False)
     _sotw: Any = field(default=None, init=False, repr=False, compare=False)
     _delta: Any = field(default=None, init=False, repr=False, compare=False)
+    _pair: Any = field(default=None, init=False, repr=False, compare=False)
+
+    @property
+    def pair_digest(self) -> int:
+        """(name, version) as summed into its type's version, computed once."""
+        if self._pair is None:
+            object.__setattr__(self, "_pair", pair_digest(self.name, self.version))
+        return self._pair
 
     @property
     def any(self) -> any_pb2.Any:
@@ -77,29 +85,45 @@ _EMPTY: Mapping[str, Resource] = MappingProxyType({})
 class Snapshot:
     """Immutable per-node mapping type_url -> {name: Resource}, names in sorted order."""
 
-    __slots__ = ("_resources", "_versions")
+    __slots__ = ("_resources", "_versions", "_sums")
 
     def __init__(self, resources: Mapping[str, Mapping[str, Resource]]):
         self._resources: dict[str, Mapping[str, Resource]] = {
             t: MappingProxyType({n: resources[t][n] for n in sorted(resources[t])}) for t in sorted(resources)
         }
-        self._versions: dict[str, str] = {}  # per type, computed when a SotW stream first asks
+        self._versions: dict[str, str] = {}  # per type, computed when a stream first asks
+        self._sums: dict[str, tuple[int, int]] = {}  # per type: (sum of pair digests, count), with the version
 
     @classmethod
-    def patched(cls, old: Snapshot | None, types: Mapping[str, dict[str, Resource]], added: Mapping[str, bool]) -> Snapshot:
+    def patched(cls, old: Snapshot | None, types: Mapping[str, dict[str, Resource]], added: Mapping[str, bool],
+                swaps: Mapping[str, list[tuple[Resource | None, Resource | None]]] | None = None) -> Snapshot:
         """``old`` with the given types replaced by these (already patched) dicts; only a type that
-        gained names is re-sorted, and unchanged types keep their mappings and versions."""
+        gained names is re-sorted, and unchanged types keep their mappings and versions. ``swaps``
+        (type -> [(resource before or None, after or None)]) updates a type's version sum in
+        O(change) instead of leaving it to be recomputed over every resource."""
         snap = cls.__new__(cls)
         res = dict(old._resources) if old is not None else {}
         versions = dict(old._versions) if old is not None else {}
+        sums = dict(old._sums) if old is not None else {}
         for t, by_name in types.items():
             versions.pop(t, None)
+            was = sums.pop(t, None)
+            if was is not None and swaps is not None and t in swaps:
+                total, count = was
+                for before, after in swaps[t]:
+                    if before is not None:
+                        total, count = total - before.pair_digest, count - 1
+                    if after is not None:
+                        total, count = total + after.pair_digest, count + 1
+                sums[t] = (total % VERSION_MODULUS, count)
             if not by_name:
                 res.pop(t, None)
+                sums.pop(t, None)
                 continue
             res[t] = MappingProxyType(dict(sorted(by_name.items())) if added.get(t) else by_name)
         snap._resources = {t: res[t] for t in sorted(res)}
         snap._versions = versions
+        snap._sums = sums
         return snap
 
     def resources(self, type_url: str) -> Mapping[str, Resource]:
@@ -118,7 +142,10 @@ class Snapshot:
         """Version of the whole type: derived from the (name, version) pairs, deterministic."""
         v = self._versions.get(type_url)
         if v is None:
-            v = self._versions[type_url] = content_version((r.name, r.version) for r in self.resources(type_url).values())
+            have = self.resources(type_url)
+            if type_url not in self._sums:
+                self._sums[type_url] = (sum(r.pair_digest for r in have.values()) % VERSION_MODULUS, len(have))
+            v = self._versions[type_url] = version_of_sum(*self._sums[type_url])
         return v
 
     def __repr__(self) -> str:
@@ -260,6 +287,7 @@ class SnapshotCache:
                 raise ValueError(f"snapshot node name must be a non-empty string, got {node!r}")
             old = self._snapshots.get(node)
             types: dict[str, dict[str, Resource]] = {}
+            swaps: dict[str, list[tuple[Resource | None, Resource | None]]] = {}
             added: dict[str, frozenset[str]] = {}
             changed: dict[str, frozenset[str]] = {}
             removed: dict[str, frozenset[str]] = {}
@@ -267,8 +295,9 @@ class SnapshotCache:
                 if not isinstance(type_url, str) or not type_url.startswith(TYPE_PREFIX):
                     raise ValueError(f"node {node!r}: type URL {type_url!r} does not start with {TYPE_PREFIX!r}")
                 before = old.resources(type_url) if old is not None else _EMPTY
-                by_name = dict(before)
+                by_name = before.copy()  # type: ignore[attr-defined]  # mappingproxy -> dict at C speed (dict() goes key by key)
                 a, c, r = [], [], []
+                moved: list[tuple[Resource | None, Resource | None]] = []
                 for name, body in items.items():
                     if not isinstance(name, str) or not name:
                         raise ValueError(f"node {node!r}, {short(type_url)}: resource name must be a non-empty string, got {name!r}")
@@ -277,6 +306,7 @@ class SnapshotCache:
                         if was is not None:
                             del by_name[name]
                             r.append(name)
+                            moved.append((was, None))
                         continue
                     if not isinstance(body, bytes):
                         raise ValueError(f"node {node!r}, {short(type_url)} {name!r}: body must be bytes, got {type(body).__name__}")
@@ -290,16 +320,18 @@ class SnapshotCache:
                     else:
                         c.append(name)
                     by_name[name] = res
+                    moved.append((was, res))
                 if not (a or c or r):
                     continue
                 if not by_name and before and type_url in FULL_STATE_TYPES and not allow_empty:
                     raise _wipe(node, type_url, len(before))
                 types[type_url] = by_name
+                swaps[type_url] = moved
                 for out, names_ in ((added, a), (changed, c), (removed, r)):
                     if names_:
                         out[type_url] = frozenset(names_)
             change = SnapshotChange(node, added, changed, removed)
-            snap = old if not types and old is not None else Snapshot.patched(old, types, {t: True for t in added})
+            snap = old if not types and old is not None else Snapshot.patched(old, types, {t: True for t in added}, swaps)
             staged[node] = (snap, change)
         now = self._clock()
         for node, (snap, change) in staged.items():

@@ -29,8 +29,9 @@ from __future__ import annotations
 
 import itertools
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Set as AbstractSet
 from dataclasses import dataclass, field
+from typing import Any
 
 from envoy.service.discovery.v3 import discovery_pb2
 
@@ -158,6 +159,36 @@ def _nack_record(type_url: str, req, version: str, names: Iterable[str]) -> Nack
 # ---------------------------------------------------------------------------------------------
 
 
+class _Quiet:
+    """Remembers that a type state had nothing to send for a snapshot's resources of its type.
+
+    A snapshot patched for a change keeps the very same mapping for every type the change did not
+    touch (``Snapshot.patched``); the answer of ``on_snapshot`` is a function of that mapping and
+    of the state's own inputs (``token``: subscription, last send, requests seen, quarantine), so
+    when both are the same as the last time nothing was sent, nothing is sent again -- without
+    walking, sorting and hashing every resource of the type for each stream on each push."""
+
+    __slots__ = ("have", "token")
+
+    def __init__(self) -> None:
+        self.have: Mapping[str, Resource] | None = None
+        self.token: tuple[Any, ...] = ()
+
+    def same(self, have: Mapping[str, Resource], token: tuple[Any, ...]) -> bool:
+        return self.have is have and self.token == token
+
+    def remember(self, have: Mapping[str, Resource] | None, token: tuple[Any, ...]) -> None:
+        self.have, self.token = have, token
+
+
+def _subscribed(have: Mapping[str, Resource], names: AbstractSet[str]) -> Mapping[str, Resource]:
+    """``have`` restricted to ``names``, in name order; ``have`` itself (a snapshot keeps names
+    sorted) when the names cover it -- the usual EDS subscription, every cluster of the node."""
+    if len(names) >= len(have) and names.issuperset(have):
+        return have
+    return {n: have[n] for n in sorted(names) if n in have}
+
+
 class SotwTypeState:
     """One type's sub-stream of a SotW ADS stream (xds-protocol §2 decision table)."""
 
@@ -183,6 +214,12 @@ class SotwTypeState:
         # EDS after a CDS response: answer the next request in full (§5 warming)
         self.force = False
         self.stats = {"stale": 0, "nack": 0, "quarantined": 0, "unsafe": 0}
+        self._quiet = _Quiet()
+        # (resources, names, target, its version): the last non-wildcard target, built once
+        self._target_memo: tuple[Mapping[str, Resource], frozenset[str], Mapping[str, Resource]] | None = None
+
+    def _token(self) -> tuple[Any, ...]:
+        return (self.requests, self.key, self.sent_nonce, self.sent_version, self.force, tuple(self.rejected), tuple(self.stats.values()))
 
     # -- subscription ----------------------------------------------------------------------------
     @property
@@ -210,11 +247,16 @@ class SotwTypeState:
         have = snap.resources(self.type_url)
         if self.wildcard:
             return have  # "*" plus names: named extras outside the snapshot do not exist
-        return {n: have[n] for n in sorted(self.names) if n in have}
+        memo = self._target_memo
+        if memo is not None and memo[0] is have and memo[1] == self.names:
+            return memo[2]  # a push and the ACK after it ask for the same target
+        target = _subscribed(have, self.names)
+        self._target_memo = (have, self.names, target)
+        return target
 
     def _version(self, snap: Snapshot | None, target: Mapping[str, Resource]) -> str:
-        if snap is not None and self.wildcard:
-            return snap.type_version(self.type_url)
+        if snap is not None and (self.wildcard or target is snap.resources(self.type_url)):
+            return snap.type_version(self.type_url)  # computed once per snapshot and type
         return content_version((r.name, r.version) for r in target.values())
 
     def holds(self, snap: Snapshot) -> bool:
@@ -270,6 +312,14 @@ class SotwTypeState:
         """Responses for a new snapshot: (additions/updates, removal-only)."""
         if self.requests == 0:
             return [], []
+        have = snap.resources(self.type_url)
+        if self._quiet.same(have, self._token()):
+            return [], []
+        main, removal = self._on_snapshot(snap)
+        self._quiet.remember(None if main or removal else have, self._token())
+        return main, removal
+
+    def _on_snapshot(self, snap: Snapshot) -> tuple[list[SotwResponse], list[SotwResponse]]:
         if self.sent is None:  # asked for names that did not exist yet
             return self._respond(snap, full=True, reason=CHANGE), []
         target = self.target(snap)
@@ -413,6 +463,13 @@ class DeltaTypeState:
         self.last_nack: NackRecord | None = None
         self.rejected: OrderedDict[tuple[str, str], None] = OrderedDict()
         self.stats = {"stale": 0, "nack": 0, "quarantined": 0, "unsafe": 0}
+        self.requests = 0
+        self._quiet = _Quiet()
+        self._subscription = 0  # bumped by every request that may change names or wildcard
+        self._target_memo: tuple[Mapping[str, Resource], int, Mapping[str, Resource]] | None = None
+
+    def _token(self) -> tuple[Any, ...]:
+        return (self.requests, self.sent_nonce, len(self.rejected), tuple(self.stats.values()))
 
     def target(self, snap: Snapshot | None) -> Mapping[str, Resource]:
         if snap is None:
@@ -420,7 +477,12 @@ class DeltaTypeState:
         have = snap.resources(self.type_url)
         if self.wildcard:
             return have
-        return {n: have[n] for n in sorted(self.names) if n in have}
+        memo = self._target_memo
+        if memo is not None and memo[0] is have and memo[1] == self._subscription:
+            return memo[2]  # a push and the ACK after it ask for the same target
+        target = _subscribed(have, self.names)
+        self._target_memo = (have, self._subscription, target)
+        return target
 
     def holds(self, snap: Snapshot) -> bool:
         """Like :meth:`SotwTypeState.holds`: every resource of this type in `snap`, ACKed."""
@@ -432,6 +494,9 @@ class DeltaTypeState:
         return self.sent_version is not None and self.acked_version == self.sent_version
 
     def on_request(self, req: discovery_pb2.DeltaDiscoveryRequest, snap: Snapshot | None) -> RequestOutcome:
+        self.requests += 1
+        if not self.started or req.resource_names_subscribe or req.resource_names_unsubscribe:
+            self._subscription += 1
         first = not self.started
         if first:
             self.started = True
@@ -530,6 +595,14 @@ class DeltaTypeState:
         """Responses for a new snapshot: (updates, removals). `resend`: send every held resource too."""
         if not self.started:
             return [], []
+        have = snap.resources(self.type_url)
+        if not resend and self._quiet.same(have, self._token()):
+            return [], []
+        main, gone = self._on_snapshot(snap, resend)
+        self._quiet.remember(None if main or gone or resend else have, self._token())
+        return main, gone
+
+    def _on_snapshot(self, snap: Snapshot, resend: bool) -> tuple[list[DeltaResponse], list[DeltaResponse]]:
         target = self.target(snap)
         if self.wildcard_ok and self.wildcard and not target and self.known:
             self.stats["unsafe"] += 1
