@@ -352,7 +352,7 @@ class TestBookinfo:
         manifests.write_text(original + NEW_POD.replace("status: 'True'", "status: 'False'"))
         assert lab.sync()["added"] == ["default/reviews-v4-5c5d7f8b9-zx4qp"]
         # ... and its node's ztunnel has the pod's inbound chain before readiness makes it an
-        # endpoint elsewhere (xdsserver does not order pushes across nodes; see README limits).
+        # endpoint elsewhere (Kubernetes' order; the endpoint barrier, ordering.py, would also hold it).
         deadline = time.monotonic() + 15
         while "inbound_10.244.1.24" not in lab.envoy_admin("ambient-worker", "/config_dump") and time.monotonic() < deadline:
             time.sleep(0.05)

@@ -36,7 +36,7 @@ from xdsserver.lab.client import request  # noqa: E402
 from xdsserver.lab.lab import Lab  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-PREFIX = os.environ.get("XDS_LAB_PREFIX", "xdstest")
+PREFIX = os.environ.get("XDS_LAB_PREFIX", "xdsord") + "o"  # never the prefix another lab module uses
 from labguard import lab_up, poll, root_namespace_untouched  # noqa: E402,F401 (root_namespace_untouched: module-scoped autouse guard)
 from labpods import NEW_SERVER_POD as NEW_KEY, new_server_pod  # noqa: E402
 
