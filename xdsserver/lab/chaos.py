@@ -21,9 +21,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .client import request
+from .client import download_close_first, request
 from .lab import DEBUG_ADDRESS, Lab
-from .netns import LabError, ns_socket
+from .netns import LabError
 from .podserver import pattern
 
 NODES = ("n1", "n2", "n3")
@@ -203,43 +203,23 @@ class Traffic:
                 t.error = t.error or f"not finished within {timeout}s"
 
     def _transfer(self, t: Transfer) -> None:
-        """HTTP/1.0 GET /bytes/N; reads at most size*(elapsed/pace_s) (never the last 10%) until released."""
-        ns = self.lab.pod_netns(t.path.client)
+        """HTTP/1.0 GET /bytes/N, read at most size*(elapsed/pace_s) (never the last 10%) until released."""
+
+        def pace(got: int) -> None:
+            t.got = max(got, 1)  # the response started
+            while not self.release.is_set() and got >= min(t.size * 0.9, t.size * (time.monotonic() - t.started) / self.pace_s):
+                self.release.wait(0.05)
+
         t.started = time.monotonic()
-        h, head, body = hashlib.sha256(), b"", 0
-        s = ns_socket(ns)
-        s.settimeout(30)
         try:
-            s.connect((t.path.host, t.path.port))
-            s.sendall(f"GET /bytes/{t.size}?seed={SEED} HTTP/1.0\r\nHost: {t.path.host}\r\n\r\n".encode())
-            while True:
-                if not self.release.is_set():
-                    allowed = min(t.size * 0.9, t.size * (time.monotonic() - t.started) / self.pace_s)
-                    if body >= allowed:
-                        self.release.wait(0.05)
-                        continue
-                c = s.recv(1 << 16)
-                if not c:
-                    break
-                if head is not None:
-                    head += c
-                    if b"\r\n\r\n" not in head:
-                        continue
-                    status, c = head.split(b"\r\n", 1)[0], head.split(b"\r\n\r\n", 1)[1]
-                    if b" 200 " not in status:
-                        raise OSError(f"status {status!r}")
-                    head = None
-                h.update(c)
-                body += len(c)
-                t.got = max(body, 1)
-            t.ok = body == t.size and h.hexdigest() == self.expected
-            if not t.ok:
-                t.error = f"{body} of {t.size} bytes" if body != t.size else "sha256 mismatch"
+            body, sha, end = download_close_first(self.lab.pod_netns(t.path.client), t.path.host, t.path.port, t.size, SEED,
+                                                  timeout=30, pace=pace)
+            t.ok = body == t.size and sha == self.expected and end == "eof"
+            t.error = "" if t.ok else f"{end} after {body} of {t.size} bytes" if body != t.size or end != "eof" else "sha256 mismatch"
         except OSError as exc:
-            t.error = f"{type(exc).__name__}: {exc} after {body} bytes"
+            t.error = f"{type(exc).__name__}: {exc}"
         finally:
             t.ended = time.monotonic()
-            s.close()
 
     def _connections(self) -> None:
         """About ``rate`` new connections per second, round-robin over the paths."""
