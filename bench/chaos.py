@@ -55,5 +55,5 @@ def main(argv: list[str] | None = None) -> int:
     for b in bad:
         print(f"FAILED: {b}")
     if r.transfers_failed_safe or r.attempts_failed_safe:
-        print("\n".join(["failures:"] + r.transfers_failed_safe[:20] + r.attempts_failed_safe[:20]))
+        print("\n".join(["failures:"] + r.transfers_failed_safe + r.attempts_failed_safe))
     return 1 if bad else 0

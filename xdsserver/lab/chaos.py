@@ -442,7 +442,7 @@ class Result:
 
     def lines(self) -> list[str]:
         return [
-            f"transfers: {self.transfers} x {self.size / 1e6:.0f} MB, {self.transfers_spanning} spanning every fault; "
+            f"transfers: {self.transfers} x {self.size / 2**20:.0f} MiB, {self.transfers_spanning} spanning every fault; "
             f"failed or corrupted on paths not through {RESTARTED}: {len(self.transfers_failed_safe)}; "
             f"broken through {RESTARTED}'s restarted ztunnel: {self.transfers_broken_restarted} of {self.transfers_via_restarted}",
             f"new connections: {self.attempts}; failed on paths not through {RESTARTED}: {len(self.attempts_failed_safe)}; "
@@ -476,7 +476,8 @@ def run(lab: Lab, *, transfers: int, size: int, rate: float = 20.0, pace_s: floa
         transfers=len(traffic.transfers), size=size,
         transfers_failed_safe=[f"{t.path.name}: {t.error}" for t in safe_t if not t.ok],
         transfers_broken_restarted=sum(not t.ok for t in via_t), transfers_via_restarted=len(via_t),
-        transfers_spanning=sum(t.started < log.started and t.ended > t_end for t in traffic.transfers),
+        transfers_spanning=sum(t.started < log.started and t.ended > (log.killed_at if t.path.via_restarted else t_end)
+                               for t in traffic.transfers),
         attempts=len(traffic.attempts),
         attempts_failed_safe=[f"{a.path.name} at {a.started - log.started:+.2f}s: {a.error}" for a in safe_a if not a.ok],
         attempts_via_restarted=len(via_a),
