@@ -5,6 +5,11 @@ if sys.argv[1:2] == ["datapath"]:  # python -m bench datapath: the data path in 
 
     sys.exit(datapath_main(sys.argv[2:]))
 
+if sys.argv[1:2] == ["chaos"]:  # python -m bench chaos: faults with traffic in the namespace lab (root)
+    from .chaos import main as chaos_main
+
+    sys.exit(chaos_main(sys.argv[2:]))
+
 from .run import main
 
 sys.exit(main())

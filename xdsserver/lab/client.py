@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .netns import ns_connect, ns_socket
@@ -57,16 +58,18 @@ def download_sha256(netns: str, host: str, port: int, path: str, timeout: float 
         conn.close()
 
 
-def download_close_first(netns: str, host: str, port: int, n: int, seed: str, timeout: float = 120.0) -> tuple[int, str, str]:
+def download_close_first(netns: str, host: str, port: int, n: int, seed: str, timeout: float = 120.0,
+                         pace: Callable[[int], None] | None = None) -> tuple[int, str, str]:
     """HTTP/1.0 ``GET /bytes/n`` (the server closes first, unlike :func:`download_sha256`):
-    (body bytes, sha256 of them, how it ended: ``eof``, ``reset`` or ``error: ...``)."""
+    (body bytes, sha256 of them, how it ended: ``eof``, ``reset`` or ``error: ...``). ``pace``
+    is called with the body bytes so far before every read and may block (a slow reader)."""
     s = ns_socket(netns)
     s.settimeout(timeout)
     h, got, end, head = hashlib.sha256(), 0, "eof", b""
     try:
         s.connect((host, port))
         s.sendall(f"GET /bytes/{n}?seed={seed} HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
-        while c := s.recv(1 << 18):
+        while (pace is None or pace(got) is None) and (c := s.recv(1 << 18)):
             if head is not None:
                 head += c
                 if b"\r\n\r\n" not in head:

@@ -12,6 +12,7 @@ Every request is logged to stdout as ``request pod=... peer=... local=... path=.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import random
@@ -29,6 +30,15 @@ MAX_BYTES = 1 << 30
 
 def pattern(n: int, seed: str) -> bytes:
     return random.Random(seed).randbytes(n)
+
+
+@functools.lru_cache(maxsize=4)
+def body(n: int, seed: str) -> tuple[bytes, str]:
+    """``pattern`` and its sha256, made once per pod server: many concurrent large transfers of one
+    size must not each spend seconds of the GIL (the chaos run's 50 x 50 MB stalled every other
+    request of the pod for longer than the clients' 5 s timeout)."""
+    data = pattern(n, seed)
+    return data, hashlib.sha256(data).hexdigest()
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -71,11 +81,11 @@ class Handler(BaseHTTPRequestHandler):
             query = parse_qs(url.query)
             seed = query.get("seed", ["xds-lab"])[0]
             abort_at = int(query.get("abort", ["-1"])[0])  # send this many body bytes, then RST
-            data = pattern(n, seed)
+            data, digest = body(n, seed)
             self.send_response(200)
             self.send_header("Content-Type", "application/octet-stream")
             self.send_header("Content-Length", str(n))
-            self.send_header("X-Sha256", hashlib.sha256(data).hexdigest())
+            self.send_header("X-Sha256", digest)
             self.end_headers()
             view = memoryview(data)
             end = n if abort_at < 0 else min(abort_at, n)
