@@ -189,6 +189,23 @@ def _subscribed(have: Mapping[str, Resource], names: AbstractSet[str]) -> Mappin
     return {n: have[n] for n in sorted(names) if n in have}
 
 
+class _TargetMemo:
+    """The last subscribed target, kept while the snapshot's resources (by identity) and the
+    subscription key are the same: a push and the ACK after it ask for the same target."""
+
+    __slots__ = ("_have", "_key", "_target")
+
+    def __init__(self) -> None:
+        self._have: Mapping[str, Resource] | None = None
+        self._key: object = None
+        self._target: Mapping[str, Resource] = {}
+
+    def get(self, have: Mapping[str, Resource], key: object, names: AbstractSet[str]) -> Mapping[str, Resource]:
+        if self._have is not have or self._key != key:
+            self._have, self._key, self._target = have, key, _subscribed(have, names)
+        return self._target
+
+
 class SotwTypeState:
     """One type's sub-stream of a SotW ADS stream (xds-protocol §2 decision table)."""
 
@@ -216,7 +233,7 @@ class SotwTypeState:
         self.stats = {"stale": 0, "nack": 0, "quarantined": 0, "unsafe": 0}
         self._quiet = _Quiet()
         # (resources, names, target, its version): the last non-wildcard target, built once
-        self._target_memo: tuple[Mapping[str, Resource], frozenset[str], Mapping[str, Resource]] | None = None
+        self._target_memo = _TargetMemo()
 
     def _token(self) -> tuple[Any, ...]:
         return (self.requests, self.key, self.sent_nonce, self.sent_version, self.force, tuple(self.rejected), tuple(self.stats.values()))
@@ -247,12 +264,7 @@ class SotwTypeState:
         have = snap.resources(self.type_url)
         if self.wildcard:
             return have  # "*" plus names: named extras outside the snapshot do not exist
-        memo = self._target_memo
-        if memo is not None and memo[0] is have and memo[1] == self.names:
-            return memo[2]  # a push and the ACK after it ask for the same target
-        target = _subscribed(have, self.names)
-        self._target_memo = (have, self.names, target)
-        return target
+        return self._target_memo.get(have, self.names, self.names)
 
     def _version(self, snap: Snapshot | None, target: Mapping[str, Resource]) -> str:
         if snap is not None and (self.wildcard or target is snap.resources(self.type_url)):
@@ -466,7 +478,7 @@ class DeltaTypeState:
         self.requests = 0
         self._quiet = _Quiet()
         self._subscription = 0  # bumped by every request that may change names or wildcard
-        self._target_memo: tuple[Mapping[str, Resource], int, Mapping[str, Resource]] | None = None
+        self._target_memo = _TargetMemo()
 
     def _token(self) -> tuple[Any, ...]:
         return (self.requests, self.sent_nonce, len(self.rejected), tuple(self.stats.values()))
@@ -477,12 +489,7 @@ class DeltaTypeState:
         have = snap.resources(self.type_url)
         if self.wildcard:
             return have
-        memo = self._target_memo
-        if memo is not None and memo[0] is have and memo[1] == self._subscription:
-            return memo[2]  # a push and the ACK after it ask for the same target
-        target = _subscribed(have, self.names)
-        self._target_memo = (have, self._subscription, target)
-        return target
+        return self._target_memo.get(have, self._subscription, self.names)
 
     def holds(self, snap: Snapshot) -> bool:
         """Like :meth:`SotwTypeState.holds`: every resource of this type in `snap`, ACKed."""
