@@ -100,8 +100,9 @@ def test_replicas_agree_and_a_moved_envoy_keeps_its_versions(tmp_path: Path, del
         assert not b_pushes["pushes"].get("CDS") and not b_pushes["pushes"].get("LDS"), b_pushes
 
 
-@pytest.mark.xfail(strict=True, reason="SotW EDS/SDS (non-wildcard) are re-sent once on resume with the same "
-                   "version: xds/stream.py resume rule (ADS server owner)")
+@pytest.mark.xfail(strict=True, reason="SotW EDS/SDS are answered once per new stream on purpose: a cluster that was "
+                   "warming when the old replica went away asks exactly like a resumed one (same names, same version), "
+                   "and must get its answer (xds-protocol.md section 8; README Replicas)")
 def test_sotw_move_resends_nothing(tmp_path: Path) -> None:
     b_pushes, *_ = moved(tmp_path, False)
     assert b_pushes["pushes"] == {}
