@@ -228,13 +228,11 @@ class TestLargeTransfers:
 
 
 # Open (issue 10, point 0, blocked on stock Envoy 1.40): a server that aborts (RST) mid-answer reaches
-# the destination ztunnel as an upstream reset and the client's ztunnel as an HTTP/2 reset of the
-# CONNECT stream, but the client sees a clean FIN. The guard that would propagate the reset
-# (propagate_upstream_rst_through_tunneled_tcp_proxy) cannot be turned on: the tunnel hop closes its
-# internal downstream when a stream ends normally, and 1.40's user-space sockets
-# (enable_send_rst_on_user_space_socket) deliver that close to the still-open peer as ECONNRESET, so
-# complete answers would end in RST. See README "Known limits".
-ABORT_VISIBLE = "upstream reset reaches the client as FIN on stock Envoy 1.40 (README known limits)"
+# the destination ztunnel as an upstream reset and the client's ztunnel as RST_STREAM(CONNECT_ERROR) on
+# the CONNECT stream, but the client sees a clean FIN: Envoy 1.40's tunnelling tcp_proxy treats a
+# received ConnectError reset as an ordinary close (envoyproxy/envoy#44150), and no runtime guard or
+# listener layout changes that. See README "Known limits".
+ABORT_VISIBLE = "RST_STREAM(CONNECT_ERROR) is closed with FIN by Envoy 1.40's tunnelling tcp_proxy (README known limits)"
 
 
 class TestForcedFailure:
