@@ -61,10 +61,11 @@ def serialize(res: NodeResources, shared: dict[int, tuple[Any, bytes]] | None = 
     """type URL -> [(name, deterministic bytes)] in emission order (what the snapshot cache takes).
 
     ``shared`` (id(message) -> (message, bytes)) serializes a message several nodes share
-    (``shared_cla``, stage 2 of the capture path) once and hands every node the same bytes."""
+    (``shared_cla``, stage 2 of the capture path, service clusters) once and hands every node the
+    same bytes."""
     out: ResourceSet = {}
     for url, items in res.named().items():
-        if shared is None or url not in (EDS, LDS):
+        if shared is None or url not in (EDS, LDS, CDS):
             out[url] = [(name, msg.SerializeToString(deterministic=True)) for name, msg in items]
             continue
         lst = out[url] = []

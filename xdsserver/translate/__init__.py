@@ -81,9 +81,15 @@ def service_clusters(view: NodeView, flavor: Flavor) -> dict[str, tuple[str, int
 
 
 def clear_memos() -> None:
-    """Forget what translation shares across nodes and calls (stage 2, CLAs, endpoints). Only
-    for measuring cold costs: the memos are keyed on their inputs and never go stale."""
+    """Forget what translation shares across nodes and calls (stage 2, CLAs, endpoints, service
+    and tunnel clusters, reference-check facts). Only for measuring cold costs: the memos are keyed on their
+    inputs and never go stale."""
     dispatch._last.clear()
+    from . import clusters as cluster_builders, tunnel as tunnel_builders  # names shadowed below
+
+    cluster_builders._service_clusters.clear()
+    tunnel_builders._tunnel_memo.clear()
+    refcheck.clear_memos()
     endpoints._shared.clear()
     endpoints._lb_endpoint_memo.cache_clear()
 

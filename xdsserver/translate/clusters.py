@@ -47,10 +47,20 @@ def internal_upstream_matches() -> list[Cluster.TransportSocketMatch]:
     ]
 
 
+_service_clusters: dict[str, Cluster] = {}
+
+
 def build_service_cluster(name: str) -> Cluster:
-    c = Cluster()
-    c.CopyFrom(_service_cluster_template())
-    c.name = name
+    """One message per name, shared by every node (it depends on nothing else): later stages
+    (reference check, serialization) then see the same object and do their work once.
+    Callers must not mutate the result."""
+    c = _service_clusters.get(name)
+    if c is None:
+        if len(_service_clusters) > 1 << 16:  # bounded: names of removed services go
+            _service_clusters.clear()
+        c = _service_clusters[name] = Cluster()
+        c.CopyFrom(_service_cluster_template())
+        c.name = name
     return c
 
 

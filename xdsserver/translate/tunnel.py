@@ -103,7 +103,24 @@ def _tunnel_cluster(name: str, src: Identity, mesh: MeshConfig, flavor: Flavor, 
     return c
 
 
+_tunnel_memo: dict[tuple[Identity, MeshConfig, Flavor], tuple[cluster_pb2.Cluster, ...]] = {}
+
+
 def build_tunnel_clusters(src: Identity, mesh: MeshConfig, flavor: Flavor) -> list[cluster_pb2.Cluster]:
+    """The three HBONE clusters of source identity ``src`` (service, pod, same-node pod). A pure
+    function of its arguments, so every node with pods of ``src`` gets the very same messages:
+    built, reference-checked and serialized once (an identity has pods on many nodes). Callers
+    must not mutate them."""
+    key = (src, mesh, flavor)
+    hit = _tunnel_memo.get(key)
+    if hit is None:
+        if len(_tunnel_memo) > 1 << 14:  # bounded: removed identities and old mesh settings go
+            _tunnel_memo.clear()
+        hit = _tunnel_memo[key] = tuple(_build_tunnel_clusters(src, mesh, flavor))
+    return list(hit)
+
+
+def _build_tunnel_clusters(src: Identity, mesh: MeshConfig, flavor: Flavor) -> list[cluster_pb2.Cluster]:
     Lb = cluster_pb2.Cluster.OriginalDstLbConfig
     service_lb = Lb()
     if flavor is Flavor.ENVOY:
