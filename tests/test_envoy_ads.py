@@ -126,6 +126,27 @@ def test_manifest_edits_reach_envoy_without_restart(workdir: Path, serve: Serve)
         _edit(apps, add_pod)
         poll(lambda: "10.244.1.24:9080" in _cla(e, REVIEWS), what="new reviews pod in Envoy's EDS")
 
+        # 2b. a new Service (SotW): Envoy warms its new cluster and gets that CLA, and only that
+        # one: the clusters the CDS response did not change keep their endpoints (§5), so the
+        # follow-up EDS request is not answered with every CLA again
+        added = names.service_port_cluster("http", "reviews-canary.default.svc.cluster.local")
+        eds_before = serve.get("/debug/pushz")["resources"].get("EDS/sotw", 0)
+
+        def add_service(docs):
+            svc = json.loads(json.dumps(next(d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "reviews")))
+            svc["metadata"]["name"] = "reviews-canary"
+            svc["spec"].update(clusterIP="10.96.183.200", clusterIPs=["10.96.183.200"])
+            return docs + [svc]
+        _edit(apps, add_service)
+        reviews = ["10.244.1.24:9080", "10.244.2.22:9080", "10.244.2.23:9080"]  # reviews-v1 is unready (1.)
+        poll(lambda: _cla(e, added) == reviews, what="the new Service's endpoints in Envoy's EDS")
+        poll(lambda: synced(serve, e.node), what="ACK after the new Service")
+        assert e.stats("cluster_manager.warming_clusters").get("cluster_manager.warming_clusters") == 0
+        assert _cla(e, REVIEWS) == reviews
+        eds_sent = serve.get("/debug/pushz")["resources"].get("EDS/sotw", 0) - eds_before
+        total = sum(1 for i in section(e.config_dump(), "endpoints") if i["endpoint_config"]["cluster_name"].startswith("to_"))
+        assert 1 <= eds_sent < total, f"{eds_sent} CLAs sent for one new Service (of {total})"
+
         # 3. change a Service port: the outbound matcher follows (LDS); in the stock layout the
         # destination -> port map is stage 2's (ztunnel_outbound_dispatch)
         def dispatch_has(port: str) -> bool:

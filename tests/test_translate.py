@@ -697,6 +697,12 @@ def _drop(res: NodeResources, family: str, name: str) -> NodeResources:
     return dataclasses.replace(res, **{family: kept})
 
 
+def _eds_service_name(res: NodeResources, cluster: str, service_name: str) -> NodeResources:
+    clusters = [copy.deepcopy(c) for c in res.clusters]
+    next(c for c in clusters if c.name == cluster).eds_cluster_config.service_name = service_name
+    return dataclasses.replace(res, clusters=tuple(clusters))
+
+
 SERVICE_CHAIN = "spiffe://cluster.local/ns/default/sa/bookinfo-productpage_to_http_reviews.default.svc.cluster.local_outbound_internal"
 PRODUCTPAGE = "spiffe://cluster.local/ns/default/sa/bookinfo-productpage"
 REVIEWS = "spiffe://cluster.local/ns/default/sa/bookinfo-reviews"
@@ -752,6 +758,9 @@ BROKEN_STOCK = [
     ("pod-local-tunnel-cluster", lambda r: _drop(r, "clusters", names.outbound_pod_local_tunnel_clus(ident(PRODUCTPAGE))),
      _missing_runtime_cluster(POD, names.OUTBOUND_POD_LOCAL_TUNNEL_CLUS_PREFIX, PRODUCTPAGE)),
     ("cla", lambda r: _drop(r, "endpoints", REVIEWS_PORT), f"cluster {REVIEWS_PORT}: no ClusterLoadAssignment"),
+    # the SotW stream re-sends a warming cluster's CLA by the cluster's own name
+    ("eds-service-name", lambda r: _eds_service_name(r, REVIEWS_PORT, "reviews-endpoints"),
+     f"cluster {REVIEWS_PORT}: EDS service_name 'reviews-endpoints' differs from the cluster name"),
     ("workload-secret", lambda r: _drop(r, "secrets", PRODUCTPAGE), f"missing secret {PRODUCTPAGE!r}"),
     ("rootca", lambda r: _drop(r, "secrets", "ROOTCA"), "missing secret 'ROOTCA'"),
     ("tunnel-listener", lambda r: _drop(r, "listeners", names.OUTBOUND_TUNNEL_LIS),

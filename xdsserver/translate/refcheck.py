@@ -264,6 +264,9 @@ def check(
         eds, used = _refs_of_cluster(c)
         if eds is not None and eds not in cla_names:
             problems.append(f"cluster {c.name}: no ClusterLoadAssignment")
+        if eds is not None and eds != c.name:
+            # the SotW stream re-sends a warming cluster's CLA by the cluster's name (xds/stream.py)
+            problems.append(f"cluster {c.name}: EDS service_name {eds!r} differs from the cluster name")
         problems += [f"cluster {c.name}: missing secret {n!r}" for n in used if n not in secrets]
     return problems
 

@@ -228,8 +228,13 @@ class SotwTypeState:
         self.acked_version: str | None = None
         self.last_nack: NackRecord | None = None
         self.rejected: deque[str] = deque(maxlen=_QUARANTINE)
-        # EDS after a CDS response: answer the next request in full (§5 warming)
-        self.force = False
+        # EDS after a CDS response: the CLAs of the clusters that response added or changed are
+        # sent again even if unchanged, since Envoy warms those clusters anew (§5); the others
+        # keep their endpoints, so sending them too (all 1,600 CLAs on every Service change at
+        # 100 nodes) would only cost bytes. A CLA is named like its cluster (refcheck enforces).
+        self.force: frozenset[str] = frozenset()
+        # CDS: the clusters the last response added or changed (what Envoy warms)
+        self.last_changed: frozenset[str] = frozenset()
         self.stats = {"stale": 0, "nack": 0, "quarantined": 0, "unsafe": 0}
         self._quiet = _Quiet()
         # (resources, names, target, its version): the last non-wildcard target, built once
@@ -317,7 +322,7 @@ class SotwTypeState:
         kind = "ack" if self.key == self.sent_key else "change"
         # answers name changes (incl. ones recorded from stale requests) and the post-CDS EDS request;
         # a plain ACK of unchanged content yields nothing
-        return RequestOutcome(kind, self._respond(snap, full=self.force, reason=REQUEST), acked_nonce=nonce)
+        return RequestOutcome(kind, self._respond(snap, full=False, resend=self.force, reason=REQUEST), acked_nonce=nonce)
 
     # -- server-side changes ---------------------------------------------------------------------
     def on_snapshot(self, snap: Snapshot) -> tuple[list[SotwResponse], list[SotwResponse]]:
@@ -351,15 +356,17 @@ class SotwTypeState:
             main = self._emit(union, content_version((r.name, r.version) for r in union.values()), CHANGE, union)
             # ...then the removal
             return main, self._respond(snap, full=False, reason=REMOVAL)
-        # EDS after a CDS push: only if endpoints changed too (else the follow-up request is answered),
-        # and then in full
-        return self._respond(snap, full=False, widen=self.force, reason=CHANGE), []
+        # EDS after a CDS push: the warming clusters' CLAs with whatever else changed (if nothing
+        # did and none is subscribed yet, the follow-up request is answered)
+        return self._respond(snap, full=False, resend=self.force, resend_with_change=True, reason=CHANGE), []
 
     # -- building responses ----------------------------------------------------------------------
-    def _respond(self, snap: Snapshot | None, *, full: bool, reason: str, widen: bool = False) -> list[SotwResponse]:
+    def _respond(self, snap: Snapshot | None, *, full: bool, reason: str, resend: AbstractSet[str] = frozenset(),
+                 resend_with_change: bool = False) -> list[SotwResponse]:
         """The response for the current subscription, or none.
 
-        full: send every target resource even if unchanged; widen: if anything is sent, send all.
+        full: send every target resource even if unchanged; resend (EDS/SDS): these names too
+        (with resend_with_change: only if something else is sent).
         """
         target = self.target(snap)
         version = self._version(snap, target)
@@ -377,10 +384,10 @@ class SotwTypeState:
             else:
                 sent = self.sent or {}
                 send = {n: r for n, r in target.items() if (s := sent.get(n)) is None or s.version != r.version}
+                if resend and (send or not resend_with_change):
+                    send = {n: r for n, r in target.items() if n in send or n in resend}
             if not send:  # an empty EDS/SDS response does nothing (and Envoy NACKs an empty SDS)
                 return []
-            if widen:
-                send = target
         if not first and version in self.rejected:
             self.stats["quarantined"] += 1  # never resend NACKed content (§11.3)
             return []
@@ -389,9 +396,14 @@ class SotwTypeState:
     def _emit(self, send: Mapping[str, Resource], version: str, reason: str, now_held: Mapping[str, Resource]) -> list[SotwResponse]:
         nonce = self._nonces()
         resp = SotwResponse(self.type_url, version, nonce, tuple(send.values()), reason)
+        if self.type_url == CLUSTER:
+            before = self.sent or {}
+            self.last_changed = frozenset(n for n, r in send.items() if (s := before.get(n)) is None or s.version != r.version)
         self._mark_sent(now_held, version, nonce, resp.names)
-        if self.type_url == ENDPOINT and len(send) == len(now_held):
-            self.force = False
+        if self.force and self.type_url == ENDPOINT:
+            # sent, or not subscribed (a cluster without EDS, or one whose first request will
+            # name it: then it is new to this stream and sent anyway)
+            self.force = frozenset(n for n in self.force if n in now_held and n not in send)
         return [resp]
 
     def _mark_sent(self, held: Mapping[str, Resource], version: str, nonce: str, names: tuple[str, ...]) -> None:
@@ -447,9 +459,9 @@ class SotwStream:
         return main
 
     def _cds_sent(self) -> None:
-        eds = self.states.get(ENDPOINT)
-        if eds is not None:
-            eds.force = True
+        eds, cds = self.states.get(ENDPOINT), self.states.get(CLUSTER)
+        if eds is not None and cds is not None and cds.last_changed:
+            eds.force = eds.force | cds.last_changed
 
 
 # ---------------------------------------------------------------------------------------------
