@@ -538,6 +538,22 @@ def test_wire_encoding_matches_protobuf(cache):
     assert PUSH_ORDER == (CLUSTER, ENDPOINT, SECRET, LISTENER, ROUTE)
 
 
+@pytest.mark.parametrize("size", [0, 1, 127, 128, 16_383, 16_384, 70_000])
+def test_wire_pieces_are_protobufs_bytes_and_hold_no_copy_of_the_body(cache, size):
+    """Responses join per-resource headers with the bodies themselves; byte for byte what
+    protobuf serializes (fields in number order), for bodies around every varint length step,
+    and a resource keeps only its headers (not a framed copy of its body per wire form)."""
+    res = (cache._intern(CLUSTER, "big", b"\x07" * size), cache._intern(CLUSTER, "small", b"\x01\x02"))
+    s = SotwResponse(CLUSTER, "v1", "n1", res)
+    assert s.encode() == s.to_proto().SerializeToString(deterministic=True)
+    d = DeltaResponse(CLUSTER, "sv", "n2", res, ("gone",))
+    assert d.encode() == d.to_proto().SerializeToString(deterministic=True)
+    r = res[0]
+    assert r.sotw_field == b"".join(r.sotw_pieces) and r.sotw_pieces[1] is r.body
+    assert r.delta_pieces[1] is r.body
+    assert len(r._sotw) < 100 and sum(map(len, r._delta)) < 100 + len(r.name) + len(r.version)
+
+
 # ---------------------------------------------------------------------------------------------
 # Types a change did not touch are not re-walked (stream._Quiet)
 def _script(mode: str, monkeypatch) -> tuple[list[tuple], int]:

@@ -65,18 +65,30 @@ class Resource:
         return self._any
 
     @property
-    def sotw_field(self) -> bytes:
-        """This resource as an encoded `DiscoveryResponse.resources` entry, built once."""
+    def sotw_pieces(self) -> tuple[bytes, bytes]:
+        """This resource's `DiscoveryResponse.resources` entry as (head, body); the head is built
+        once, the body is never copied for it (see xds/wire.py)."""
         if self._sotw is None:
-            object.__setattr__(self, "_sotw", wire.sotw_resource_field(self.type_url, self.body))
-        return self._sotw
+            object.__setattr__(self, "_sotw", wire.sotw_resource_head(self.type_url, len(self.body)))
+        return self._sotw, self.body
+
+    @property
+    def delta_pieces(self) -> tuple[bytes, bytes, bytes]:
+        """This resource's `DeltaDiscoveryResponse.resources` entry as (head, body, tail)."""
+        if self._delta is None:
+            object.__setattr__(self, "_delta", wire.delta_resource_parts(self.type_url, self.name, self.version, len(self.body)))
+        head, tail = self._delta
+        return head, self.body, tail
+
+    @property
+    def sotw_field(self) -> bytes:
+        """The encoded `DiscoveryResponse.resources` entry (a copy: responses join the pieces)."""
+        return b"".join(self.sotw_pieces)
 
     @property
     def delta_field(self) -> bytes:
-        """This resource as an encoded `DeltaDiscoveryResponse.resources` entry, built once."""
-        if self._delta is None:
-            object.__setattr__(self, "_delta", wire.delta_resource_field(self.type_url, self.name, self.version, self.body))
-        return self._delta
+        """The encoded `DeltaDiscoveryResponse.resources` entry (a copy)."""
+        return b"".join(self.delta_pieces)
 
 
 _EMPTY: Mapping[str, Resource] = MappingProxyType({})

@@ -1,9 +1,13 @@
 """Hand-encoded discovery responses built from pre-encoded resource fields.
 
-Each resource's wire form (its `Any`, or its delta `Resource`) is encoded once and shared by every
-stream that sends it; a response is then one `bytes.join`, instead of copying every body into a
-protobuf message per stream and serializing it again. Field numbers are those of
-envoy.service.discovery.v3 (checked against the generated messages in the tests).
+A resource's `resources` entry (its `Any`, or its delta `Resource`) is its serialized body framed
+by a few header bytes. The headers are encoded once per resource and shared by every stream that
+sends it; a response is then one `bytes.join` of headers and the bodies themselves, instead of
+copying every body into a protobuf message per stream and serializing it again. Keeping only the
+headers (not a framed copy of the body per wire form) matters at scale: at 100 nodes the two
+framed copies were 80 MB, half of the server's memory per connected ztunnel (tracemalloc).
+Field numbers are those of envoy.service.discovery.v3 (checked against the generated messages in
+the tests).
 """
 
 from __future__ import annotations
@@ -46,18 +50,46 @@ def any_bytes(type_url: str, body: bytes) -> bytes:
     return _str(_ANY_TYPE_URL, type_url) + (field(_ANY_VALUE, body) if body else b"")
 
 
+def _head(number: int, length: int) -> bytes:
+    """The tag and length of a length-delimited field whose ``length`` bytes follow."""
+    return varint(number << 3 | 2) + varint(length)
+
+
+def _any_head(type_url: str, body_len: int) -> tuple[bytes, int]:
+    """The bytes of an Any(type_url, value) before its value, and the Any's whole length."""
+    head = _str(_ANY_TYPE_URL, type_url) + (_head(_ANY_VALUE, body_len) if body_len else b"")
+    return head, len(head) + body_len
+
+
+def sotw_resource_head(type_url: str, body_len: int) -> bytes:
+    """A DiscoveryResponse `resources` entry up to its body: entry = head + body."""
+    any_head, any_len = _any_head(type_url, body_len)
+    return _head(_SOTW_RESOURCES, any_len) + any_head
+
+
+def delta_resource_parts(type_url: str, name: str, version: str, body_len: int) -> tuple[bytes, bytes]:
+    """A DeltaDiscoveryResponse `resources` entry (a discovery.v3.Resource) around its body:
+    entry = head + body + tail."""
+    any_head, any_len = _any_head(type_url, body_len)
+    ver, tail = _str(_RES_VERSION, version), _str(_RES_NAME, name)
+    res_head = _head(_RES_RESOURCE, any_len)
+    inner_len = len(ver) + len(res_head) + any_len + len(tail)
+    return _head(_DELTA_RESOURCES, inner_len) + ver + res_head + any_head, tail
+
+
 def sotw_resource_field(type_url: str, body: bytes) -> bytes:
     """One `resources` entry of a DiscoveryResponse."""
-    return field(_SOTW_RESOURCES, any_bytes(type_url, body))
+    return sotw_resource_head(type_url, len(body)) + body
 
 
 def delta_resource_field(type_url: str, name: str, version: str, body: bytes) -> bytes:
     """One `resources` entry (a discovery.v3.Resource) of a DeltaDiscoveryResponse."""
-    inner = _str(_RES_VERSION, version) + field(_RES_RESOURCE, any_bytes(type_url, body)) + _str(_RES_NAME, name)
-    return field(_DELTA_RESOURCES, inner)
+    head, tail = delta_resource_parts(type_url, name, version, len(body))
+    return head + body + tail
 
 
 def encode_sotw(type_url: str, version_info: str, nonce: str, resource_fields: Iterable[bytes]) -> bytes:
+    """``resource_fields``: the entries, or their pieces in order (heads and bodies)."""
     return b"".join(
         (_str(_SOTW_VERSION_INFO, version_info), *resource_fields, _str(_SOTW_TYPE_URL, type_url), _str(_SOTW_NONCE, nonce))
     )
