@@ -46,6 +46,15 @@ class TimedAds(AdsServer):
             self.acks[(conn.id, req.type_url, outcome.acked_nonce)] = self._clock()
 
 
+def _bytes_by_type(sends: list[tuple[float, int, str, str, int]]) -> dict[str, int]:
+    """Bytes pushed per resource type (short name), to say what an event's bytes are."""
+    out: dict[str, int] = {}
+    for _, _, type_url, _, n in sends:
+        short = type_url.rsplit(".", 1)[-1]
+        out[short] = out.get(short, 0) + n
+    return dict(sorted(out.items()))
+
+
 class FullRebuildControlPlane(ControlPlane):
     """Baseline for comparison: every rebuild translates every node from scratch (the pipeline
     before the incremental layer was wired into :class:`ControlPlane`)."""
@@ -172,7 +181,8 @@ async def run_load(scale: bc.Scale, certs: Any, m: int, *, with_envoy: bool, pip
                         rows.append({"rebuild_s": rebuild, "stages": dict(cp.timings), "path": cp.last_path,
                                      "lat": [t - start for t in done.values()],
                                      "after_publish": [t - published for t in done.values()],
-                                     "pushes": len(sends), "bytes": sum(s[4] for s in sends), "streams": len(done)})
+                                     "pushes": len(sends), "bytes": sum(s[4] for s in sends), "streams": len(done),
+                                     "by_type": _bytes_by_type(sends)})
             lat = [x for r in rows for x in r["lat"]]
             lat_pub = [x for r in rows for x in r["after_publish"]]
             ev = {
@@ -186,6 +196,7 @@ async def run_load(scale: bc.Scale, certs: Any, m: int, *, with_envoy: bool, pip
                 "affected_streams": rows[0]["streams"],
                 "pushes_per_event": rows[0]["pushes"],
                 "bytes_per_event": rows[0]["bytes"],
+                "bytes_by_type": rows[0]["by_type"],
                 "ack_ms_p50": round(_pct(lat, 50) * 1000, 1),
                 "ack_ms_p99": round(_pct(lat, 99) * 1000, 1),
                 "ack_ms_max": round(max(lat) * 1000, 1) if lat else 0.0,

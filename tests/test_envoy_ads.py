@@ -100,9 +100,11 @@ def _cla(envoy: Envoy, cluster_name: str) -> list[str]:
 REVIEWS = names.service_port_cluster("http", "reviews.default.svc.cluster.local")  # shared by every local source identity
 
 
-def test_manifest_edits_reach_envoy_without_restart(workdir: Path, serve: Serve) -> None:
+@pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
+def test_manifest_edits_reach_envoy_without_restart(workdir: Path, serve: Serve, delta: bool) -> None:
     apps = workdir / "manifests" / "bookinfo.yaml"
-    e = Envoy(workdir, "ambient-worker2", serve.xds_port, delta=False)
+    eds_key = "EDS/delta" if delta else "EDS/sotw"
+    e = Envoy(workdir, "ambient-worker2", serve.xds_port, delta=delta)
     try:
         poll(lambda: synced(serve, e.node), what="initial sync", timeout=30)
         assert _cla(e, REVIEWS) == ["10.244.1.23:9080", "10.244.2.22:9080", "10.244.2.23:9080"]
@@ -126,11 +128,12 @@ def test_manifest_edits_reach_envoy_without_restart(workdir: Path, serve: Serve)
         _edit(apps, add_pod)
         poll(lambda: "10.244.1.24:9080" in _cla(e, REVIEWS), what="new reviews pod in Envoy's EDS")
 
-        # 2b. a new Service (SotW): Envoy warms its new cluster and gets that CLA, and only that
-        # one: the clusters the CDS response did not change keep their endpoints (§5), so the
-        # follow-up EDS request is not answered with every CLA again
+        # 2b. a new Service: Envoy warms its new cluster and gets that CLA, and only that one:
+        # the clusters the CDS response did not change keep their endpoints (§5), so neither the
+        # SotW follow-up EDS request nor the delta resend behind the CDS response carries every
+        # CLA again
         added = names.service_port_cluster("http", "reviews-canary.default.svc.cluster.local")
-        eds_before = serve.get("/debug/pushz")["resources"].get("EDS/sotw", 0)
+        eds_before = serve.get("/debug/pushz")["resources"].get(eds_key, 0)
 
         def add_service(docs):
             svc = json.loads(json.dumps(next(d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "reviews")))
@@ -143,7 +146,7 @@ def test_manifest_edits_reach_envoy_without_restart(workdir: Path, serve: Serve)
         poll(lambda: synced(serve, e.node), what="ACK after the new Service")
         assert e.stats("cluster_manager.warming_clusters").get("cluster_manager.warming_clusters") == 0
         assert _cla(e, REVIEWS) == reviews
-        eds_sent = serve.get("/debug/pushz")["resources"].get("EDS/sotw", 0) - eds_before
+        eds_sent = serve.get("/debug/pushz")["resources"].get(eds_key, 0) - eds_before
         total = sum(1 for i in section(e.config_dump(), "endpoints") if i["endpoint_config"]["cluster_name"].startswith("to_"))
         assert 1 <= eds_sent < total, f"{eds_sent} CLAs sent for one new Service (of {total})"
 

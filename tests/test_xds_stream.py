@@ -229,23 +229,40 @@ def test_sotw_eds_change_right_after_cds_change_is_sent_in_full(cache, sotw):
 
 
 def test_delta_eds_resent_after_cds_change(cache, delta):
-    """Envoy (delta) keeps a changed cluster warming until a fresh CLA arrives and does not ask."""
-    snap = snapshot_of(cache, {CLUSTER: {"c1": 0}, ENDPOINT: {"c1": 0, "x": 0}})
+    """Envoy (delta) keeps a changed cluster warming until a fresh CLA arrives and does not ask;
+    the clusters the CDS response did not carry keep their endpoints, so only the carried
+    clusters' CLAs are sent again (not every subscribed CLA: 160 MB per Service added at 100 nodes)."""
+    snap = snapshot_of(cache, {CLUSTER: {"c1": 0, "c9": 0}, ENDPOINT: {"c1": 0, "c9": 0, "x": 0}})
     r = only(delta.on_request(dreq(CLUSTER), snap).responses)
     delta.on_request(dreq(CLUSTER, nonce=r.nonce), snap)
-    r = only(delta.on_request(dreq(ENDPOINT, ["c1"]), snap).responses)
+    r = only(delta.on_request(dreq(ENDPOINT, ["c1", "c9"]), snap).responses)
     delta.on_request(dreq(ENDPOINT, nonce=r.nonce), snap)
-    snap = snapshot_of(cache, {CLUSTER: {"c1": 1}, ENDPOINT: {"c1": 0, "x": 1}})
+    snap = snapshot_of(cache, {CLUSTER: {"c1": 1, "c9": 0}, ENDPOINT: {"c1": 0, "c9": 0, "x": 1}})
     push = delta.on_snapshot(snap)
     assert [(p.type_url, p.names) for p in push] == [(CLUSTER, ("c1",)), (ENDPOINT, ("c1",))]
     # an endpoint-only change is not widened
-    snap = snapshot_of(cache, {CLUSTER: {"c1": 1}, ENDPOINT: {"c1": 1, "x": 1}})
+    snap = snapshot_of(cache, {CLUSTER: {"c1": 1, "c9": 0}, ENDPOINT: {"c1": 1, "c9": 0, "x": 1}})
     assert [(p.type_url, p.names) for p in delta.on_snapshot(snap)] == [(ENDPOINT, ("c1",))]
+    # a cluster change and another cluster's endpoint change together: both CLAs, nothing else
+    snap = snapshot_of(cache, {CLUSTER: {"c1": 2, "c9": 0}, ENDPOINT: {"c1": 1, "c9": 1, "x": 1}})
+    assert [(p.type_url, p.names) for p in delta.on_snapshot(snap)] == [(CLUSTER, ("c1",)), (ENDPOINT, ("c1", "c9"))]
     # a removal-only CDS change does not resend EDS
-    snap = snapshot_of(cache, {CLUSTER: {"c1": 1, "c2": 0}, ENDPOINT: {"c1": 1}})
+    snap = snapshot_of(cache, {CLUSTER: {"c1": 2, "c2": 0, "c9": 0}, ENDPOINT: {"c1": 1, "c9": 1}})
     delta.on_snapshot(snap)
-    snap = snapshot_of(cache, {CLUSTER: {"c1": 1}, ENDPOINT: {"c1": 1}})
+    snap = snapshot_of(cache, {CLUSTER: {"c1": 2, "c9": 0}, ENDPOINT: {"c1": 1, "c9": 1}})
     assert [(p.type_url, p.removed) for p in delta.on_snapshot(snap)] == [(CLUSTER, ("c2",))]
+
+
+def test_delta_eds_resent_after_cds_request_answer(cache, delta):
+    """The same rule when the clusters go out as the answer to a CDS request (a reconnect)."""
+    snap = snapshot_of(cache, {CLUSTER: {"c1": 0, "c9": 0}, ENDPOINT: {"c1": 0, "c9": 0}})
+    r = only(delta.on_request(dreq(ENDPOINT, ["c1", "c9"]), snap).responses)
+    delta.on_request(dreq(ENDPOINT, nonce=r.nonce), snap)
+    out = delta.on_request(dreq(CLUSTER), snap).responses
+    assert [(p.type_url, p.names) for p in out] == [(CLUSTER, ("c1", "c9")), (ENDPOINT, ("c1", "c9"))]
+    delta.on_request(dreq(CLUSTER, nonce=out[0].nonce), snap)
+    snap = snapshot_of(cache, {CLUSTER: {"c1": 0, "c9": 1}, ENDPOINT: {"c1": 0, "c9": 0}})
+    assert [(p.type_url, p.names) for p in delta.on_snapshot(snap)] == [(CLUSTER, ("c9",)), (ENDPOINT, ("c9",))]
 
 
 def test_sotw_push_order_and_removals_last(cache, sotw):

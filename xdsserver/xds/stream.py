@@ -617,8 +617,9 @@ class DeltaTypeState:
             out.responses = self._emit(snap, send, removed, REQUEST)
         return out
 
-    def on_snapshot(self, snap: Snapshot, *, resend: bool = False) -> tuple[list[DeltaResponse], list[DeltaResponse]]:
-        """Responses for a new snapshot: (updates, removals). `resend`: send every held resource too."""
+    def on_snapshot(self, snap: Snapshot, *, resend: AbstractSet[str] = frozenset()) -> tuple[list[DeltaResponse], list[DeltaResponse]]:
+        """Responses for a new snapshot: (updates, removals). `resend`: these names too, if
+        subscribed, even when the client holds their version."""
         if not self.started:
             return [], []
         have = snap.resources(self.type_url)
@@ -628,14 +629,14 @@ class DeltaTypeState:
         self._quiet.remember(None if main or gone or resend else have, self._token())
         return main, gone
 
-    def _on_snapshot(self, snap: Snapshot, resend: bool) -> tuple[list[DeltaResponse], list[DeltaResponse]]:
+    def _on_snapshot(self, snap: Snapshot, resend: AbstractSet[str]) -> tuple[list[DeltaResponse], list[DeltaResponse]]:
         target = self.target(snap)
         if self.wildcard_ok and self.wildcard and not target and self.known:
             self.stats["unsafe"] += 1
             return [], []
         send: dict[str, Resource] = {}
         for n, r in target.items():
-            if resend or self.known.get(n) != r.version:
+            if n in resend or self.known.get(n) != r.version:
                 if (n, r.version) in self.rejected:
                     self.stats["quarantined"] += 1
                 else:
@@ -677,10 +678,12 @@ class DeltaTypeState:
 class DeltaStream:
     """All types of one delta ADS stream.
 
-    After a CDS response carrying clusters, every subscribed EDS resource is sent again right
-    behind it: Envoy 1.40 (delta) keeps a changed cluster warming until a fresh
+    After a CDS response carrying clusters, the CLAs of exactly those clusters are sent again
+    right behind it: Envoy 1.40 (delta) keeps a changed cluster warming until a fresh
     ClusterLoadAssignment arrives, and sends no EDS request of its own since its EDS interest
-    did not change (verified: a 15 s initial_fetch_timeout stall otherwise).
+    did not change (verified: a 15 s initial_fetch_timeout stall otherwise). A cluster the
+    response did not carry is not re-warmed and keeps its endpoints. This relies on an EDS
+    cluster's service_name being its own name (refcheck enforces it).
     """
 
     def __init__(self, nonces: Callable[[], str], types: Iterable[str] = PUSH_ORDER):
@@ -696,23 +699,31 @@ class DeltaStream:
             st = self.states[req.type_url] = DeltaTypeState(req.type_url, self._nonces)
         out = st.on_request(req, snap)
         eds = self.states.get(ENDPOINT)
-        if req.type_url == CLUSTER and eds is not None and snap is not None and any(r.resources for r in out.responses):
-            m, r = eds.on_snapshot(snap, resend=True)
-            out.responses += m + r
+        if req.type_url == CLUSTER and eds is not None and snap is not None:
+            carried = _carried(out.responses)
+            if carried:
+                m, r = eds.on_snapshot(snap, resend=carried)
+                out.responses += m + r
         return out
 
     def on_snapshot(self, snap: Snapshot) -> list[DeltaResponse]:
         main: list[DeltaResponse] = []
         removals: list[list[DeltaResponse]] = []
-        cds_sent = False
+        carried: frozenset[str] = frozenset()
         for t in _ordered(self.states):
-            m, r = self.states[t].on_snapshot(snap, resend=t == ENDPOINT and cds_sent)
-            cds_sent = cds_sent or (t == CLUSTER and any(x.resources for x in m))
+            m, r = self.states[t].on_snapshot(snap, resend=carried if t == ENDPOINT else frozenset())
+            if t == CLUSTER:
+                carried = _carried(m)
             main += m
             removals.append(r)
         for r in reversed(removals):
             main += r
         return main
+
+
+def _carried(responses: Iterable[DeltaResponse]) -> frozenset[str]:
+    """Names of the resources these responses carry (not the removed ones)."""
+    return frozenset(r.name for resp in responses for r in resp.resources)
 
 
 def _ordered(types: Iterable[str]) -> list[str]:
