@@ -14,11 +14,13 @@ import sys
 from pathlib import Path
 
 from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.listener.v3 import listener_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from xdsclient import DeltaClient, SotwClient  # noqa: E402  (the conformance suite's clients)
 
-from xdsserver.xds.types import CLUSTER, ENDPOINT, LISTENER, SECRET  # noqa: E402
+from xdsserver.xds.types import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET  # noqa: E402
 
 TUNNEL_PREFIX = "outbound_tunnel_clus_"
 
@@ -41,9 +43,41 @@ def _wanted(bodies: dict[str, bytes]) -> tuple[list[str], list[str]]:
     return sorted(eds), sorted(sds)
 
 
+_HCM = "type.googleapis.com/" + hcm_pb2.HttpConnectionManager.DESCRIPTOR.full_name
+_routes_of_body: dict[bytes, tuple[str, ...]] = {}  # listener body -> RDS names (bodies repeat across clients)
+
+
+def _routes(bodies: dict[str, bytes]) -> list[str]:
+    """The RouteConfigurations the listeners name (HCM ``rds``), as Envoy asks for them: the
+    endpoint barrier (ordering.py) waits for the destination's RDS ACK, so a client that never
+    subscribed would hold every new endpoint for the barrier's timeout."""
+    out: set[str] = set()
+    for body in bodies.values():
+        hit = _routes_of_body.get(body)
+        if hit is None:
+            names = []
+            if b"HttpConnectionManager" in body:  # stage 2 and the capture listener have none
+                lis = listener_pb2.Listener.FromString(body)
+                for fc in [*lis.filter_chains, lis.default_filter_chain]:
+                    for f in fc.filters:
+                        if f.typed_config.type_url == _HCM:
+                            hcm = hcm_pb2.HttpConnectionManager.FromString(f.typed_config.value)
+                            if hcm.HasField("rds"):
+                                names.append(hcm.rds.route_config_name)
+            if len(_routes_of_body) > 4096:
+                _routes_of_body.clear()
+            hit = _routes_of_body[body] = tuple(names)
+        out.update(hit)
+    return sorted(out)
+
+
 class EnvoyLikeSotw(SotwClient):
     async def _auto_reply(self, resp, nack_message):
         await super()._auto_reply(resp, nack_message)
+        if resp.type_url == LISTENER:
+            routes = _routes(self.resources.get(LISTENER, {}))
+            if routes != self.names.get(ROUTE, []) and (routes or ROUTE in self.names):
+                await self.request(ROUTE, routes)
         if resp.type_url == CLUSTER:
             eds, sds = _wanted(self.resources.get(CLUSTER, {}))
             if eds != self.names.get(ENDPOINT):
@@ -55,15 +89,19 @@ class EnvoyLikeSotw(SotwClient):
 class EnvoyLikeDelta(DeltaClient):
     async def _auto_reply(self, resp, nack_message):
         await super()._auto_reply(resp, nack_message)
+        wanted: list[tuple[str, list[str]]] = []
+        if resp.type_url == LISTENER:
+            wanted.append((ROUTE, _routes(self.bodies.get(LISTENER, {}))))
         if resp.type_url == CLUSTER:
             eds, sds = _wanted(self.bodies.get(CLUSTER, {}))
-            for t, want in ((ENDPOINT, eds), (SECRET, sds)):
-                have = self.subscribed.setdefault(t, set())
-                add, drop = sorted(set(want) - have), sorted(have - set(want))
-                if add or drop:
-                    have.update(add)
-                    have.difference_update(drop)
-                    await self.request(t, subscribe=add, unsubscribe=drop)
+            wanted += [(ENDPOINT, eds), (SECRET, sds)]
+        for t, want in wanted:
+            have = self.subscribed.setdefault(t, set())
+            add, drop = sorted(set(want) - have), sorted(have - set(want))
+            if add or drop:
+                have.update(add)
+                have.difference_update(drop)
+                await self.request(t, subscribe=add, unsubscribe=drop)
 
 
 def _holds_all(c) -> bool:

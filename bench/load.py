@@ -80,8 +80,10 @@ def _pct(xs: list[float], p: float) -> float:
     return xs[k]
 
 
-async def _quiescent(ads: TimedAds, since: float, timeout: float) -> dict[int, float] | None:
-    """Stream -> time of the last ACK for responses sent after `since`; None on timeout."""
+async def _quiescent(ads: TimedAds, since: float, timeout: float, barrier: Any = None) -> dict[int, float] | None:
+    """Stream -> time of the last ACK for responses sent after `since`; None on timeout. With
+    `barrier`, also once the endpoints it held back (ordering.py) were released and ACKed: a
+    new endpoint has reached the clients only then."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         last: dict[tuple[int, str], tuple[str, float]] = {}
@@ -96,7 +98,7 @@ async def _quiescent(ads: TimedAds, since: float, timeout: float) -> dict[int, f
                 ok = False
                 break
             done[sid] = max(done.get(sid, 0.0), at)
-        pending = any(c.change_pending or not c.queue.empty() for c in ads._conns.values())
+        pending = any(c.change_pending or not c.queue.empty() for c in ads._conns.values()) or bool(barrier and barrier.pending)
         if ok and not pending:
             seen = len(ads.sends)
             await asyncio.sleep(0.05)  # grace for a push already scheduled; then re-check
@@ -172,7 +174,7 @@ async def run_load(scale: bc.Scale, certs: Any, m: int, *, with_envoy: bool, pip
                     t0 = time.perf_counter()
                     assert cp.rebuild()
                     rebuild = time.perf_counter() - t0
-                    done = await _quiescent(cp.server, start, 60)
+                    done = await _quiescent(cp.server, start, 60, cp.barrier)
                     if done is None:
                         raise RuntimeError(f"{name}: streams did not converge within 60 s")
                     if phase == "apply":

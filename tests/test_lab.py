@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # XDS_LAB_PREFIX lets several developers' labs run side by side on one machine (each its own
 # namespaces and state dir); CI uses the default.
 PREFIX = os.environ.get("XDS_LAB_PREFIX", "xdstest")
-from labguard import root_namespace_untouched  # noqa: E402,F401 (module-scoped autouse guard)
+from labguard import poll, root_namespace_untouched  # noqa: E402,F401 (module-scoped autouse guard)
 
 
 def bring_up(request_, scenario: str, tmp_path_factory) -> Lab:
@@ -80,7 +80,7 @@ def log_lines(lab: Lab, node: str) -> list[list[str]]:
 
 
 # Access-log fields (blocks.ISTIO_LOG_FORMAT + PEER_LOG_SUFFIX), after shlex splitting.
-F_FLAGS, F_AUTHORITY, F_UPSTREAM_HOST, F_UPSTREAM_CLUSTER, F_UP_LOCAL, F_DOWN_LOCAL, F_DOWN_REMOTE = 3, 14, 15, 16, 17, 18, 19
+F_FLAGS, F_BYTES_SENT, F_AUTHORITY, F_UPSTREAM_HOST, F_UPSTREAM_CLUSTER, F_UP_LOCAL, F_DOWN_LOCAL, F_DOWN_REMOTE = 3, 8, 14, 15, 16, 17, 18, 19
 
 
 def field(tokens: list[str], name: str) -> str:
@@ -164,6 +164,29 @@ class TestClientServer:
         check_mesh_connection(lab, "client", "ambient-worker", "10.244.1.4", "10.96.0.105:9080", answer)
         # the ztunnel saw the VIP itself: kube-proxy's DNAT was bypassed for the captured pod
         wait_for_line(lab, "ambient-worker", lambda t: t[F_DOWN_LOCAL] == "10.96.0.105:9080" and t[F_DOWN_REMOTE].startswith("10.244.1.4:"))
+
+    def test_stage2_logs_service_connections_once_and_pod_connections_never(self, lab):
+        """Stage 2 logs at its listener, filtered by chain name (a CEL expression Envoy evaluates):
+        a VIP connection writes one `capture outbound (no waypoint proxy)` line naming its service
+        cluster, a pod-IP connection none there (stage 3 logs it). Each connection is told apart
+        by its own response size (BYTES_SENT)."""
+        ns = lab.pod_netns("client")
+        hop = "capture outbound (no waypoint proxy)"
+        sizes = {"pod": 98_765, "vip": 123_457}
+        for what, (host, port) in (("pod", ("10.244.2.5", 8080)), ("vip", ("10.96.0.105", 9080))):
+            n, got, announced = download_sha256(ns, host, port, f"/bytes/{sizes[what]}?seed=stage2-log")
+            assert n == sizes[what] and got == announced
+
+        def lines(prefix: str, size: int) -> list[list[str]]:
+            return [t for t in log_lines(lab, "ambient-worker") if len(t) > F_DOWN_REMOTE and prefix_of(t) == prefix
+                    and t[F_BYTES_SENT].isdigit() and size <= int(t[F_BYTES_SENT]) < size + 2_000]
+
+        # both connections are closed and logged by stage 3 / stage 2 (polled), then counted
+        poll(lambda: lines("capture outbound pod (no waypoint proxy)", sizes["pod"]) and lines(hop, sizes["vip"]), 10,
+             "stage 3 logged the pod-IP connection and stage 2 the VIP one")
+        [vip] = lines(hop, sizes["vip"])
+        assert vip[F_DOWN_LOCAL] == "10.96.0.105:9080" and vip[F_UPSTREAM_CLUSTER].endswith("_outbound_internal"), vip
+        assert lines(hop, sizes["pod"]) == []
 
     def test_hbone_is_tls13_in_stats(self, lab):
         get(lab, "client", "10.244.2.5", 8080)

@@ -16,6 +16,7 @@ import shutil
 import time
 from pathlib import Path
 
+import pytest
 from envoy.config.endpoint.v3.endpoint_pb2 import ClusterLoadAssignment
 from envoy.config.route.v3.route_pb2 import RouteConfiguration
 from prometheus_client import CollectorRegistry
@@ -24,7 +25,7 @@ from labpods import new_server_pod
 from xdsclient import DeltaClient, SotwClient
 from xdsserver.app import ControlPlane, ManifestSource
 from xdsserver.pipeline import ephemeral_certs
-from xdsserver.xds.server import start_server
+from xdsserver.xds.server import AdsServer, start_server
 from xdsserver.xds.types import CLUSTER, ENDPOINT, LISTENER, ROUTE
 
 SCENARIO = Path(__file__).resolve().parent.parent / "golden" / "client-server" / "manifests"
@@ -65,9 +66,11 @@ def _ips(bodies) -> set[str]:
     return out
 
 
-async def setup(tmp_path: Path, timeout: float):
+async def setup(tmp_path: Path, timeout: float, replace_server: bool = False):
     shutil.copytree(SCENARIO, tmp_path / "m")
     cp = ControlPlane(load_objects=ManifestSource(tmp_path / "m").objects, certs=ephemeral_certs(), registry=CollectorRegistry())
+    if replace_server:  # as the bench does (a timing subclass): the barrier must ask the new one
+        cp.server = AdsServer(cp.cache, metrics=cp.xds_metrics)
     cp.barrier.timeout = timeout
     assert cp.rebuild()
     server = await start_server(cp.server, address="127.0.0.1:0")
@@ -89,8 +92,9 @@ def add_backend(cp: ControlPlane, tmp_path: Path) -> None:
     assert cp.rebuild()
 
 
-async def test_endpoint_waits_for_the_destination_ztunnel_ack(tmp_path):
-    cp, server, target = await setup(tmp_path, timeout=30.0)
+@pytest.mark.parametrize("replace_server", [False, True], ids=["server", "replaced-server"])
+async def test_endpoint_waits_for_the_destination_ztunnel_ack(tmp_path, replace_server):
+    cp, server, target = await setup(tmp_path, timeout=30.0, replace_server=replace_server)
     dest = SotwClient(target, DEST_NODE)  # ACKs only when the test says so
     try:
         await dest.connect()

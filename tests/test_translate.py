@@ -122,6 +122,14 @@ def filter_state_sharing(chain: listener_components_pb2.FilterChain) -> dict[str
     return out
 
 
+def cel_chain_filter(expression: str):
+    """The stage-2 log filter as a predicate on a chain's name. Only the one shape translation
+    emits is understood (a test failure, not a guess, if it changes)."""
+    m = re.fullmatch(r"xds\.filter_chain_name\.startsWith\('([^']*)'\) && xds\.filter_chain_name\.endsWith\('([^']*)'\)", expression)
+    assert m, expression
+    return lambda name: name.startswith(m.group(1)) and name.endswith(m.group(2))
+
+
 def tcp_proxy(chain: listener_components_pb2.FilterChain) -> tcp_proxy_pb2.TcpProxy:
     return next(f for f in filters(chain) if isinstance(f, tcp_proxy_pb2.TcpProxy))
 
@@ -1192,10 +1200,21 @@ def test_envoy_flavor_mechanisms() -> None:
             assert lbe.endpoint.address.envoy_internal_address.server_listener_name == stage
             assert static.transport_socket.name == "envoy.transport_sockets.internal_upstream"
             assert listener(res, stage).HasField("internal_listener")
-        # service chains (stage 2) go straight to their EDS cluster of the same name
-        for ch in listener(res, names.OUTBOUND_DISPATCH).filter_chains:
+        # service chains (stage 2) go straight to their EDS cluster of the same name, and log
+        # nothing themselves: the listener logs them, once, under a filter that passes exactly them
+        stage2 = listener(res, names.OUTBOUND_DISPATCH)
+        for ch in stage2.filter_chains:
             if ch.name.endswith("_outbound_internal"):
                 assert [type(f) for f in filters(ch)] == [tcp_proxy_pb2.TcpProxy] and tcp_proxy(ch).cluster == ch.name
+                assert not tcp_proxy(ch).access_log, ch.name
+        [log] = stage2.access_log
+        fmt = unpack(log.typed_config).log_format.text_format_source.inline_string
+        assert fmt.endswith(" capture outbound (no waypoint proxy)\n")
+        assert log.filter.extension_filter.name == "envoy.access_loggers.extension_filters.cel"
+        logged = cel_chain_filter(unpack(log.filter.extension_filter.typed_config).expression)
+        chain_names = [ch.name for ch in stage2.filter_chains]
+        service = {c.name for c in res.clusters if c.HasField("eds_cluster_config")} & set(chain_names)
+        assert service and {c for c in chain_names if logged(c)} == service
         # pod chains (stage 2): pin the destination identity and hand the original destination to
         # stage 3 (both the next hop only), then go to stage 3; nothing logged twice
         pod_chains = [ch for ch in listener(res, names.OUTBOUND_DISPATCH).filter_chains if ch.name.startswith("fc-outbound_pod_to_")]
@@ -1222,6 +1241,37 @@ def test_envoy_flavor_mechanisms() -> None:
             [log] = tcp.access_log
             fmt = unpack(log.typed_config).log_format.text_format_source.inline_string
             assert fmt.endswith(" capture outbound pod (no waypoint proxy)\n"), name
+
+
+def _actions(m: matcher_pb2.Matcher) -> Iterator[matcher_pb2.Matcher.OnMatch]:
+    """Every action of a matcher tree (map entries and on_no_match, at any depth)."""
+    entries = [*m.matcher_tree.exact_match_map.map.values()] + ([m.on_no_match] if m.HasField("on_no_match") else [])
+    for om in entries:
+        if om.HasField("matcher"):
+            yield from _actions(om.matcher)
+        else:
+            yield om
+
+
+@pytest.mark.parametrize("flavor", FLAVORS, ids=[f.value for f in FLAVORS])
+def test_matcher_action_names(flavor: Flavor) -> None:
+    """Envoy picks a chain by the action's StringValue; the action's own name is a label. Stock:
+    one short label (the chain's name twice was 15% of stage 2); istio-2022: the chain's name, as
+    the 2022 generator emitted. Either way the StringValue names a chain of the listener."""
+    from xdsserver.translate.outbound import CHAIN_ACTION
+
+    res = golden_cluster("bookinfo", flavor).nodes["ambient-worker"]
+    seen = 0
+    for lis in res.listeners:
+        if not lis.HasField("filter_chain_matcher"):
+            continue
+        chains = {ch.name for ch in lis.filter_chains}
+        for om in _actions(lis.filter_chain_matcher):
+            target = action_name(om)
+            assert target in chains, (lis.name, target)
+            assert om.action.name == (CHAIN_ACTION if flavor is Flavor.ENVOY else target), (lis.name, om.action.name)
+            seen += 1
+    assert seen >= 10
 
 
 @pytest.mark.parametrize("flavor", FLAVORS, ids=[f.value for f in FLAVORS])

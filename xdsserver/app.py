@@ -148,10 +148,9 @@ class ControlPlane:
         self.xds_metrics = XdsMetrics(self.registry)
         self.metrics = AppMetrics(self.registry)
         self.cache = SnapshotCache(self.xds_metrics)
-        self.server = AdsServer(self.cache, metrics=self.xds_metrics, delta_only=delta_only, authorize=authorize)
         # ordering.py: new endpoints reach clients after the destination ztunnel ACKed its chain
-        self.barrier = EndpointBarrier(self.server.acked)
-        self.server.ack_listeners.append(self.barrier.acked)
+        self.barrier = EndpointBarrier(lambda node: self.server.acked(node))
+        self.server = AdsServer(self.cache, metrics=self.xds_metrics, delta_only=delta_only, authorize=authorize)
         self.state = State()
         self.translator = IncrementalTranslator(flavor, certs)
         self.validation_memo = ValidationMemo()
@@ -165,6 +164,17 @@ class ControlPlane:
         self._lock = asyncio.Lock()
         self.gc = PublishedStateGc()
         self._held: dict[str, set[str]] = {}  # node -> CLA names the endpoint barrier holds back
+
+    @property
+    def server(self) -> AdsServer:
+        return self._server
+
+    @server.setter
+    def server(self, server: AdsServer) -> None:
+        """The ADS server, and the barrier's ACK wake-ups with it: a replaced server (the bench
+        times a subclass) must be the one the barrier asks, or every barrier waits its timeout."""
+        self._server = server
+        server.ack_listeners.append(self.barrier.acked)
 
     # -- pipeline -------------------------------------------------------------------------------
     def rebuild(self) -> bool:

@@ -23,6 +23,7 @@ from envoy.config.core.v3 import (
 )
 from envoy.config.listener.v3 import listener_components_pb2
 from envoy.extensions.access_loggers.file.v3 import file_pb2
+from envoy.extensions.access_loggers.filters.cel.v3 import cel_pb2
 from envoy.extensions.filters.common.set_filter_state.v3 import value_pb2
 from envoy.extensions.filters.listener.original_dst.v3 import original_dst_pb2
 from envoy.extensions.filters.listener.original_src.v3 import original_src_pb2
@@ -70,9 +71,15 @@ def socket_address(ip: str, port: int) -> address_pb2.Address:
 
 
 @lru_cache(maxsize=64)
-def access_log(prefix: str, flavor: Flavor) -> accesslog_pb2.AccessLog:
-    """Memoized (thousands of chains share a handful of these); callers copy, never mutate."""
-    return _access_log(prefix, flavor)
+def access_log(prefix: str, flavor: Flavor, when: str | None = None) -> accesslog_pb2.AccessLog:
+    """Memoized (thousands of chains share a handful of these); callers copy, never mutate.
+    ``when``: a CEL expression the connection must satisfy to be logged (a listener-level log
+    that stands in for the same log on many chains)."""
+    log = _access_log(prefix, flavor)
+    if when is not None:
+        log.filter.extension_filter.name = "envoy.access_loggers.extension_filters.cel"
+        log.filter.extension_filter.typed_config.Pack(cel_pb2.ExpressionFilter(expression=when))
+    return log
 
 
 def _access_log(prefix: str, flavor: Flavor) -> accesslog_pb2.AccessLog:

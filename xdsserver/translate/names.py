@@ -53,10 +53,13 @@ def service_cluster(src: Identity, port_name: str, hostname: str) -> str:
     return f"{src.spiffe}_to_{port_name}_{hostname}_outbound_internal"
 
 
+SERVICE_PORT_PREFIX, SERVICE_PORT_SUFFIX = "to_", "_outbound_internal"
+
+
 def service_port_cluster(port_name: str, hostname: str) -> str:
     """Stock flavor: ``to_<port>_<hostname>_outbound_internal``, one per service port, shared by
     every source identity (the 2022 name without its ``<id>_`` prefix)."""
-    return f"to_{port_name}_{hostname}_outbound_internal"
+    return f"{SERVICE_PORT_PREFIX}{port_name}_{hostname}{SERVICE_PORT_SUFFIX}"
 
 
 def source_chain(src: Identity) -> str:
