@@ -91,7 +91,7 @@ class _Shared:
 _last: list[_Shared] = []  # the latest model's (one entry)
 
 
-def plan_dispatch(targets: tuple[ServiceTarget, ...], workloads: tuple[Workload, ...], mesh: MeshConfig) -> tuple[dict[str, listener_components_pb2.FilterChain], DestinationMap]:
+def plan_dispatch(targets: tuple[ServiceTarget, ...], workloads: tuple[Workload, ...]) -> tuple[dict[str, listener_components_pb2.FilterChain], DestinationMap]:
     """Chains (first seen wins) and the destination map, in the 2022 generator's order and
     precedence: first port wins on a VIP, a pod IP overrides a VIP with the same address."""
     chains: dict[str, listener_components_pb2.FilterChain] = {}
@@ -120,7 +120,7 @@ def _shared(view: NodeView) -> listener_pb2.Listener:
     for s in _last:
         if s.targets is view.targets and s.workloads is view.workloads and s.mesh == view.mesh:
             return s.listener
-    chains, dst_map = plan_dispatch(view.targets, view.workloads, view.mesh)
+    chains, dst_map = plan_dispatch(view.targets, view.workloads)
     lis = listener_pb2.Listener(
         name=names.OUTBOUND_DISPATCH,
         internal_listener=listener_pb2.Listener.InternalListenerConfig(),
