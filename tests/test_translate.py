@@ -1435,3 +1435,40 @@ def test_hbone_windows_buffers_and_keepalive_come_from_mesh_config(tmp_path):
                 if isinstance(f, hcm_pb2.HttpConnectionManager):
                     h2 = f.http2_protocol_options
                     assert (h2.initial_stream_window_size.value, h2.initial_connection_window_size.value) == ((1 << 20, 8 << 20) if tuned else (0, 0))
+
+
+def _cla_by_copying(name: str, lis: str, target: Any, node: str) -> bytes:
+    """The reference: the CLA as a message built by copying the endpoint messages in."""
+    from envoy.config.endpoint.v3 import endpoint_pb2
+
+    from xdsserver.translate import endpoints as eps
+
+    cla = endpoint_pb2.ClusterLoadAssignment(cluster_name=name)
+    cla.endpoints.add().lb_endpoints.extend(eps._lb_endpoint(lis, b, node) for b in target.backends)
+    return cla.SerializeToString(deterministic=True)
+
+
+def test_cla_bytes_joined_from_encoded_endpoints_equal_the_serialized_message() -> None:
+    """`endpoints.cla_body` joins pre-encoded endpoints; it must be the message's deterministic
+    serialization: for every golden node, a service with no backends, and mesh, plain, local
+    and remote backends mixed."""
+    from xdsserver.translate import endpoints as eps
+
+    seen = 0
+    for sc, node in GOLDEN_NODES:
+        cl = golden_cluster(sc, Flavor.ENVOY)
+        view = cl.index.node_view(node)
+        for t in view.targets:
+            name = names.service_port_cluster(t.port.name, t.hostname)
+            variants = [t, dataclasses.replace(t, backends=()),
+                        dataclasses.replace(t, backends=tuple(dataclasses.replace(b, identity=None) for b in t.backends[:1]) + t.backends)]
+            for v in variants:
+                body = eps.cla_body(name, names.OUTBOUND_TUNNEL_LIS, v, node)
+                assert body == _cla_by_copying(name, names.OUTBOUND_TUNNEL_LIS, v, node)
+                assert eps.build_cla(name, names.OUTBOUND_TUNNEL_LIS, v, node).SerializeToString(deterministic=True) == body
+                shared = eps.shared_cla(name, names.OUTBOUND_TUNNEL_LIS, v, node)  # per target, patched per node
+                assert eps.body_of(shared) == body == shared.SerializeToString(deterministic=True)
+                seen += 1
+        for cla in cl.nodes[node].endpoints:  # what the translation served: bytes known for each shared CLA
+            assert eps.body_of(cla) in (None, cla.SerializeToString(deterministic=True))
+    assert seen > 20

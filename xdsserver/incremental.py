@@ -37,7 +37,7 @@ from .model.index import MeshIndex, NodeView, ServiceTarget, Workload
 from .translate import CertPair, CertProvider, NodeResources, service_clusters, translate, type_url
 from .translate.dispatch import build_dispatch_listener
 from .translate.clusters import build_service_cluster
-from .translate.endpoints import build_cla
+from .translate.endpoints import body_of, cla_body
 from .translate.inbound import build_inbound_routes, build_ztunnel_inbound_plaintext
 from .translate.names import OUTBOUND_DISPATCH
 from .translate.secrets import build_root_secret, build_workload_secret
@@ -66,13 +66,17 @@ def serialize(res: NodeResources, shared: dict[int, tuple[Any, bytes]] | None = 
     out: ResourceSet = {}
     for url, items in res.named().items():
         if shared is None or url not in (EDS, LDS, CDS):
-            out[url] = [(name, msg.SerializeToString(deterministic=True)) for name, msg in items]
+            if url == EDS:  # shared_cla built them from bytes
+                out[url] = [(name, body_of(msg) or msg.SerializeToString(deterministic=True)) for name, msg in items]
+            else:
+                out[url] = [(name, msg.SerializeToString(deterministic=True)) for name, msg in items]
             continue
         lst = out[url] = []
         for name, msg in items:
             hit = shared.get(id(msg))
             if hit is None or hit[0] is not msg:
-                hit = shared[id(msg)] = (msg, msg.SerializeToString(deterministic=True))
+                body = body_of(msg) if url == EDS else None  # shared_cla built it from bytes
+                hit = shared[id(msg)] = (msg, msg.SerializeToString(deterministic=True) if body is None else body)
             lst.append((name, hit[1]))
     return out
 
@@ -226,7 +230,7 @@ class IncrementalTranslator:
                     k = (name, i, host)
                     body = cla_memo.get(k)
                     if body is None:
-                        body = cla_memo[k] = build_cla(name, lis, t, node).SerializeToString(deterministic=True)
+                        body = cla_memo[k] = cla_body(name, lis, t, node)
                         stats.clas_built += 1
                     if clas.get(name) != body:
                         eds[name] = body
@@ -298,7 +302,7 @@ class IncrementalTranslator:
                 host = node if any(b.node_name == node for b in t.backends) else ""  # capture port differs
                 body = cla_memo.get((name, i, host))
                 if body is None:
-                    body = cla_memo[(name, i, host)] = build_cla(name, lis, t, node).SerializeToString(deterministic=True)
+                    body = cla_memo[(name, i, host)] = cla_body(name, lis, t, node)
                     stats.clas_built += 1
                 j = pos.get(name)
                 if j is None or j >= len(eds) or eds[j][0] != name:  # another EDS order on this node

@@ -16,7 +16,7 @@ import marshal
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import jsonschema
 
@@ -36,6 +36,7 @@ from ..model import (
 )
 from ..model.policy import AuthorizationPolicy, PeerAuthentication
 from . import SourceObject
+from .schemacheck import compile_schema
 from .policy import POLICY_KINDS, authorization_policy, peer_authentication
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,13 @@ def _validator(kind: str) -> jsonschema.protocols.Validator:
     return cls(schema, format_checker=cls.FORMAT_CHECKER)
 
 
+@cache
+def _certainly_valid(kind: str) -> Callable[[Any], bool]:
+    """The compiled yes-or-don't-know check of ``kind``'s schema (schemacheck.py)."""
+    v = _validator(kind)
+    return compile_schema(v.schema, v.format_checker)[0]
+
+
 def _field_path(path: Iterable[Any]) -> str:
     out = ""
     for part in path:
@@ -84,6 +92,8 @@ def validate_object(so: SourceObject) -> list[InputError]:
     if not isinstance(so.obj, dict):
         return [InputError(so.origin, "document", "", f"expected a mapping, got {type(so.obj).__name__}")]
     if so.kind not in KINDS:
+        return []
+    if _certainly_valid(so.kind)(so.obj):  # ~15x cheaper than jsonschema, which judges the rest
         return []
     errors = []
     for err in sorted(_validator(so.kind).iter_errors(so.obj), key=lambda e: list(map(str, e.absolute_path))):

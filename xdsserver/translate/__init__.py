@@ -90,8 +90,7 @@ def clear_memos() -> None:
     cluster_builders._service_clusters.clear()
     tunnel_builders._tunnel_memo.clear()
     refcheck.clear_memos()
-    endpoints._shared.clear()
-    endpoints._lb_endpoint_memo.cache_clear()
+    endpoints.clear()
 
 
 def translate(view: NodeView, flavor: Flavor, certs: CertProvider, *, check: bool = True) -> NodeResources:

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from ..protowire import field, varint
+
 # DiscoveryResponse
 _SOTW_VERSION_INFO, _SOTW_RESOURCES, _SOTW_TYPE_URL, _SOTW_NONCE = 1, 2, 4, 5
 # DeltaDiscoveryResponse
@@ -22,23 +24,6 @@ _DELTA_SYSTEM_VERSION, _DELTA_RESOURCES, _DELTA_TYPE_URL, _DELTA_NONCE, _DELTA_R
 _RES_VERSION, _RES_RESOURCE, _RES_NAME = 1, 2, 3
 # google.protobuf.Any
 _ANY_TYPE_URL, _ANY_VALUE = 1, 2
-
-
-def varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
-
-
-def field(number: int, data: bytes) -> bytes:
-    """A length-delimited field (wire type 2)."""
-    return varint(number << 3 | 2) + varint(len(data)) + data
 
 
 def _str(number: int, value: str) -> bytes:
