@@ -10,6 +10,7 @@ ACK of the last response each affected stream received.
 from __future__ import annotations
 
 import asyncio
+import os
 import statistics
 import subprocess
 import sys
@@ -70,6 +71,15 @@ def rss_bytes() -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     return 0
+
+
+def _cpu_s(pid: int | None = None) -> float:
+    """User + system CPU seconds of a process (all its threads: gRPC's too)."""
+    if pid is None:
+        t = os.times()
+        return t.user + t.system
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _pct(xs: list[float], p: float) -> float:
@@ -171,10 +181,12 @@ async def run_load(scale: bc.Scale, certs: Any, m: int, *, with_envoy: bool, pip
                     state["objs"] = o
                     start = cp.server._clock()
                     n_sends = len(cp.server.sends)
+                    cpu0 = (_cpu_s(), _cpu_s(proc.pid))
                     t0 = time.perf_counter()
                     assert cp.rebuild()
                     rebuild = time.perf_counter() - t0
                     done = await _quiescent(cp.server, start, 60, cp.barrier)
+                    cpu = (_cpu_s() - cpu0[0], _cpu_s(proc.pid) - cpu0[1])
                     if done is None:
                         raise RuntimeError(f"{name}: streams did not converge within 60 s")
                     if phase == "apply":
@@ -184,7 +196,7 @@ async def run_load(scale: bc.Scale, certs: Any, m: int, *, with_envoy: bool, pip
                                      "lat": [t - start for t in done.values()],
                                      "after_publish": [t - published for t in done.values()],
                                      "pushes": len(sends), "bytes": sum(s[4] for s in sends), "streams": len(done),
-                                     "by_type": _bytes_by_type(sends)})
+                                     "by_type": _bytes_by_type(sends), "cpu": cpu})
             lat = [x for r in rows for x in r["lat"]]
             lat_pub = [x for r in rows for x in r["after_publish"]]
             ev = {
@@ -203,12 +215,18 @@ async def run_load(scale: bc.Scale, certs: Any, m: int, *, with_envoy: bool, pip
                 "ack_ms_p99": round(_pct(lat, 99) * 1000, 1),
                 "ack_ms_max": round(max(lat) * 1000, 1) if lat else 0.0,
                 "push_to_ack_ms_p99": round(_pct(lat_pub, 99) * 1000, 1),
+                # CPU spent from the rebuild's start to the last ACK, by the server (rebuild and
+                # pushes) and by the simulated ztunnels (receiving, parsing, ACKing), which share
+                # this machine's cores; real ztunnels each parse on their own node
+                "cpu_s_median": {"server": round(statistics.median(r["cpu"][0] for r in rows), 2),
+                                 "clients": round(statistics.median(r["cpu"][1] for r in rows), 2)},
             }
             if envoy is not None:
                 vers = _acked_versions(cp.server, nodes[0])
                 ev["envoy_same_versions"] = all(len(v) == 1 for v in vers.values()) and len(vers) >= 4
             results[name] = ev
-            log(f"  load {pipeline} M={m} {name}: {ev['affected_streams']} streams, p99 {ev['ack_ms_p99']} ms, {ev['pushes_per_event']} pushes")
+            log(f"  load {pipeline} M={m} {name}: {ev['affected_streams']} streams, p99 {ev['ack_ms_p99']} ms, {ev['pushes_per_event']} pushes, "
+                f"CPU server {ev['cpu_s_median']['server']} s / clients {ev['cpu_s_median']['clients']} s")
         result["events"] = results
         result["by_type_pushes"] = {f"{t}/{r}": n for (t, r), n in sorted(cp.server.counters.items())}
         if envoy is not None:
