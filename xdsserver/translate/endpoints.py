@@ -78,11 +78,12 @@ def build_cla(cluster_name: str, tunnel_listener: str, target: ServiceTarget, no
 
 _shared: dict[tuple[str, str, int, str], tuple[ServiceTarget, endpoint_pb2.ClusterLoadAssignment]] = {}
 _bodies: dict[int, tuple[endpoint_pb2.ClusterLoadAssignment, bytes]] = {}  # id(shared CLA) -> (CLA, its bytes)
-# id(target) -> (target, nodes of its backends, its endpoints as seen from a node hosting none)
-_remote: dict[tuple[str, int], tuple[ServiceTarget, frozenset[str], tuple[bytes, ...]]] = {}
+# (listener, id(target)) -> (target, {node: indexes of its backends on that node}, the endpoints
+# as seen from a node hosting none of them)
+_remote: dict[tuple[str, int], tuple[ServiceTarget, dict[str, tuple[int, ...]], tuple[bytes, ...]]] = {}
 
 
-def _remote_view(tunnel_listener: str, target: ServiceTarget) -> tuple[frozenset[str], tuple[bytes, ...]]:
+def _remote_view(tunnel_listener: str, target: ServiceTarget) -> tuple[dict[str, tuple[int, ...]], tuple[bytes, ...]]:
     """Built once per target, not per node: a node's CLA differs from it only in the endpoints
     on that node."""
     key = (tunnel_listener, id(target))
@@ -91,10 +92,14 @@ def _remote_view(tunnel_listener: str, target: ServiceTarget) -> tuple[frozenset
         return hit[1], hit[2]
     if len(_remote) > 1 << 16:
         _remote.clear()
-    nodes = frozenset(b.node_name for b in target.backends if b.node_name)
+    on: dict[str, list[int]] = {}
+    for i, b in enumerate(target.backends):
+        if b.node_name:
+            on.setdefault(b.node_name, []).append(i)
+    by_node = {n: tuple(ix) for n, ix in on.items()}
     pieces = tuple(_lb_endpoint_field(tunnel_listener, b, False) for b in target.backends)
-    _remote[key] = (target, nodes, pieces)
-    return nodes, pieces
+    _remote[key] = (target, by_node, pieces)
+    return by_node, pieces
 
 
 def shared_cla(cluster_name: str, tunnel_listener: str, target: ServiceTarget, node_name: str) -> endpoint_pb2.ClusterLoadAssignment:
@@ -103,8 +108,9 @@ def shared_cla(cluster_name: str, tunnel_listener: str, target: ServiceTarget, n
     most nodes it is identical. Keyed on the target object itself (targets are immutable and
     rebuilt when the model changes). Callers must not mutate the result; :func:`body_of` has
     its bytes."""
-    nodes, remote = _remote_view(tunnel_listener, target)
-    local = node_name if node_name in nodes else ""
+    by_node, remote = _remote_view(tunnel_listener, target)
+    here = by_node.get(node_name)
+    local = node_name if here else ""
     key = (cluster_name, tunnel_listener, id(target), local)
     hit = _shared.get(key)
     if hit is not None and hit[0] is target:
@@ -112,11 +118,10 @@ def shared_cla(cluster_name: str, tunnel_listener: str, target: ServiceTarget, n
     if len(_shared) > 1 << 16:  # bounded: older models' entries go
         _shared.clear()
         _bodies.clear()
-    if local:
+    if here:
         pieces = list(remote)
-        for i, b in enumerate(target.backends):
-            if b.node_name == local:
-                pieces[i] = _lb_endpoint_field(tunnel_listener, b, True)
+        for i in here:
+            pieces[i] = _lb_endpoint_field(tunnel_listener, target.backends[i], True)
         body = _join(cluster_name, pieces)
     else:
         body = _join(cluster_name, remote)
