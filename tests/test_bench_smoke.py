@@ -34,3 +34,4 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert load["events"]["irrelevant_namespace"]["pushes_per_event"] == 0
     assert load["events"]["endpoint_unready"]["affected_streams"] == 2
     assert load["rss_per_ztunnel_bytes"] > 0
+    assert set(load["events"]["endpoint_unready"]["cpu_s_median"]) == {"server", "clients"}  # the CPU split column
