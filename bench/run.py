@@ -187,13 +187,13 @@ def table(results: list[dict[str, Any]]) -> str:
             lines.append(f"{name:<22} {ev['model_rebuild_ms']:>9} {ev['full_ms']:>10} {ev['incremental_ms']:>9} {ev['nodes_changed']:>9} "
                          f"{str(ev['only_affected']):>13}  {json.dumps({k: v for k, v in first.items() if k != 'listeners_changed'})}")
         if r.get("load"):
-            lines.append(f"{'load: M':<15} {'event':<22} {'streams':>7} {'pushes':>7} {'bytes':>12} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'rebuild':>8} {'CPU srv/cli s':>14}  envoy")
+            lines.append(f"{'load: M':<15} {'event':<22} {'streams':>7} {'pushes':>7} {'bytes':>12} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'p99 later':>9} {'rebuild':>8} {'CPU srv/cli s':>14}  envoy")
             for pl, runs in r["load"].items():
               for m, lr in runs.items():
                 for name, ev in lr["events"].items():
                     env = "" if "envoy_same_versions" not in ev else ("same versions" if ev["envoy_same_versions"] else "DIFFERENT")
                     lines.append(f"{pl[:5] + ' ' + m:<15} {name:<22} {ev['affected_streams']:>7} {ev['pushes_per_event']:>7} {ev['bytes_per_event']:>12,} "
-                                 f"{ev['ack_ms_p50']:>8} {ev['ack_ms_p99']:>8} {ev['ack_ms_max']:>8} {ev['rebuild_ms_median']:>8} {cpu_split(ev):>14}  {env}")
+                                 f"{ev['ack_ms_p50']:>8} {ev['ack_ms_p99']:>8} {ev['ack_ms_max']:>8} {str(ev.get('ack_ms_p99_later') or '-'):>9} {ev['rebuild_ms_median']:>8} {cpu_split(ev):>14}  {env}")
                 lines.append(f"{pl[:5] + ' ' + m:<15} server RSS per connected ztunnel: {lr['rss_per_ztunnel_bytes'] / 2**20:.3f} MB "
                              f"(push->ACK p99 after publish, endpoint change: {lr['events'].get('endpoint_unready', {}).get('push_to_ack_ms_p99', '-')} ms)")
         elif r.get("load_skipped"):
