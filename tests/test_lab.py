@@ -132,8 +132,10 @@ def check_mesh_connection(lab: Lab, client: str, src_node: str, src_ip: str, dst
                         and field(t, "upstream_peer") == ep.server_identity and t[F_UP_LOCAL].startswith(src_ip + ":"))
     assert out[F_FLAGS] == "-"
     # Destination ztunnel: HBONE terminated for explain's destination, client identity over TLS 1.3.
+    # (waiting for the tunnel address too: an earlier connection to the same pod may have come another way,
+    # pod IP by 15088, VIP by 15008, and its line may be the last one until this connection's is written)
     line = wait_for_line(lab, inbound.node, lambda t: prefix_of(t) == "inbound hcm" and t[F_AUTHORITY] == served
-                         and t[F_DOWN_REMOTE].startswith(src_ip + ":"))
+                         and t[F_DOWN_REMOTE].startswith(src_ip + ":") and t[F_DOWN_LOCAL] == ep.tunnel_address)
     assert field(line, "peer") == ex.client_identity
     assert field(line, "tls") == "TLSv1.3"
     assert line[F_DOWN_LOCAL] == ep.tunnel_address  # TPROXY (or the 15088 REDIRECT) kept the original destination
@@ -367,6 +369,25 @@ class TestBookinfo:
         assert set(seen) == want
         for a in seen.values():
             check_mesh_connection(lab, "productpage", "ambient-worker2", "10.244.2.3", "10.96.183.192:9080", a)
+
+    def test_same_node_service_endpoint_is_looped_by_the_pod_cidr_redirect(self, lab):
+        # Stock flavor: a service's CLA is the same on every node, so a same-node endpoint is
+        # addressed pod:15008 like any other; the ztunnel pod's nat OUTPUT REDIRECT for its own
+        # pod CIDR is what brings it back to its :15008 (without it the SYN reaches the pod itself).
+        ex = explain_for(lab, "ambient-worker2", "10.244.2.3", "10.96.183.192:9080")
+        local = {e.destination: e.tunnel_address for e in ex.endpoints if e.destination.startswith("10.244.2.")}
+        assert local == {"10.244.2.22:9080": "10.244.2.22:15008", "10.244.2.23:9080": "10.244.2.23:15008"}, ex.text()
+        seen: dict[str, dict] = {}
+        for _ in range(60):
+            a = get(lab, "productpage", "10.96.183.192", 9080)
+            seen.setdefault(a["local"], a)
+            if set(local) <= set(seen):
+                break
+        assert set(local) <= set(seen)
+        for dst in local:
+            check_mesh_connection(lab, "productpage", "ambient-worker2", "10.244.2.3", "10.96.183.192:9080", seen[dst])
+        zt_ns = lab.ztunnel_netns("ambient-worker2")
+        assert counter(lab, zt_ns, "nat", "OUTPUT", "-d 10.244.2.0/24 -p tcp -m tcp --dport 15008") > 0
 
     def test_pod_added_then_removed_at_run_time(self, lab):
         manifests = lab.manifests / "bookinfo.yaml"

@@ -164,7 +164,10 @@ def test_ztunnel_pod_rules_match_seed_003(client_server, node):
     plan = build_plan(client_server, node, tunnel="geneve", ztunnel_veth=s["veth"])
     text = iptables_restore_text(plan.ztunnel.chains)
     assert _per_chain(_restore_rules(text, "mangle")) == _per_chain(SEED_ZTUNNEL_IPTABLES.format(**s).splitlines())
-    assert _restore_rules(text, "nat") == ["-A OUTPUT -p tcp -m tcp --dport 15088 -j REDIRECT --to-ports 15008"]
+    # The seed's 15088 loop, plus one beyond it: HBONE to a pod of this node's CIDR (pod:15008, as the
+    # stock flavor's node-independent CLAs address every endpoint) loops to this ztunnel's own :15008.
+    assert _restore_rules(text, "nat") == ["-A OUTPUT -p tcp -m tcp --dport 15088 -j REDIRECT --to-ports 15008",
+                                           f"-A OUTPUT -d {plan.net.pod_cidr} -p tcp -m tcp --dport 15008 -j REDIRECT --to-ports 15008"]
     shown = [r.show() for r in plan.ztunnel.rules]
     # The seed's two rules, plus the lab's same-node loopback rule (documented in plan.py).
     assert shown[:2] == [" ".join(l.split()) for l in SEED_ZTUNNEL_RULES.strip().splitlines()]

@@ -883,12 +883,14 @@ def test_ipv6(tmp_path: Path, flavor: Flavor) -> None:
     for lname in ("ztunnel_inbound", "ztunnel_inbound_plaintext"):
         ranges = {(r.address_prefix, r.prefix_len.value) for ch in listener(res, lname).filter_chains for r in ch.filter_chain_match.prefix_ranges}
         assert ranges == {(client, 128), (s2, 128)}, lname
-    # [ip]:port in endpoint_id and tunnel metadata; 15088 on the same node, 15008 across
+    # [ip]:port in endpoint_id and tunnel metadata; 15008 across nodes, on the same node 15088 in
+    # istio-2022 (stock: 15008 too, looped by the ztunnel pod's pod-CIDR REDIRECT)
     eps = {}
     for _, lbe in lb_endpoints(res):
         md = tunnel_md(lbe)
         eps[lbe.endpoint.address.envoy_internal_address.endpoint_id] = (md["address"], md["destination"])
-    assert eps == {f"[{s1}]:8080": (f"[{s1}]:15008", f"[{s1}]:8080"), f"[{s2}]:8080": (f"[{s2}]:15088", f"[{s2}]:8080")}
+    local = 15008 if flavor is Flavor.ENVOY else 15088
+    assert eps == {f"[{s1}]:8080": (f"[{s1}]:15008", f"[{s1}]:8080"), f"[{s2}]:8080": (f"[{s2}]:{local}", f"[{s2}]:8080")}
     # route guard accepts "[ip]:port" only
     guard = re.compile(guard_regex(res, f"inbound_{s2}"))
     assert guard.fullmatch(f"[{s2}]:8080") and not guard.fullmatch(f"{s2}:8080") and not guard.fullmatch(f"[{client}]:8080")
@@ -975,17 +977,24 @@ def test_endpoint_ids_distinct_within_a_cluster() -> None:
 
 
 def test_same_node_endpoints_use_15088_others_15008() -> None:
-    seen = set()
+    # Service endpoints: istio-2022 addresses a same-node pod at 15088 (the 2022 generator's
+    # per-node CLA); stock addresses every pod at 15008 (the ztunnel pod's pod-CIDR REDIRECT loops
+    # a same-node one), so each service's CLA is the same bytes on every node.
+    seen: set[tuple[Flavor, str]] = set()
     pod_routes: set[tuple[Flavor, bool]] = set()
+    cla_bytes: dict[tuple[str, str], set[bytes]] = {}
     for sc, node, flavor, res in all_golden():
         e = expect(sc)
         for _, lbe in lb_endpoints(res):
             if not lbe.endpoint.address.HasField("envoy_internal_address"):
                 continue
             ip, port = tunnel_md(lbe)["address"].rsplit(":", 1)
-            want = "15088" if e.ip_node[ip] == node else "15008"
-            assert port == want, (sc, node, ip)
-            seen.add(want)
+            want = "15088" if e.ip_node[ip] == node and flavor is not Flavor.ENVOY else "15008"
+            assert port == want, (sc, node, flavor, ip)
+            seen.add((flavor, "local" if e.ip_node[ip] == node else "remote"))
+        if flavor is Flavor.ENVOY:
+            for cla in res.endpoints:
+                cla_bytes.setdefault((sc, cla.cluster_name), set()).add(cla.SerializeToString(deterministic=True))
         # pod-IP chains: same-node destinations through the pod-local tunnel cluster (15088 override),
         # the source's own (its client certificate); stock decides same/other node in stage 3 (keys:
         # exactly this node's pod IPs, on_no_match: the other-node chain) and picks the cluster at
@@ -1009,7 +1018,8 @@ def test_same_node_endpoints_use_15088_others_15008() -> None:
                     lb = cluster(res, chosen).original_dst_lb_config
                     assert lb.upstream_port_override.value == (15088 if local else 15008)
                     pod_routes.add((flavor, local))
-    assert seen == {"15008", "15088"}
+    assert seen == {(f, where) for f in FLAVORS for where in ("local", "remote")}
+    assert cla_bytes and all(len(v) == 1 for v in cla_bytes.values()), [k for k, v in cla_bytes.items() if len(v) > 1]
     assert pod_routes == {(f, local) for f in FLAVORS for local in (False, True)}
 
 

@@ -37,7 +37,7 @@ from .model.index import MeshIndex, NodeView, ServiceTarget, Workload
 from .translate import CertPair, CertProvider, NodeResources, service_clusters, translate, type_url
 from .translate.dispatch import build_dispatch_listener
 from .translate.clusters import build_service_cluster
-from .translate.endpoints import body_of, cla_body
+from .translate.endpoints import body_of, cla_body, node_variant
 from .translate.inbound import build_inbound_routes, build_ztunnel_inbound_plaintext
 from .translate.names import OUTBOUND_DISPATCH
 from .translate.secrets import build_root_secret, build_workload_secret
@@ -226,7 +226,7 @@ class IncrementalTranslator:
                 for name in changed:
                     lis, i = new_map[name]
                     t = targets[i]
-                    host = node if any(b.node_name == node for b in t.backends) else ""  # capture port differs
+                    host = node_variant(lis, t, node)  # istio-2022: the same-node capture port differs
                     k = (name, i, host)
                     body = cla_memo.get(k)
                     if body is None:
@@ -299,7 +299,7 @@ class IncrementalTranslator:
             delta: dict[str, bytes | None] = {}
             for name, lis, i in names:
                 t = targets[i]
-                host = node if any(b.node_name == node for b in t.backends) else ""  # capture port differs
+                host = node_variant(lis, t, node)  # istio-2022: the same-node capture port differs
                 body = cla_memo.get((name, i, host))
                 if body is None:
                     body = cla_memo[(name, i, host)] = cla_body(name, lis, t, node)

@@ -270,6 +270,12 @@ def ztunnel_chains(net: NodeNet) -> tuple[Chain, ...]:
     )
     nat_output = (
         ("-p", "tcp", "-m", "tcp", "--dport", str(P.HBONE_NODE_LOCAL_PORT), "-j", "REDIRECT", "--to-ports", str(P.HBONE_PORT)),
+        # Not in the seeds: HBONE to a pod on this node, addressed like any other (pod:15008),
+        # loops to this ztunnel's own :15008 as 15088 does. With it a service's endpoints are the
+        # same bytes on every node (stock flavor; translate/endpoints.py): one CLA per service
+        # port instead of one per node hosting a backend. Locally originated packets only; HBONE
+        # arriving from other nodes comes in on pistioin (Z1).
+        ("-d", net.pod_cidr, "-p", "tcp", "-m", "tcp", "--dport", str(P.HBONE_PORT), "-j", "REDIRECT", "--to-ports", str(P.HBONE_PORT)),
     )
     return (
         Chain("mangle", "PREROUTING", None, prerouting),

@@ -16,8 +16,25 @@ from .. import protowire
 from . import blocks, names
 
 
+def per_node(tunnel_listener: str) -> bool:
+    """Whether the CLAs behind ``tunnel_listener`` differ by node. Stock flavor: no, every mesh
+    endpoint's ``tunnel.address`` is ``pod:15008``, and on the pod's own node the ztunnel pod's
+    nat OUTPUT REDIRECT (pod CIDR, dport 15008; ``redirect/plan.py``) loops it to its own
+    :15008, so a service's CLA is one message for every node. istio-2022: yes, a same-node
+    endpoint carries 15088, as the 2022 generator emitted."""
+    return tunnel_listener != names.OUTBOUND_TUNNEL_LIS
+
+
+def node_variant(tunnel_listener: str, target: ServiceTarget, node_name: str) -> str:
+    """The node whose own variant of ``target``'s CLA ``node_name`` gets, or "" for the one
+    every node without a backend of it (stock flavor: every node) gets."""
+    if per_node(tunnel_listener) and any(b.node_name == node_name for b in target.backends):
+        return node_name
+    return ""
+
+
 def _lb_endpoint(tunnel_listener: str, b: Backend, node_name: str) -> ec.LbEndpoint:
-    same_node = bool(b.node_name) and b.node_name == node_name
+    same_node = per_node(tunnel_listener) and bool(b.node_name) and b.node_name == node_name
     return _lb_endpoint_message(tunnel_listener, b, same_node)
 
 
@@ -62,7 +79,8 @@ _CLUSTER_NAME, _ENDPOINTS, _LB_ENDPOINTS = 1, 2, 2
 def cla_body(cluster_name: str, tunnel_listener: str, target: ServiceTarget, node_name: str) -> bytes:
     """The deterministic serialization of :func:`build_cla`'s message, built from the encoded
     endpoints (fields in number order, one locality group, present even when empty)."""
-    pieces = [_lb_endpoint_field(tunnel_listener, b, bool(b.node_name) and b.node_name == node_name) for b in target.backends]
+    local = per_node(tunnel_listener)
+    pieces = [_lb_endpoint_field(tunnel_listener, b, local and bool(b.node_name) and b.node_name == node_name) for b in target.backends]
     return _join(cluster_name, pieces)
 
 
@@ -94,7 +112,7 @@ def _remote_view(tunnel_listener: str, target: ServiceTarget) -> tuple[dict[str,
         _remote.clear()
     on: dict[str, list[int]] = {}
     for i, b in enumerate(target.backends):
-        if b.node_name:
+        if b.node_name and per_node(tunnel_listener):
             on.setdefault(b.node_name, []).append(i)
     by_node = {n: tuple(ix) for n, ix in on.items()}
     pieces = tuple(_lb_endpoint_field(tunnel_listener, b, False) for b in target.backends)
@@ -103,9 +121,9 @@ def _remote_view(tunnel_listener: str, target: ServiceTarget) -> tuple[dict[str,
 
 
 def shared_cla(cluster_name: str, tunnel_listener: str, target: ServiceTarget, node_name: str) -> endpoint_pb2.ClusterLoadAssignment:
-    """:func:`build_cla`, with one message shared by every node where it is the same: a CLA
-    depends on the node only through which backends are on it (15088 instead of 15008), so on
-    most nodes it is identical. Keyed on the target object itself (targets are immutable and
+    """:func:`build_cla`, with one message shared by every node where it is the same: in the
+    stock flavor every node; in istio-2022 a CLA depends on the node only through which backends
+    are on it (15088 instead of 15008), so on most nodes it is identical. Keyed on the target object itself (targets are immutable and
     rebuilt when the model changes). Callers must not mutate the result; :func:`body_of` has
     its bytes."""
     by_node, remote = _remote_view(tunnel_listener, target)

@@ -368,14 +368,15 @@ function drawBranch(ex, ep, labels, ipOf) {
     branch.append(h("div", { class: "box passthrough" }, h("div", { class: "tag", text: "plain TCP" }),
       h("div", { class: "title mono", text: ep.endpoint_id }), h("div", { class: "sub", text: "endpoint not in the mesh: no tunnel" })));
   } else {
-    const sameNode = /:15088$/.test(ep.tunnel_address);
+    const ib = (ex.inbound || []).find((x) => x.final_destination === ep.destination);
+    // same node: the destination's inbound chain is on this ztunnel (stock addresses it pod:15008 too)
+    const sameNode = ib ? ib.node === ex.node : /:15088$/.test(ep.tunnel_address);
     const server = ep.server_identity || ex.expected_server_identity;
     branch.append(h("div", { class: "box tunnel", "data-tunnel": ep.tunnel_address, "data-server-identity": server, "data-client-identity": ex.client_identity },
       h("div", { class: "tag", text: "HBONE · HTTP/2 CONNECT over mTLS 1.3" }),
       h("div", { class: "title mono" }, `→ ${ep.tunnel_address}`, sameNode ? h("span", { class: "pill info", text: "same node" }) : null),
       kv([["CONNECT", ep.destination], ["client", ex.client_identity], ["server", server]]),
       policyBadge(ep.verdict)));
-    const ib = (ex.inbound || []).find((x) => x.final_destination === ep.destination);
     if (ib) {
       branch.append(...edge(""));
       branch.append(h("div", { class: "box inbound", "data-node": ib.node, "data-chain": ib.chain },
