@@ -39,27 +39,33 @@ def _lb_endpoint(tunnel_listener: str, b: Backend, node_name: str) -> ec.LbEndpo
 
 
 def _lb_endpoint_message(tunnel_listener: str, b: Backend, same_node: bool) -> ec.LbEndpoint:
-    """The endpoint's message; its encoded form is memoized (:func:`_lb_endpoint_field`)."""
-    lbe = ec.LbEndpoint()
-    lbe.load_balancing_weight.value = 1  # D6: explicit
+    """The endpoint's message; its encoded form is memoized (:func:`_lb_endpoint_field`). A mesh
+    endpoint is a copy of its listener's template with four strings set (building the nested
+    address and metadata messages each time was ~40% of the 14k endpoints of a cold 100-node build)."""
     dest = host_port(b.ip, b.port)
     if b.identity is None:  # not in the mesh: plain TCP, matched by tlsMode-disabled
+        lbe = ec.LbEndpoint()
+        lbe.load_balancing_weight.value = 1  # D6: explicit
         lbe.endpoint.address.CopyFrom(blocks.socket_address(b.ip, b.port))
         return lbe
-    capture = ports.HBONE_NODE_LOCAL_PORT if same_node else ports.HBONE_PORT
-    lbe.endpoint.address.CopyFrom(
-        address_pb2.Address(
-            envoy_internal_address=address_pb2.EnvoyInternalAddress(
-                server_listener_name=tunnel_listener,
-                endpoint_id=dest,  # D6: without it EDS collapses hosts sharing the listener (gotcha 3)
-            )
-        )
-    )
-    meta = lbe.metadata.filter_metadata
-    tunnel = meta[names.TUNNEL_METADATA].fields  # built field by field: Struct.update is slow Python
-    tunnel["address"].string_value = host_port(b.ip, capture)
+    lbe = ec.LbEndpoint()
+    lbe.CopyFrom(_mesh_template(tunnel_listener))
+    lbe.endpoint.address.envoy_internal_address.endpoint_id = dest  # D6: without it EDS collapses hosts sharing the listener (gotcha 3)
+    tunnel = lbe.metadata.filter_metadata[names.TUNNEL_METADATA].fields  # field by field: Struct.update is slow Python
+    tunnel["address"].string_value = host_port(b.ip, ports.HBONE_NODE_LOCAL_PORT if same_node else ports.HBONE_PORT)
     tunnel["destination"].string_value = dest
     tunnel["identity"].string_value = b.identity.spiffe
+    return lbe
+
+
+@lru_cache(maxsize=64)
+def _mesh_template(tunnel_listener: str) -> ec.LbEndpoint:
+    """What every mesh endpoint behind ``tunnel_listener`` has in common. Callers copy it."""
+    lbe = ec.LbEndpoint()
+    lbe.load_balancing_weight.value = 1  # D6: explicit
+    lbe.endpoint.address.CopyFrom(address_pb2.Address(envoy_internal_address=address_pb2.EnvoyInternalAddress(server_listener_name=tunnel_listener)))
+    meta = lbe.metadata.filter_metadata
+    meta[names.TUNNEL_METADATA].fields["address"].string_value = ""
     meta[names.TRANSPORT_SOCKET_MATCH].fields[names.TUNNEL_METADATA].string_value = blocks.TUNNEL_MATCH_VALUE
     return lbe
 
