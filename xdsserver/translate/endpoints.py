@@ -65,7 +65,6 @@ def _mesh_template(tunnel_listener: str) -> ec.LbEndpoint:
     lbe.load_balancing_weight.value = 1  # D6: explicit
     lbe.endpoint.address.CopyFrom(address_pb2.Address(envoy_internal_address=address_pb2.EnvoyInternalAddress(server_listener_name=tunnel_listener)))
     meta = lbe.metadata.filter_metadata
-    meta[names.TUNNEL_METADATA].fields["address"].string_value = ""
     meta[names.TRANSPORT_SOCKET_MATCH].fields[names.TUNNEL_METADATA].string_value = blocks.TUNNEL_MATCH_VALUE
     return lbe
 
@@ -117,9 +116,10 @@ def _remote_view(tunnel_listener: str, target: ServiceTarget) -> tuple[dict[str,
     if len(_remote) > 1 << 16:
         _remote.clear()
     on: dict[str, list[int]] = {}
-    for i, b in enumerate(target.backends):
-        if b.node_name and per_node(tunnel_listener):
-            on.setdefault(b.node_name, []).append(i)
+    if per_node(tunnel_listener):
+        for i, b in enumerate(target.backends):
+            if b.node_name:
+                on.setdefault(b.node_name, []).append(i)
     by_node = {n: tuple(ix) for n, ix in on.items()}
     pieces = tuple(_lb_endpoint_field(tunnel_listener, b, False) for b in target.backends)
     _remote[key] = (target, by_node, pieces)
