@@ -123,6 +123,8 @@ class TestPooledHbone:
         ns = lab.pod_netns("client-6db7cfc846")
         for prefix, (host, port) in (("outbound_pod_tunnel_clus", SERVER), ("outbound_tunnel_clus", VIP)):
             before = tunnel_stat(lab, prefix, "client", "ssl.handshake")
+            cx_before = tunnel_stat(lab, prefix, "client", "upstream_cx_total")
+            rq_before = tunnel_stat(lab, prefix, "client", "upstream_rq_total")
             peers = set()
             for _ in range(50):
                 r = request(ns, host, port, "/", timeout=10)
@@ -131,6 +133,11 @@ class TestPooledHbone:
             handshakes = tunnel_stat(lab, prefix, "client", "ssl.handshake") - before
             assert handshakes <= 2, f"{prefix}: {handshakes} TLS handshakes for 50 sequential connections"
             assert tunnel_stat(lab, prefix, "client", "upstream_rq_total") >= 50
+            # pooled: the CONNECT streams (requests) far outnumber the HBONE connections
+            cx = tunnel_stat(lab, prefix, "client", "upstream_cx_total") - cx_before
+            rq = tunnel_stat(lab, prefix, "client", "upstream_rq_total") - rq_before
+            assert rq >= 50 and cx <= 2, f"{prefix}: {cx} HBONE connections for {rq} CONNECT streams"
+            print(f"{prefix}: {cx} HBONE connections, {rq} CONNECT streams, {handshakes} handshakes")
             # the server still sees the client pod (its IP; every connection its own port)
             assert {p.rsplit(":", 1)[0] for p in peers} == {CLIENT_IP} and len(peers) == 50
 

@@ -128,9 +128,9 @@ def _remote_view(tunnel_listener: str, target: ServiceTarget) -> tuple[dict[str,
 
 def shared_cla(cluster_name: str, tunnel_listener: str, target: ServiceTarget, node_name: str) -> endpoint_pb2.ClusterLoadAssignment:
     """:func:`build_cla`, with one message shared by every node where it is the same: in the
-    stock flavor every node; in istio-2022 a CLA depends on the node only through which backends
-    are on it (15088 instead of 15008), so on most nodes it is identical. Keyed on the target object itself (targets are immutable and
-    rebuilt when the model changes). Callers must not mutate the result; :func:`body_of` has
+    stock flavor every node; in istio-2022 a CLA depends on the node only through which
+    backends are on it (15088 instead of 15008), so on most nodes it is identical. Keyed on the
+    target object itself (targets are immutable and rebuilt when the model changes). Callers must not mutate the result; :func:`body_of` has
     its bytes."""
     by_node, remote = _remote_view(tunnel_listener, target)
     here = by_node.get(node_name)
