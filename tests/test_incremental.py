@@ -13,7 +13,7 @@ from xdsserver.model import Flavor
 from xdsserver.model.index import MeshIndex
 from xdsserver.pipeline import ephemeral_certs
 from xdsserver.sources.manifests import load_model
-from xdsserver.translate import names, translate
+from xdsserver.translate import dispatch, names, translate
 
 import sys
 
@@ -35,6 +35,9 @@ def base():
 
 
 def full(index: MeshIndex, certs, flavor: Flavor = Flavor.ENVOY) -> dict:
+    """The reference: translate() with stage 2 built from scratch, not the incremental side's
+    (possibly patched) message for the same index."""
+    dispatch._last.clear()
     return {n: serialize(translate(index.node_view(n), flavor, certs)) for n in index.node_names}
 
 
@@ -236,12 +239,103 @@ def test_model_and_index_reuse_what_did_not_change(base) -> None:
         fresh = bc.index_of(new_objs)
         assert new_index.model == fresh.model, f"step {k}"
         assert new_index.workloads == fresh.workloads and new_index.targets == fresh.targets, f"step {k}"
+        index.node_view(index.node_names[0])  # views computed on the old index are carried over
+        assert all(new_index.node_view(n) == fresh.node_view(n) for n in fresh.node_names), f"step {k}"
         assert memo.digests - digests == changed, f"step {k}: unchanged objects were digested again"
         if k == 1:  # endpoint_unready: one pod's readiness -> only its services' targets are new objects
             old = {(t.service.key, t.port.name): t for t in index.targets}
             rebuilt = [t for t in new_index.targets if old.get((t.service.key, t.port.name)) is not t]
             assert rebuilt and all(t.backends != old[(t.service.key, t.port.name)].backends for t in rebuilt)
         objs, index = new_objs, new_index
+
+
+# -- stage 2 patched for pods and services (translate/dispatch.py _patched) --------------------------------------
+def _pod_removed(objs: list[dict], index: MeshIndex) -> list[dict]:
+    served = {b.pod for t in index.targets for b in t.backends if b.identity is not None}
+    gone = next(o for o in objs if o["kind"] == "Pod" and f"{o['metadata']['namespace']}/{o['metadata']['name']}" in served)
+    return [o for o in objs if o is not gone]
+
+
+def _pod_readdressed(objs: list[dict], index: MeshIndex) -> list[dict]:
+    used = {o["status"]["podIP"] for o in objs if o["kind"] == "Pod"}
+    ip = next(str(a) for a in list(synth.node_cidr(1).hosts())[::-1] if str(a) not in used)
+    wl = index.workloads[len(index.workloads) // 2]
+    return _replace(objs, lambda o: o["kind"] == "Pod" and o["metadata"]["name"] == wl.pod.name and o["metadata"]["namespace"] == wl.pod.namespace,
+                    lambda o: o["status"].update(podIP=ip, podIPs=[{"ip": ip}]))
+
+
+def _pod_on_a_vip(objs: list[dict], index: MeshIndex) -> list[dict]:
+    """A new pod whose IP is a Service VIP: precedence (pod IP over VIP) makes stage 2 build in full."""
+    new, _ = bc.EVENTS["pod_added"](objs, index)
+    vip = index.targets[0].service.cluster_ips[0]
+    new[-1] = copy.deepcopy(new[-1])
+    new[-1]["status"].update(podIP=vip, podIPs=[{"ip": vip}])
+    return new
+
+
+def _vip_on_a_pod(objs: list[dict], index: MeshIndex) -> list[dict]:
+    """A new Service whose VIP is a pod's IP: precedence (pod IP over VIP) makes stage 2 build in full."""
+    new, _ = bc.EVENTS["service_added"](objs, index)
+    ip = index.workloads[0].pod.ip
+    new[-1] = copy.deepcopy(new[-1])
+    new[-1]["metadata"]["name"] = "on-a-pod"
+    new[-1]["spec"].update(clusterIP=ip, clusterIPs=[ip])
+    return new
+
+
+def _many_pods(objs: list[dict], index: MeshIndex) -> list[dict]:
+    new = list(objs)
+    for k in range(dispatch.MAX_PATCHED_WORKLOADS + 1):
+        new, _ = bc.EVENTS["pod_added"](new, index)
+        new[-1]["metadata"]["name"] += f"-{k}"
+        new[-1]["metadata"]["uid"] = f"00000000-0000-4000-8000-{k:012d}"
+    return new
+
+
+# (event, stage 2 patched rather than built)
+POD_STEPS = [
+    (lambda o, i: bc.EVENTS["pod_added"](o, i)[0], True),
+    (_pod_removed, True),
+    (_pod_readdressed, True),
+    (lambda o, i: bc.EVENTS["endpoint_unready"](o, i)[0], None),  # readiness: stage 2 does not change at all
+    (pod_identity_changed, False),  # a new identity: a new pod chain
+    (_pod_on_a_vip, False),
+    (_many_pods, False),
+    (lambda o, i: bc.EVENTS["service_added"](o, i)[0], True),  # services alone: their chains and VIP keys
+    (lambda o, i: port_added(o), True),
+    (lambda o, i: port_renumbered(o), True),
+    (lambda o, i: service_removed(o), True),
+    (lambda o, i: port_removed(o), True),
+    (_vip_on_a_pod, False),
+]
+
+
+def test_pod_and_service_changes_patch_stage2_and_equal_a_fresh_build(base, certs) -> None:
+    """As the server runs it (per-object memo, previous index): pods, or Services and ports, that
+    came, went or changed patch the previous stage 2 message; whatever the path, the bytes equal stage 2 built from
+    scratch, and every node equals a full translation."""
+    from xdsserver.sources.objects import ValidationMemo
+
+    objs, _ = base
+    memo, feed = ValidationMemo(), bc.ObjectFeed()
+    index = bc.index_of(objs, memo, feed=feed)
+    inc = IncrementalTranslator(Flavor.ENVOY, certs)
+    inc.snapshots(index)
+    node = next(n for n in index.node_names if index.node_view(n).local_identities)
+    for k, (step, patched) in enumerate(POD_STEPS):
+        objs = step(objs, index)
+        index = bc.index_of(objs, memo, feed=feed, previous=index)
+        counts = dict(dispatch.patch_stats)
+        after = inc.snapshots(index)
+        made = {key: dispatch.patch_stats[key] - counts[key] for key in counts}
+        incremental = dict(after[node][LDS])[names.OUTBOUND_DISPATCH]
+        if patched is not None:
+            assert made == ({"patched": 1, "built": 0} if patched else {"patched": 0, "built": 1}), f"step {k}: {made}"
+        assert after == full(index, certs), f"step {k}"
+        assert incremental == dict(after[node][LDS])[names.OUTBOUND_DISPATCH]
+        dispatch._last.clear()
+        fresh = dispatch.build_dispatch_listener(index.node_view(node)).SerializeToString(deterministic=True)
+        assert incremental == fresh, f"step {k}"
 
 
 # -- the server's rebuild: a readiness change patches model, index and CLAs (sources/pod_status.py) --

@@ -157,13 +157,19 @@ def test_policy_change_translates_only_selected_nodes():
 
     base = list(read_objects(Path(__file__).resolve().parent.parent / "golden" / "client-server" / "manifests"))
     certs = ephemeral_certs()
+    from xdsserver.sources.objects import ValidationMemo
+
     inc = IncrementalTranslator(Flavor.ENVOY, certs)
-    inc.snapshots(MeshIndex(build_model(base)))
+    memo = ValidationMemo()  # as the server builds: unchanged objects, previous index (pods are the same objects)
+    last = [MeshIndex(build_model(base, memo=memo))]
+    inc.snapshots(last[0])
 
     def step(*extra: dict) -> tuple[list[str], list[str]]:
-        index = MeshIndex(build_model([*base, *(SourceObject(f"x#{i}", o) for i, o in enumerate(extra))]))
+        objs = [*base, *(SourceObject(f"x#{i}", o) for i, o in enumerate(extra))]
+        index = last[0] = MeshIndex(build_model(objs, memo=memo), previous=last[0])
         out = inc.snapshots(index)
-        assert out == {n: serialize(translate(index.node_view(n), Flavor.ENVOY, certs)) for n in index.node_names}
+        fresh = MeshIndex(build_model(objs))  # the reference: nothing carried over
+        assert out == {n: serialize(translate(fresh.node_view(n), Flavor.ENVOY, certs)) for n in fresh.node_names}
         return inc.stats.changed_nodes, inc.stats.untouched
 
     server_only = _ap("s", {"selector": {"matchLabels": {"app": "server"}}, "rules": [{}]}, ns="ambient")

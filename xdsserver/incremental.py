@@ -144,6 +144,7 @@ class IncrementalTranslator:
         self._root_bytes: tuple[str, bytes] | None = None
         self._shared_bytes: dict[int, tuple[Any, bytes]] = {}  # one snapshots() call: shared messages' bytes
         self._cluster_bytes: dict[str, bytes] = {}  # one snapshots() call: new service clusters' bytes
+        self._wl_shapes: dict[int, tuple[Workload, tuple[Any, ...]]] = {}  # id -> (workload, _workload_shape)
         self._last_service_map: tuple[tuple[ServiceTarget, ...], dict[str, tuple[str, int]]] | None = None
         self.stats = RunStats()
 
@@ -154,7 +155,16 @@ class IncrementalTranslator:
         if index.mesh != self._mesh:  # mesh settings touch every resource
             self._memo.clear()
             self._mesh = index.mesh
-        workloads = tuple(_workload_shape(wl) for wl in index.workloads)
+        known, self._wl_shapes = self._wl_shapes, {}
+
+        def shape_of(wl: Workload) -> tuple[Any, ...]:  # per workload object, kept from the last call
+            hit = known.get(id(wl))
+            if hit is None or hit[0] is not wl:
+                hit = (wl, _workload_shape(wl))
+            self._wl_shapes[id(wl)] = hit
+            return hit[1]
+
+        workloads = tuple(shape_of(wl) for wl in index.workloads)
         targets = index.targets
         shapes = tuple(_shape(t) for t in targets)
         cla_memo: dict[tuple[str, int, str], bytes] = {}
@@ -164,7 +174,7 @@ class IncrementalTranslator:
         compared: dict[tuple[int, int], bool] = {}  # nodes' memos share their tuples: compare each pair once
         changed_names: dict[tuple[int, int, bool], tuple[str, ...]] = {}  # (old service map, old targets) -> CLAs to rebuild
 
-        def same(old: tuple[Any, ...], new: tuple[Any, ...]) -> bool:
+        def same(old: Any, new: Any) -> bool:
             k = (id(old), id(new))
             if k not in compared:
                 compared[k] = old is new or old == new
@@ -173,7 +183,7 @@ class IncrementalTranslator:
         for node in wanted:
             view = index.node_view(node)
             memo = self._memo.get(node)
-            local = tuple(_workload_shape(wl) for wl in view.local_workloads)
+            local = tuple(shape_of(wl) for wl in view.local_workloads)
             pol = _policy_shape(view)
             moved = memo is not None and not same(memo.workloads, workloads)  # a pod elsewhere came, went or changed
             reshaped = memo is not None and not same(memo.shapes, shapes)  # a service or port came, went or changed
@@ -205,7 +215,7 @@ class IncrementalTranslator:
                 if hit is None or hit[0] is not stage2:
                     hit = self._shared_bytes[id(stage2)] = (stage2, stage2.SerializeToString(deterministic=True))
                 lds = dict(res[LDS])
-                if lds[OUTBOUND_DISPATCH] != hit[1]:
+                if not same(lds[OUTBOUND_DISPATCH], hit[1]):  # nodes share both bytes objects: one 2 MB compare
                     lds[OUTBOUND_DISPATCH] = hit[1]
                     res[LDS] = list(lds.items())
                     delta[LDS] = {OUTBOUND_DISPATCH: hit[1]}

@@ -20,13 +20,19 @@ class CaCerts:
 
     def __init__(self, ca: object) -> None:
         self.ca = ca
+        # the same CertPair object while the CA hands out the same certificate, so the
+        # translator's per-node secret check is an identity test, not a PEM comparison
+        self._pairs: dict[str, tuple[object, CertPair]] = {}
 
     def root_pem(self) -> str:
         return self.ca.root_pem  # type: ignore[attr-defined]
 
     def workload(self, identity: Identity) -> CertPair:
         w = self.ca.issue_workload(identity.spiffe)  # type: ignore[attr-defined]
-        return CertPair(w.cert_chain_pem, w.private_key_pem)
+        hit = self._pairs.get(identity.spiffe)
+        if hit is None or hit[0] is not w:
+            hit = self._pairs[identity.spiffe] = (w, CertPair(w.cert_chain_pem, w.private_key_pem))
+        return hit[1]
 
 
 def ephemeral_certs(trust_domain: str = "cluster.local", ca_dir: Path | None = None) -> CaCerts:

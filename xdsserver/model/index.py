@@ -96,8 +96,12 @@ class MeshIndex:
         self.mesh = model.mesh
         self._ns_labels = {ns.name: dict(ns.labels) for ns in model.namespaces}
         self._previous = previous if previous is not None and previous.mesh == model.mesh and previous._ns_labels == self._ns_labels else None
+        self._view_facts: dict[str, _ViewFacts] = {}
+        self._previous_facts: dict[str, _ViewFacts] = {}
         if self._previous is not None:  # reuse now, then let the old index go (no chain of indexes)
             self.workloads, self.targets  # noqa: B018 (cached properties)
+            if _same_policies(previous.model, model):
+                self._previous_facts = previous._view_facts
             self._previous = None
 
     # cached lookups a patched index carries over (computed on the base index first)
@@ -115,6 +119,7 @@ class MeshIndex:
             getattr(self, name)
         new = MeshIndex.__new__(MeshIndex)
         new.model, new.mesh, new._ns_labels, new._previous = model, self.mesh, self._ns_labels, None
+        new._view_facts, new._previous_facts = {}, self._view_facts if _same_policies(self.model, model) else {}
         d = new.__dict__
         for name in self._LOOKUPS:
             d[name] = self.__dict__[name]
@@ -284,15 +289,32 @@ class MeshIndex:
     # -- views ------------------------------------------------------------------------------
     def node_view(self, node_name: str) -> NodeView:
         local = self.workloads_by_node.get(node_name, ())
+        facts = self._view_facts.get(node_name)
+        if facts is None or facts[0] is not local:
+            facts = self._view_facts[node_name] = self._facts(node_name, local)
         return NodeView(
             node_name=node_name,
             mesh=self.mesh,
             local_workloads=local,
-            local_identities=tuple(sorted({wl.identity for wl in local})),
+            local_identities=facts[1],
             workloads=self.workloads,
             targets=self.targets,
-            authorization_policies=self.local_policies(local),
-            peer_authentications=tuple(
+            authorization_policies=facts[2],
+            peer_authentications=facts[3],
+        )
+
+    def _facts(self, node_name: str, local: tuple[Workload, ...]) -> _ViewFacts:
+        """A node's identities and the policies selecting its pods. Taken from the previous
+        index when the node's workloads are the very same objects and no policy changed (a pod
+        added elsewhere touches every node's view, not its local part: ~0.3 ms a node)."""
+        old = self._previous_facts.get(node_name)
+        if old is not None and len(old[0]) == len(local) and all(a is b for a, b in zip(old[0], local)):
+            return (local, *old[1:])
+        return (
+            local,
+            tuple(sorted({wl.identity for wl in local})),
+            self.local_policies(local),
+            tuple(
                 pa for pa in self.model.peer_authentications
                 if any(pa.namespace in (wl.pod.namespace, self.mesh.root_namespace) and selects(pa.selector, wl.pod.label_map) for wl in local)
             ),
@@ -307,6 +329,14 @@ class MeshIndex:
 
     def enrolled_pods_on(self, node_name: str) -> tuple[Pod, ...]:
         return tuple(wl.pod for wl in self.workloads_by_node.get(node_name, ()))
+
+
+# node -> (its workloads, identities, authorization policies, peer authentications selecting them)
+_ViewFacts = tuple
+
+
+def _same_policies(a: Model, b: Model) -> bool:
+    return a.authorization_policies == b.authorization_policies and a.peer_authentications == b.peer_authentications
 
 
 @lru_cache(maxsize=1 << 17)
