@@ -9,6 +9,8 @@ from __future__ import annotations
 
 
 def varint(n: int) -> bytes:
+    if n < 0x80:  # most tags and lengths: one byte
+        return _ONE_BYTE[n]
     out = bytearray()
     while True:
         b = n & 0x7F
@@ -18,6 +20,9 @@ def varint(n: int) -> bytes:
         else:
             out.append(b)
             return bytes(out)
+
+
+_ONE_BYTE = tuple(bytes((i,)) for i in range(0x80))
 
 
 def field(number: int, data: bytes) -> bytes:
