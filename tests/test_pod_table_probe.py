@@ -7,7 +7,7 @@ added changes one small ClusterLoadAssignment. Earlier sessions believed stock E
 way to select an endpoint by the connection's destination IP. It does, with parts that are all
 stock and all real here:
 
-1. the hop's upstream transport socket is ``upstream_proxy_protocol`` (v2) around
+1. a hop's upstream transport socket is ``upstream_proxy_protocol`` (v2) around
    ``internal_upstream``, and adds a TLV whose value is a format string over filter state the
    previous listener shared with the upstream (the destination IP);
 2. the internal listener's ``proxy_protocol`` listener filter writes that TLV to the dynamic
@@ -16,12 +16,16 @@ stock and all real here:
    subset load balancer (selector ``ip``) picks the endpoint with that IP; an IP with no endpoint
    falls back to a default subset (passthrough), so non-mesh pods in the same range keep working.
 
-The test runs that chain in a real Envoy on loopback addresses only (127.0.0.1-3, no namespace,
-no root-namespace change), with the pod table as a file-based EDS resource, and asserts what the
-redesign would rely on: each destination IP reaches its own endpoint, an unknown IP reaches the
-default, filter state shared with the upstream (the source identity) survives the hop, and adding an
-endpoint (a pod) to the table re-routes that IP with **no listener modified**. The generator does
-not use this layout yet; the README's "what is still missed" says what adopting it involves.
+Both tests run that chain in a real Envoy on loopback addresses only (127.0.0.1-3, no namespace,
+no root-namespace change), with the pod table as a file-based EDS resource. The first asserts
+the lookup itself: each destination IP reaches its own endpoint, an unknown IP the default,
+filter state shared with the upstream survives the hop, and adding an endpoint (a pod) re-routes
+that IP with **no listener modified**. The second makes the endpoints what the generator would
+emit, an internal address to a stage-3 listener with ``tunnel`` host metadata passed through,
+where ``envoy.network.upstream_subject_alt_names`` is set from ``tunnel.identity`` and mTLS (TLS
+1.3, certificates from our CA) goes to ``tunnel.address``: a server presenting another identity
+than its table entry says is refused. The generator does not use this layout yet; the README's
+"what is still missed" says where each piece would go and what adopting it involves.
 """
 
 from __future__ import annotations
@@ -161,6 +165,22 @@ def _stat(admin: int, name: str) -> int:
     raise AssertionError(f"no stat {name}: {body!r}")
 
 
+def _start_envoy(work: Path, bootstrap: dict[str, Any], admin: int) -> Proc:
+    """A real Envoy on ``bootstrap``, ready (access logs flushed every 100 ms); the caller stops it."""
+    cfg = work / "envoy.json"
+    cfg.write_text(json.dumps(bootstrap))
+    envoy = Proc([shutil.which("envoy") or "envoy", "-c", str(cfg), "--base-id", str(next(Envoy.base_ids)),
+                  "--disable-hot-restart", "-l", "warning", "--concurrency", "1", "--file-flush-interval-msec", "100"],
+                 work / "envoy.log")
+    try:
+        poll(lambda: not envoy.alive() or http_get(f"http://127.0.0.1:{admin}/ready")[0] == 200, what="envoy ready", timeout=20)
+        assert envoy.alive(), envoy.output()[-2000:]
+    except BaseException:
+        envoy.stop()
+        raise
+    return envoy
+
+
 def test_destination_ip_selects_an_eds_endpoint_through_a_proxy_protocol_hop(tmp_path: Path) -> None:
     backends = _Backends(["pod-a", "pod-b", "pod-c", "passthrough"])
     (tmp_path / "eds").mkdir()
@@ -168,15 +188,8 @@ def test_destination_ip_selects_an_eds_endpoint_through_a_proxy_protocol_hop(tmp
                             ({"ip": "127.0.0.2"}, backends.ports["pod-b"]),
                             ({"passthrough": True}, backends.ports["passthrough"])])
     admin, front = free_port(), free_port()
-    cfg = tmp_path / "envoy.json"
-    cfg.write_text(json.dumps(_bootstrap(tmp_path, admin, front)))
-    envoy = Proc([shutil.which("envoy") or "envoy", "-c", str(cfg), "--base-id", str(next(Envoy.base_ids)),
-                  "--disable-hot-restart", "-l", "warning", "--concurrency", "1", "--file-flush-interval-msec", "100"],
-                 tmp_path / "envoy.log")
+    envoy = _start_envoy(tmp_path, _bootstrap(tmp_path, admin, front), admin)
     try:
-        poll(lambda: envoy.alive() and http_get(f"http://127.0.0.1:{admin}/ready")[0] == 200 or not envoy.alive(),
-             what="envoy ready", timeout=20)
-        assert envoy.alive(), envoy.output()[-2000:]
         assert _reach("127.0.0.1", front) == b"pod-a"
         assert _reach("127.0.0.2", front) == b"pod-b"
         assert _reach("127.0.0.3", front) == b"passthrough", "an IP with no endpoint must fall back, not pick a pod"
@@ -197,11 +210,141 @@ def test_destination_ip_selects_an_eds_endpoint_through_a_proxy_protocol_hop(tmp
         lines = poll(lambda: (lambda ls: ls if len(ls) >= 5 else None)(
             [json.loads(ln) for ln in log.read_text().splitlines()] if log.exists() else []),
             what="lookup access log", timeout=10)
-        assert [ln["ip"] for ln in lines] == ["127.0.0.1", "127.0.0.2", "127.0.0.3", "127.0.0.3", "127.0.0.1"]
-        assert [ln["local"] for ln in lines] == [f"127.0.0.{i}:{front}" for i in (1, 2, 3, 3, 1)], \
-            "the PROXY header restores the original destination on the internal listener"
+        # lines are written as connections close, in any order: compared as a multiset
+        assert sorted((ln["ip"], ln["local"]) for ln in lines) == sorted((f"127.0.0.{i}", f"127.0.0.{i}:{front}") for i in (1, 2, 3, 3, 1)), \
+            "the TLV carries each connection's destination IP and the PROXY header restores it on the internal listener"
         assert {ln["source_identity"] for ln in lines} == {"spiffe://probe/ns/a/sa/client"}, \
             "filter state shared with the upstream (the source identity) must survive the proxy-protocol socket"
     finally:
         envoy.stop()
         backends.close()
+
+
+# -- the whole pod-IP leg: the lookup's endpoint is stage 3, which pins the server's SAN ------------
+TD = "cluster.local"
+SPIFFE = {name: f"spiffe://{TD}/ns/probe/sa/{name}" for name in ("client", "a", "b", "c")}
+
+
+def _tls_server(cert_pem: str, key_pem: str, name: bytes, work: Path) -> socket.socket:
+    """A loopback TLS 1.3 server presenting one workload certificate; answers with its name."""
+    import ssl
+
+    (work / f"{name.decode()}.crt").write_text(cert_pem)
+    (work / f"{name.decode()}.key").write_text(key_pem)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.load_cert_chain(work / f"{name.decode()}.crt", work / f"{name.decode()}.key")
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(16)
+
+    def serve() -> None:
+        while True:
+            try:
+                c, _ = s.accept()
+            except OSError:
+                return
+            try:
+                with ctx.wrap_socket(c, server_side=True) as t:
+                    t.sendall(name)
+            except (OSError, ssl.SSLError):
+                pass  # the client refused our certificate: what the SAN test wants
+
+    threading.Thread(target=serve, daemon=True).start()
+    return s
+
+
+def _full_path_bootstrap(work: Path, admin: int, front: int, passthrough_port: int, client: Any, root_pem: str) -> dict[str, Any]:
+    """The lookup of the first test, whose endpoints are stage 3 (an internal listener, one
+    endpoint per pod IP, host metadata ``tunnel``), as the generator would emit it; stage 3 sets
+    ``envoy.network.upstream_subject_alt_names`` from ``%DYNAMIC_METADATA(tunnel:identity)%`` and
+    opens mTLS (the source's certificate) to ``tunnel.address``."""
+    cfg = _bootstrap(work, admin, front)
+    raw = {"name": "envoy.transport_sockets.raw_buffer", "typed_config": {"@type": ANY + "envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer"}}
+    pods = next(c for c in cfg["static_resources"]["clusters"] if c["name"] == "pods")
+    pods["transport_socket"] = {"name": "envoy.transport_sockets.internal_upstream", "typed_config": {
+        "@type": ANY + "envoy.extensions.transport_sockets.internal_upstream.v3.InternalUpstreamTransport",
+        "passthrough_metadata": [{"kind": {"host": {}}, "name": "tunnel"}], "transport_socket": raw}}
+    stage3 = {"name": "stage3", "internal_listener": {}, "filter_chains": [{"filters": [
+        {"name": "envoy.filters.network.set_filter_state", "typed_config": {
+            "@type": ANY + "envoy.extensions.filters.network.set_filter_state.v3.Config",
+            "on_new_connection": [{"object_key": "envoy.network.upstream_subject_alt_names",
+                                   "format_string": {"text_format_source": {"inline_string": "%DYNAMIC_METADATA(tunnel:identity)%"}}}]}},
+        {"name": "envoy.filters.network.tcp_proxy", "typed_config": {
+            "@type": ANY + "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy", "stat_prefix": "stage3", "cluster": "tunnel_out"}}]}]}
+    passthrough = {"name": "passthrough", "internal_listener": {}, "filter_chains": [{"filters": [
+        {"name": "envoy.filters.network.tcp_proxy", "typed_config": {
+            "@type": ANY + "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy", "stat_prefix": "passthrough", "cluster": "outside"}}]}]}
+    tunnel_out = {
+        "name": "tunnel_out", "type": "ORIGINAL_DST", "lb_policy": "CLUSTER_PROVIDED", "connect_timeout": "1s",
+        "original_dst_lb_config": {"metadata_key": {"key": "tunnel", "path": [{"key": "address"}]}},
+        "transport_socket": {"name": "envoy.transport_sockets.tls", "typed_config": {
+            "@type": ANY + "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            "common_tls_context": {
+                "tls_params": {"tls_minimum_protocol_version": "TLSv1_3", "tls_maximum_protocol_version": "TLSv1_3"},
+                "tls_certificates": [{"certificate_chain": {"inline_string": client.cert_chain_pem},
+                                      "private_key": {"inline_string": client.private_key_pem}}],
+                "validation_context": {"trusted_ca": {"inline_string": root_pem}, "match_typed_subject_alt_names": [
+                    {"san_type": "URI", "matcher": {"prefix": f"spiffe://{TD}/"}}]}}}}}
+    outside = {"name": "outside", "connect_timeout": "1s", "load_assignment": {"cluster_name": "outside", "endpoints": [{"lb_endpoints": [
+        {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": passthrough_port}}}}]}]}}
+    cfg["static_resources"]["listeners"] += [stage3, passthrough]
+    cfg["static_resources"]["clusters"] += [tunnel_out, outside]
+    return cfg
+
+
+def _write_stage3_table(work: Path, rows: list[tuple[str, str, int]]) -> None:
+    """Pod IP -> (stage 3 endpoint, expected identity, HBONE address); plus the default subset."""
+    lbes = [{"endpoint": {"address": {"envoy_internal_address": {"server_listener_name": "stage3", "endpoint_id": ip}}},
+             "metadata": {"filter_metadata": {"envoy.lb": {"ip": ip},
+                                              "tunnel": {"identity": identity, "address": f"127.0.0.1:{port}"}}}}
+            for ip, identity, port in rows]
+    lbes.append({"endpoint": {"address": {"envoy_internal_address": {"server_listener_name": "passthrough", "endpoint_id": "passthrough"}}},
+                 "metadata": {"filter_metadata": {"envoy.lb": {"passthrough": True}}}})
+    cla = {"version_info": str(len(rows)), "resources": [{
+        "@type": ANY + "envoy.config.endpoint.v3.ClusterLoadAssignment", "cluster_name": "pods",
+        "endpoints": [{"lb_endpoints": lbes}]}]}
+    tmp = work / "eds" / ".pods.json.tmp"
+    tmp.write_text(json.dumps(cla))
+    os.replace(tmp, work / "eds" / "pods.json")
+
+
+def _reach_or_closed(ip: str, port: int) -> bytes:
+    with socket.create_connection((ip, port), timeout=3) as s:
+        try:
+            return s.recv(64)
+        except ConnectionResetError:
+            return b""
+
+
+def test_pod_table_endpoint_is_stage3_which_pins_the_servers_identity(tmp_path: Path) -> None:
+    from xdsserver.ca import CertificateAuthority
+
+    ca = CertificateAuthority.load_or_create(None, trust_domain=TD)
+    certs = {n: ca.issue_workload(uri) for n, uri in SPIFFE.items()}
+    servers = {n: _tls_server(certs[n].cert_chain_pem, certs[n].private_key_pem, f"pod-{n}".encode(), tmp_path) for n in ("a", "b")}
+    port = {n: s.getsockname()[1] for n, s in servers.items()}
+    outside = _Backends(["outside"])
+    (tmp_path / "eds").mkdir()
+    # 127.0.0.3 claims identity c but its HBONE address is b's server: the SAN pin must refuse it
+    _write_stage3_table(tmp_path, [("127.0.0.1", SPIFFE["a"], port["a"]), ("127.0.0.2", SPIFFE["b"], port["b"])])
+    admin, front = free_port(), free_port()
+    envoy = _start_envoy(tmp_path, _full_path_bootstrap(tmp_path, admin, front, outside.ports["outside"], certs["client"], ca.root_pem), admin)
+    try:
+        assert _reach("127.0.0.1", front) == b"pod-a"
+        assert _reach("127.0.0.2", front) == b"pod-b"
+        assert _reach("127.0.0.3", front) == b"outside", "an IP outside the table goes to the passthrough listener"
+        assert _stat(admin, "cluster.tunnel_out.ssl.fail_verify_san") == 0
+
+        updates = _stat(admin, "cluster.pods.update_success")
+        _write_stage3_table(tmp_path, [("127.0.0.1", SPIFFE["a"], port["a"]), ("127.0.0.2", SPIFFE["b"], port["b"]),
+                                       ("127.0.0.3", SPIFFE["c"], port["b"])])
+        poll(lambda: _stat(admin, "cluster.pods.update_success") > updates, what="pods table reloaded", timeout=10)
+        assert _reach_or_closed("127.0.0.3", front) == b"", "a server presenting another identity must be refused"
+        poll(lambda: _stat(admin, "cluster.tunnel_out.ssl.fail_verify_san") >= 1, what="SAN refusal counted", timeout=10)
+        assert _reach("127.0.0.2", front) == b"pod-b", "the per-connection SAN comes from the endpoint, not a shared setting"
+    finally:
+        envoy.stop()
+        for srv in servers.values():
+            srv.close()
+        outside.close()
