@@ -296,6 +296,20 @@ def test_sotw_removal_only_push(cache, sotw):
     assert r.nonce != push[0].nonce
 
 
+def test_sotw_subset_version_is_the_content_version_of_its_pairs(cache):
+    """A subscription naming part of a type gets the content version of exactly those pairs
+    (computed from the resources' cached pair digests; replicas and restarts must agree)."""
+    snap = snapshot_of(cache, {CLUSTER: {"a": 0, "b": 0, "c": 0}, ENDPOINT: {"a": 0, "b": 1, "c": 2}})
+    s = SotwStream(NonceSource("v-"))
+    out = s.on_request(sreq(ENDPOINT, ["c", "a"]), snap)
+    resp = only(out.responses)
+    assert resp.names == ("a", "c")
+    assert resp.version_info == content_version([(n, snap.get(ENDPOINT, n).version) for n in ("c", "a")])
+    assert resp.version_info != snap.type_version(ENDPOINT)
+    whole = only(SotwStream(NonceSource("w-")).on_request(sreq(ENDPOINT, ["a", "b", "c"]), snap).responses)
+    assert whole.version_info == snap.type_version(ENDPOINT)
+
+
 def test_sotw_resume_after_reconnect(cache):
     snap = snapshot_of(cache, {CLUSTER: {"c": 0}, LISTENER: {"l": 0}, ENDPOINT: {"c": 0}})
     s = SotwStream(NonceSource("r-"))

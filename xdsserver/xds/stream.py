@@ -38,7 +38,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 
 from . import wire
 from .cache import Resource, Snapshot
-from .types import ENDPOINT, CLUSTER, FULL_STATE_TYPES, PUSH_ORDER, WILDCARD, content_version
+from .types import ENDPOINT, CLUSTER, FULL_STATE_TYPES, PUSH_ORDER, VERSION_MODULUS, WILDCARD, version_of_sum
 
 __all__ = [
     "DeltaResponse",
@@ -183,6 +183,13 @@ class _Quiet:
         self.have, self.token = have, token
 
 
+def _version_of(resources: Mapping[str, Resource]) -> str:
+    """``types.content_version`` of these resources, from each resource's pair digest computed
+    once (a subscription that is not the snapshot's whole mapping hashed every pair again on
+    every response: ~160k blake2b calls per Service added at 100 nodes, profiled)."""
+    return version_of_sum(sum(r.pair_digest for r in resources.values()) % VERSION_MODULUS, len(resources))
+
+
 def _subscribed(have: Mapping[str, Resource], names: AbstractSet[str]) -> Mapping[str, Resource]:
     """``have`` restricted to ``names``, in name order; ``have`` itself (a snapshot keeps names
     sorted) when the names cover it -- the usual EDS subscription, every cluster of the node."""
@@ -253,14 +260,19 @@ class SotwTypeState:
     def _record_names(self, names: Iterable[str]) -> None:
         # interned: every stream of a node names the same ~1,600 CLAs; parsed afresh per request,
         # each stream would hold its own copy of every name (18 MB at 100 SotW streams, tracemalloc)
-        names = [sys.intern(n) for n in names]
+        names = list(names)
         if names:
             self.ever_named = True
         if not self.full_state:
-            self.wildcard, self.names = False, frozenset(names)
+            fresh = frozenset(names)
+            if not self.wildcard and fresh == self.names:
+                return  # the usual case: an ACK naming what it named before (1,600 CLAs per EDS ACK)
+            self.wildcard, self.names = False, frozenset(sys.intern(n) for n in fresh)
             if self.sent:  # an unsubscribed name must be sent again if it is named again (§3)
                 self.sent = {n: r for n, r in self.sent.items() if n in self.names}
-        elif not self.ever_named:  # legacy wildcard: never named anything
+            return
+        names = [sys.intern(n) for n in names]
+        if not self.ever_named:  # legacy wildcard: never named anything
             self.wildcard, self.names = True, frozenset()
         else:
             self.wildcard = WILDCARD in names
@@ -278,7 +290,7 @@ class SotwTypeState:
     def _version(self, snap: Snapshot | None, target: Mapping[str, Resource]) -> str:
         if snap is not None and (self.wildcard or target is snap.resources(self.type_url)):
             return snap.type_version(self.type_url)  # computed once per snapshot and type
-        return content_version((r.name, r.version) for r in target.values())
+        return _version_of(target)
 
     def holds(self, snap: Snapshot) -> bool:
         """Whether the client subscribes to, was sent and ACKed every resource of this type in
@@ -357,7 +369,7 @@ class SotwTypeState:
             for n in removed:
                 union[n] = self.sent[n]
             union = {n: union[n] for n in sorted(union)}
-            main = self._emit(union, content_version((r.name, r.version) for r in union.values()), CHANGE, union)
+            main = self._emit(union, _version_of(union), CHANGE, union)
             # ...then the removal
             return main, self._respond(snap, full=False, reason=REMOVAL)
         # EDS after a CDS push: the warming clusters' CLAs with whatever else changed (if nothing
@@ -387,7 +399,7 @@ class SotwTypeState:
                 send = target
             else:
                 sent = self.sent or {}
-                send = {n: r for n, r in target.items() if (s := sent.get(n)) is None or s.version != r.version}
+                send = {n: r for n, r in target.items() if (s := sent.get(n)) is not r and (s is None or s.version != r.version)}
                 if resend and (send or not resend_with_change):
                     send = {n: r for n, r in target.items() if n in send or n in resend}
             if not send:  # an empty EDS/SDS response does nothing (and Envoy NACKs an empty SDS)
@@ -403,7 +415,7 @@ class SotwTypeState:
         if self.type_url == CLUSTER:
             before = self.sent or {}
             self.last_changed = frozenset(n for n, r in send.items() if (s := before.get(n)) is None or s.version != r.version)
-        self._mark_sent(now_held, version, nonce, resp.names)
+        self._mark_sent(now_held, version, nonce, tuple(send))
         if self.force and self.type_url == ENDPOINT:
             # sent, or not subscribed (a cluster without EDS, or one whose first request will
             # name it: then it is new to this stream and sent anyway)
