@@ -16,7 +16,7 @@ stock and all real here:
    subset load balancer (selector ``ip``) picks the endpoint with that IP; an IP with no endpoint
    falls back to a default subset (passthrough), so non-mesh pods in the same range keep working.
 
-Both tests run that chain in a real Envoy on loopback addresses only (127.0.0.1-3, no namespace,
+The tests run in a real Envoy on loopback addresses only (127.0.0.1-4, 127.0.1.1; no namespace,
 no root-namespace change), with the pod table as a file-based EDS resource. The first asserts
 the lookup itself: each destination IP reaches its own endpoint, an unknown IP the default,
 filter state shared with the upstream survives the hop, and adding an endpoint (a pod) re-routes
@@ -24,8 +24,11 @@ that IP with **no listener modified**. The second makes the endpoints what the g
 emit, an internal address to a stage-3 listener with ``tunnel`` host metadata passed through,
 where ``envoy.network.upstream_subject_alt_names`` is set from ``tunnel.identity`` and mTLS (TLS
 1.3, certificates from our CA) goes to ``tunnel.address``: a server presenting another identity
-than its table entry says is refused. The generator does not use this layout yet; the README's
-"what is still missed" says where each piece would go and what adopting it involves.
+than its table entry says is refused. The third checks the stage-2 keys the design needs: an
+exact map of VIPs whose ``on_no_match`` is a ``prefix_match_map`` of /24 string prefixes
+("10.64.50."), with no ``IPMatcher`` (so none of its work-in-progress warnings). The generator
+does not use this layout yet; the README's "what is still missed" says where each piece would
+go and what adopting it involves.
 """
 
 from __future__ import annotations
@@ -348,3 +351,44 @@ def test_pod_table_endpoint_is_stage3_which_pins_the_servers_identity(tmp_path: 
         for srv in servers.values():
             srv.close()
         outside.close()
+
+
+# -- stage 2's keys: VIPs exactly, pod ranges by string prefix -------------------------------------
+def _action(chain: str) -> dict[str, Any]:
+    return {"action": {"name": "fc", "typed_config": {"@type": ANY + "google.protobuf.StringValue", "value": chain}}}
+
+
+def _keyed_listener(ip: str, port: int) -> dict[str, Any]:
+    """The stage-2 matcher the design needs: an exact map of VIPs whose ``on_no_match`` is a
+    ``prefix_match_map`` of /24 string prefixes; an IP in neither takes the default chain."""
+    ip_input = {"name": "ip", "typed_config": {"@type": ANY + "envoy.extensions.matching.common_inputs.network.v3.DestinationIPInput"}}
+
+    def chain(name: str) -> dict[str, Any]:
+        return {"name": name, "filters": [{"name": "envoy.filters.network.tcp_proxy", "typed_config": {
+            "@type": ANY + "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy", "stat_prefix": name, "cluster": name}}]}
+
+    return {"name": f"keyed_{ip}", "address": {"socket_address": {"address": ip, "port_value": port}},
+            "filter_chains": [chain("vip"), chain("pods")], "default_filter_chain": chain("elsewhere"),
+            "filter_chain_matcher": {"matcher_tree": {"input": ip_input, "exact_match_map": {"map": {"127.0.0.4": _action("vip")}}},
+                                     "on_no_match": {"matcher": {"matcher_tree": {"input": ip_input, "prefix_match_map": {
+                                         "map": {"127.0.0.": _action("pods")}}}}}}}
+
+
+def test_stage2_keys_vips_exactly_and_pod_ranges_by_string_prefix(tmp_path: Path) -> None:
+    backends = _Backends(["vip", "pods", "elsewhere"])
+    admin, port = free_port(), free_port()
+    clusters = [{"name": n, "connect_timeout": "1s", "load_assignment": {"cluster_name": n, "endpoints": [{"lb_endpoints": [
+        {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": p}}}}]}]}} for n, p in backends.ports.items()]
+    cfg = {"node": {"id": "probe", "cluster": "probe"},
+           "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
+           "static_resources": {"listeners": [_keyed_listener(ip, port) for ip in ("127.0.0.1", "127.0.0.4", "127.0.1.1")],
+                                "clusters": clusters}}
+    envoy = _start_envoy(tmp_path, cfg, admin)
+    try:
+        assert _reach("127.0.0.4", port) == b"vip", "an exact VIP key wins over the range it lies in"
+        assert _reach("127.0.0.1", port) == b"pods", "an IP with no exact key falls to the /24 prefix map"
+        assert _reach("127.0.1.1", port) == b"elsewhere", "an IP in neither takes the default chain"
+        assert "work-in-progress" not in envoy.output() and "IPMatcher" not in envoy.output()
+    finally:
+        envoy.stop()
+        backends.close()
