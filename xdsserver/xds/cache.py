@@ -156,13 +156,19 @@ class Snapshot:
         if v is None:
             have = self.resources(type_url)
             if type_url not in self._sums:
-                self._sums[type_url] = (sum(r.pair_digest for r in have.values()) % VERSION_MODULUS, len(have))
+                self._sums[type_url] = digest_sum(have)
             v = self._versions[type_url] = version_of_sum(*self._sums[type_url])
         return v
 
     def __repr__(self) -> str:
         counts = ", ".join(f"{short(t)}={len(r)}" for t, r in self._resources.items())
         return f"Snapshot({counts})"
+
+
+def digest_sum(resources: Mapping[str, Resource]) -> tuple[int, int]:
+    """(sum of pair digests mod 2^128, count): what ``types.version_of_sum`` turns into the
+    version of a set of resources, equal to ``types.content_version`` of their pairs."""
+    return sum(r.pair_digest for r in resources.values()) % VERSION_MODULUS, len(resources)
 
 
 @dataclass(frozen=True)

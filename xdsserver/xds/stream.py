@@ -37,8 +37,8 @@ from typing import Any
 from envoy.service.discovery.v3 import discovery_pb2
 
 from . import wire
-from .cache import Resource, Snapshot
-from .types import ENDPOINT, CLUSTER, FULL_STATE_TYPES, PUSH_ORDER, VERSION_MODULUS, WILDCARD, version_of_sum
+from .cache import Resource, Snapshot, digest_sum
+from .types import ENDPOINT, CLUSTER, FULL_STATE_TYPES, PUSH_ORDER, WILDCARD, version_of_sum
 
 __all__ = [
     "DeltaResponse",
@@ -187,7 +187,7 @@ def _version_of(resources: Mapping[str, Resource]) -> str:
     """``types.content_version`` of these resources, from each resource's pair digest computed
     once (a subscription that is not the snapshot's whole mapping hashed every pair again on
     every response: ~160k blake2b calls per Service added at 100 nodes, profiled)."""
-    return version_of_sum(sum(r.pair_digest for r in resources.values()) % VERSION_MODULUS, len(resources))
+    return version_of_sum(*digest_sum(resources))
 
 
 def _subscribed(have: Mapping[str, Resource], names: AbstractSet[str]) -> Mapping[str, Resource]:
