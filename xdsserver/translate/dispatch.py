@@ -136,6 +136,15 @@ def _target_keys(targets: tuple[ServiceTarget, ...]) -> tuple[tuple[object, ...]
     return tuple((t.port.name, t.port.port, t.hostname, t.service.cluster_ips) for t in targets)
 
 
+def _service_chain_names(targets: tuple[ServiceTarget, ...]) -> list[str]:
+    """Stage 2's first filter chains: one per distinct service port cluster, in targets' order."""
+    return list(dict.fromkeys(names.service_port_cluster(t.port.name, t.hostname) for t in targets))
+
+
+def _vips(targets: tuple[ServiceTarget, ...]) -> frozenset[str]:
+    return frozenset(vip for t in targets for vip in t.service.cluster_ips)
+
+
 def _build(view: NodeView) -> _Shared:
     chains, dst_map = plan_dispatch(view.targets, view.workloads)
     lis = listener_pb2.Listener(
@@ -155,11 +164,9 @@ def _build(view: NodeView) -> _Shared:
     for wl in view.workloads:
         for ip in wl.pod.ips:
             ip_count[ip] = ip_count.get(ip, 0) + 1
-    vips = frozenset(vip for t in view.targets for vip in t.service.cluster_ips)
     patch_stats["built"] += 1
-    service_chains = len({names.service_port_cluster(t.port.name, t.hostname) for t in view.targets})
     return _Shared(view.targets, view.workloads, view.mesh, lis, _identity_order(view.workloads), _target_keys(view.targets),
-                   service_chains, ip_count, vips)
+                   len(_service_chain_names(view.targets)), ip_count, _vips(view.targets))
 
 
 def _patched(prev: _Shared, view: NodeView) -> _Shared | None:
@@ -230,9 +237,10 @@ def _services_patched(prev: _Shared, view: NodeView, keys: tuple[tuple[object, .
         return None
     lis = listener_pb2.Listener()
     lis.CopyFrom(prev.listener)
-    have = {fc.name: fc for fc in prev.listener.filter_chains}
-    service_names = list(dict.fromkeys(names.service_port_cluster(t.port.name, t.hostname) for t in view.targets))
-    rest = list(prev.listener.filter_chains)[prev.service_chains:]  # pod chains, then passthrough
+    chains = list(prev.listener.filter_chains)
+    have = {fc.name: fc for fc in chains[:prev.service_chains]}
+    service_names = _service_chain_names(view.targets)
+    rest = chains[prev.service_chains:]  # pod chains, then passthrough
     del lis.filter_chains[:]
     lis.filter_chains.extend([have[n] if n in have else service_chain(n, FLAVOR, log=None) for n in service_names] + rest)
     entries: dict[str, dict[str, str]] = {vip: {} for vip in vips}
@@ -251,7 +259,7 @@ def _services_patched(prev: _Shared, view: NodeView, keys: tuple[tuple[object, .
         return None
     patch_stats["patched"] += 1
     return replace(prev, targets=view.targets, listener=lis, target_keys=keys, service_chains=len(service_names),
-                   vips=frozenset(vip for t in view.targets for vip in t.service.cluster_ips))
+                   vips=_vips(view.targets))
 
 
 def _shared(view: NodeView) -> listener_pb2.Listener:
