@@ -124,6 +124,10 @@ def unexplained(old: MeshIndex, new: MeshIndex, node: str, change: SnapshotChang
     old_backends = {(t.service.key, t.port.name): t.backends for t in old.targets}
     cla_ok = {name for name, (_, i) in service_clusters(view, FLAVOR).items()
               if old_backends.get((view.targets[i].service.key, view.targets[i].port.name)) != view.targets[i].backends}
+    # a pod table changes with the (IP, identity) rows of its /24: pods anywhere
+    rows = lambda ix: {(ip, w.identity) for w in ix.workloads for ip in w.pod.ips}  # noqa: E731
+    changed_rows = rows(old) ^ rows(new)
+    cla_ok |= {names.pod_table(ip[: ip.rfind(".") + 1] if ":" not in ip else "") for ip, _ in changed_rows}
     for t, names_ in change.changed.items():
         for name in sorted(names_):
             if t == LISTENER:  # stages 1 and 3 hold local pod IPs; stage 2 every destination

@@ -48,8 +48,8 @@ async def test_streams_refused_until_first_good_load_then_served(tmp_path: Path)
             await c.request(CLUSTER, [])
             resp = await c.recv(CLUSTER)
             # stock: 4 service ports + 3 tunnel clusters x 2 local identities + ztunnel_outbound_dispatch
-            # + ztunnel_outbound_pod + 5 fixed
-            assert len(resp.resources) == 4 + 3 * 2 + 2 + 5
+            # + 5 fixed + 2 pod tables (10.244.1.x, 10.244.2.x)
+            assert len(resp.resources) == 4 + 3 * 2 + 1 + 5 + 2
     finally:
         await server.stop(0)
 

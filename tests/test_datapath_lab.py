@@ -29,6 +29,7 @@ from xdsserver.lab.lab import Lab, owned_netns  # noqa: E402
 from xdsserver.lab.netns import ns_connect  # noqa: E402
 from xdsserver.lab.client import request  # noqa: E402
 from xdsserver.lab.podserver import pattern  # noqa: E402
+from xdsserver.translate.names import pod_table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 PREFIX = os.environ.get("XDS_LAB_PREFIX", "xdsdp") + "d"  # never the prefix test_lab.py uses
@@ -124,6 +125,8 @@ class TestPooledHbone:
         for prefix, (host, port) in (("outbound_pod_tunnel_clus", SERVER), ("outbound_tunnel_clus", VIP)):
             before = tunnel_stat(lab, prefix, "client", "ssl.handshake")
             cx_before = tunnel_stat(lab, prefix, "client", "upstream_cx_total")
+            table = f"cluster.{pod_table(host[: host.rfind('.') + 1])}.upstream_cx_total"
+            table_before = stats(lab, SRC, table).get(table, 0)
             rq_before = tunnel_stat(lab, prefix, "client", "upstream_rq_total")
             peers = set()
             for _ in range(50):
@@ -131,6 +134,8 @@ class TestPooledHbone:
                 assert r.status == 200
                 peers.add(r.json()["peer"])
             handshakes = tunnel_stat(lab, prefix, "client", "ssl.handshake") - before
+            if prefix == "outbound_pod_tunnel_clus":  # a pod IP is looked up in its /24's pod table (EDS), not in LDS
+                assert stats(lab, SRC, table).get(table, 0) - table_before >= 50, f"{table}: the pod table served no connection"
             assert handshakes <= 2, f"{prefix}: {handshakes} TLS handshakes for 50 sequential connections"
             assert tunnel_stat(lab, prefix, "client", "upstream_rq_total") >= 50
             # pooled: the CONNECT streams (requests) far outnumber the HBONE connections

@@ -125,8 +125,20 @@ def test_manifest_edits_reach_envoy_without_restart(workdir: Path, serve: Serve,
             new["spec"]["nodeName"] = "ambient-worker"
             new["status"].update(podIP="10.244.1.24", podIPs=[{"ip": "10.244.1.24"}])
             return docs + [new]
+        modified = e.stats("listener_manager.listener_modified").get("listener_manager.listener_modified", 0)
+        before = serve.get("/debug/pushz")["responses"]
         _edit(apps, add_pod)
         poll(lambda: "10.244.1.24:9080" in _cla(e, REVIEWS), what="new reviews pod in Envoy's EDS")
+        # ... and into its /24's pod table, with no listener of this node touched: a pod IP is
+        # looked up in EDS (translate/podtable.py), stage 2 keeps its bytes
+        table = names.pod_table("10.244.1.")
+        poll(lambda: "10.244.1.24" in _cla(e, table), what=f"the new pod's row in {table}")
+        poll(lambda: synced(serve, e.node), what="ACK after the new pod")
+        assert e.stats("listener_manager.listener_modified").get("listener_manager.listener_modified", 0) == modified, \
+            "a pod added on another node must not change this node's listeners"
+        after = serve.get("/debug/pushz")["responses"]
+        grown = {k for k in after if after[k] != before.get(k, 0)}
+        assert grown and all(k.startswith("EDS/") for k in grown), f"a pod added elsewhere pushed {grown}"
 
         # 2b. a new Service: Envoy warms its new cluster and gets that CLA, and only that one:
         # the clusters the CDS response did not change keep their endpoints (§5), so neither the
@@ -195,7 +207,8 @@ def test_invalid_edit_keeps_last_good(workdir: Path, serve: Serve) -> None:
         assert versions == {r["type"]: r["acked_version"] for r in serve.get("/debug/syncz") if r["node"] == e.node}
         assert sorted(e.listener_names()) == sorted([
             "ztunnel_outbound", "ztunnel_inbound", "ztunnel_inbound_plaintext",
-            names.OUTBOUND_DISPATCH, names.OUTBOUND_POD, names.OUTBOUND_TUNNEL_LIS])  # capture/inbound + stages 2, 3 + tunnel listener
+            names.OUTBOUND_DISPATCH, names.OUTBOUND_POD, names.OUTBOUND_TUNNEL_LIS,  # capture/inbound + stages 2, 3 + tunnel listener
+            names.OUTBOUND_PASSTHROUGH])  # + the pod tables' default subset
     finally:
         e.stop()
 
@@ -242,7 +255,7 @@ def test_server_restart_keeps_envoy_config_and_resyncs(workdir: Path, serve: Ser
     try:
         poll(lambda: synced(serve, e.node), what="initial sync", timeout=30)
         n_listeners = len(e.listener_names())
-        assert n_listeners == 3 + 3  # capture/inbound listeners + ztunnel_outbound_dispatch + ztunnel_outbound_pod + outbound_tunnel_lis
+        assert n_listeners == 3 + 4  # capture/inbound listeners + stages 2, 3 + outbound_tunnel_lis + ztunnel_outbound_passthrough
         serve.stop()
         # while the control plane is down Envoy keeps serving its config
         poll(lambda: e.stats("control_plane.connected_state").get("control_plane.connected_state") == 0, what="Envoy notices")

@@ -35,9 +35,11 @@ def stage1_hop(src: str) -> str:
     return f"ztunnel_outbound chain {names.source_chain(ID[src])} -> cluster {DISPATCH} -> internal listener {DISPATCH}"
 
 
-def stage2_pod_hop(dst: str) -> str:
-    """Stock flavor: the hop from stage 2's chain for the destination identity to stage 3."""
-    return f"{DISPATCH} chain {names.dst_pod_chain(ID[dst])} -> cluster {POD} -> internal listener {POD}"
+def stage2_pod_hop(dst: str, ip: str) -> str:
+    """Stock flavor: the hop from stage 2's chain for the destination's /24 through its pod
+    table (the row for the IP names the identity) to stage 3."""
+    table = names.pod_table(ip[: ip.rfind(".") + 1])
+    return f"{DISPATCH} chain {table} -> cluster {table} (pod table, row {ip}, identity {dst}) -> internal listener {POD}"
 
 
 @cache
@@ -107,8 +109,9 @@ def test_client_to_server_pod_ip(flavor: Flavor) -> None:
     ex = run("client-server", "ambient-worker", "10.244.1.4", "10.244.2.5:8080", flavor)
     assert ex.verdict == "tunnel", ex.text()
     if flavor is Flavor.ENVOY:  # stage 2's chain per destination identity, then stage 3's other-node chain; the cluster is resolved per source
-        assert ex.hops == [stage1_hop(CLIENT), stage2_pod_hop(SERVER)]
-        assert ex.matched[-2:] == [f"{DISPATCH}: ip 10.244.2.5 matched", f"{POD}: ip 10.244.2.5 not listed -> on_no_match"]
+        assert ex.hops == [stage1_hop(CLIENT), stage2_pod_hop(SERVER, "10.244.2.5")]
+        assert ex.matched[-3:] == [f"{DISPATCH}: ip 10.244.2.5 not listed -> on_no_match", f"{DISPATCH}: ip 10.244.2.5 matched prefix '10.244.2.'",
+                                   f"{POD}: ip 10.244.2.5 not listed -> on_no_match"]
         assert ex.chain == names.POD_TUNNEL_CHAIN
         assert "same node" not in ex.reason
     else:
@@ -134,9 +137,9 @@ def test_client_to_server_vip() -> None:
 def test_same_node_pod_ip_uses_15088() -> None:
     ex = run("bookinfo", "ambient-worker2", "10.244.2.3", "10.244.2.22:9080")
     assert ex.verdict == "tunnel"
-    assert ex.hops == [stage1_hop(PRODUCTPAGE), stage2_pod_hop(REVIEWS)]
-    # stage 2 is the same on every node; stage 3 keys this node's own pod IPs
-    assert ex.matched[-2:] == [f"{DISPATCH}: ip 10.244.2.22 matched", f"{POD}: ip 10.244.2.22 matched"]
+    assert ex.hops == [stage1_hop(PRODUCTPAGE), stage2_pod_hop(REVIEWS, "10.244.2.22")]
+    # stage 2 is the same on every node (the /24's prefix); stage 3 keys this node's own pod IPs
+    assert ex.matched[-2:] == [f"{DISPATCH}: ip 10.244.2.22 matched prefix '10.244.2.'", f"{POD}: ip 10.244.2.22 matched"]
     assert ex.chain == names.POD_LOCAL_TUNNEL_CHAIN
     assert ex.cluster == ex.tunnel_cluster == names.outbound_pod_local_tunnel_clus(ID[PRODUCTPAGE])
     assert ex.client_identity == PRODUCTPAGE and ex.expected_server_identity == REVIEWS
@@ -159,9 +162,12 @@ def test_destination_outside_the_mesh_passes_through() -> None:
 
 
 def test_non_mesh_pod_destination_passes_through() -> None:
-    # legacy-server (default namespace, not enrolled) has no DST key: plain, original destination
+    # legacy-server (default namespace, not enrolled) is in a mesh pod range but has no row in its
+    # pod table: the default subset, then plain to the original destination
     ex = run("client-server", "ambient-worker", "10.244.1.4", "10.244.2.2:8080")
     assert ex.verdict == "passthrough" and ex.cluster == "PassthroughCluster"
+    table = names.pod_table("10.244.2.")
+    assert ex.hops[-1] == f"{DISPATCH} chain {table} -> cluster {table} (pod table, no row: default subset) -> internal listener {names.OUTBOUND_PASSTHROUGH}"
 
 
 def test_non_enrolled_source_passes_through() -> None:

@@ -99,8 +99,9 @@ def test_failed_translation_keeps_the_memo(base, certs, monkeypatch) -> None:
 
 
 def test_pod_added_retranslates_only_its_node(base, certs) -> None:
-    """A pod elsewhere changes a node only through stage 2 (one shared message) and the CLAs it
-    joins: other nodes are patched, not translated, and the bytes still equal a full translation."""
+    """A pod elsewhere changes a node only through the CLAs it joins (its /24's pod table among
+    them); stage 2 keeps its very bytes (one object on every node): other nodes are patched, not
+    translated, and the bytes still equal a full translation."""
     objs, index = base
     inc = IncrementalTranslator(Flavor.ENVOY, certs)
     before = inc.snapshots(index)
@@ -115,10 +116,16 @@ def test_pod_added_retranslates_only_its_node(base, certs) -> None:
     assert sorted(stats.patched) == sorted(set(new_index.node_names) - set(stats.full))
     stage2 = {id(dict(after[n][LDS])[names.OUTBOUND_DISPATCH]) for n in after}
     assert len(stage2) == 1  # one bytes object on every node
+    assert len({id(dict(before[n][LDS])[names.OUTBOUND_DISPATCH]) for n in before} | stage2) == 1, "a pod in a known /24 leaves stage 2 as it was"
+    table = names.pod_table(new_pod.pod.ip[: new_pod.pod.ip.rfind(".") + 1])
     for n in stats.patched:
+        if not new_index.node_view(n).local_identities:
+            continue
+        assert table in stats.deltas[n][EDS], n
+        assert set(stats.deltas[n]) == {EDS}, (n, stats.deltas[n].keys())
         for t in after[n]:
             for (name, a), (_, b) in zip(after[n][t], before[n][t]):
-                if not (t == EDS or (t == LDS and name == names.OUTBOUND_DISPATCH)):
+                if t != EDS:
                     assert a is b, (n, name)
 
 
@@ -283,30 +290,47 @@ def _vip_on_a_pod(objs: list[dict], index: MeshIndex) -> list[dict]:
     return new
 
 
+def _pod_in_a_new_range(objs: list[dict], index: MeshIndex) -> list[dict]:
+    """A pod in a /24 with no mesh pod yet: a new pod table, so stage 2 gains its prefix key."""
+    new, _ = bc.EVENTS["pod_added"](objs, index)
+    new[-1] = copy.deepcopy(new[-1])
+    new[-1]["metadata"].update(name="in-a-new-range", uid="00000000-0000-4000-8000-00000000fe01")
+    new[-1]["status"].update(podIP="10.250.7.9", podIPs=[{"ip": "10.250.7.9"}])
+    return new
+
+
+def _new_range_emptied(objs: list[dict], index: MeshIndex) -> list[dict]:
+    """The last mesh pod of a /24 goes: its pod table and its stage-2 prefix key go with it."""
+    return [o for o in objs if not (o["kind"] == "Pod" and o["metadata"]["name"] == "in-a-new-range")]
+
+
 def _many_pods(objs: list[dict], index: MeshIndex) -> list[dict]:
     new = list(objs)
-    for k in range(dispatch.MAX_PATCHED_WORKLOADS + 1):
+    for k in range(65):
         new, _ = bc.EVENTS["pod_added"](new, index)
         new[-1]["metadata"]["name"] += f"-{k}"
         new[-1]["metadata"]["uid"] = f"00000000-0000-4000-8000-{k:012d}"
     return new
 
 
-# (event, stage 2 patched rather than built)
+# (event, how stage 2 was made: kept as it was, patched from the previous one, or built)
 POD_STEPS = [
-    (lambda o, i: bc.EVENTS["pod_added"](o, i)[0], True),
-    (_pod_removed, True),
-    (_pod_readdressed, True),
+    (lambda o, i: bc.EVENTS["pod_added"](o, i)[0], "kept"),  # pods within known /24s: only pod tables change
+    (_pod_removed, "kept"),
+    (_pod_readdressed, "kept"),
     (lambda o, i: bc.EVENTS["endpoint_unready"](o, i)[0], None),  # readiness: stage 2 does not change at all
-    (pod_identity_changed, False),  # a new identity: a new pod chain
-    (_pod_on_a_vip, False),
-    (_many_pods, False),
-    (lambda o, i: bc.EVENTS["service_added"](o, i)[0], True),  # services alone: their chains and VIP keys
-    (lambda o, i: port_added(o), True),
-    (lambda o, i: port_renumbered(o), True),
-    (lambda o, i: service_removed(o), True),
-    (lambda o, i: port_removed(o), True),
-    (_vip_on_a_pod, False),
+    (pod_identity_changed, "kept"),  # a new identity is a pod-table row, not a stage-2 chain
+    (_pod_on_a_vip, "built"),  # a pod IP on a VIP takes the VIP's exact key
+    (_many_pods, "kept"),
+    (_pod_in_a_new_range, "built"),
+    (_pod_removed, "kept"),
+    (_new_range_emptied, "built"),
+    (lambda o, i: bc.EVENTS["service_added"](o, i)[0], "patched"),  # services alone: their chains and VIP keys
+    (lambda o, i: port_added(o), "patched"),
+    (lambda o, i: port_renumbered(o), "patched"),
+    (lambda o, i: service_removed(o), "patched"),
+    (lambda o, i: port_removed(o), "patched"),
+    (_vip_on_a_pod, "built"),
 ]
 
 
@@ -330,7 +354,7 @@ def test_pod_and_service_changes_patch_stage2_and_equal_a_fresh_build(base, cert
         made = {key: dispatch.patch_stats[key] - counts[key] for key in counts}
         incremental = dict(after[node][LDS])[names.OUTBOUND_DISPATCH]
         if patched is not None:
-            assert made == ({"patched": 1, "built": 0} if patched else {"patched": 0, "built": 1}), f"step {k}: {made}"
+            assert made == {"kept": 0, "patched": 0, "built": 0, patched: 1}, f"step {k}: {made}"
         assert after == full(index, certs), f"step {k}"
         assert incremental == dict(after[node][LDS])[names.OUTBOUND_DISPATCH]
         dispatch._last.clear()

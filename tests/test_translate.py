@@ -135,7 +135,10 @@ def tcp_proxy(chain: listener_components_pb2.FilterChain) -> tcp_proxy_pb2.TcpPr
 
 
 def lb_endpoints(res: NodeResources) -> Iterator[tuple[str, Any]]:
+    """Service endpoints (the pod tables' rows: :func:`pod_table_rows`)."""
     for cla in res.endpoints:
+        if cla.cluster_name.startswith(names.POD_TABLE_PREFIX):
+            continue
         for group in cla.endpoints:
             for lbe in group.lb_endpoints:
                 yield cla.cluster_name, lbe
@@ -179,12 +182,54 @@ def source_chains(res: NodeResources) -> dict[str, str]:
     return out
 
 
+def pod_table_rows(res: NodeResources) -> dict[str, tuple[str, str, str]]:
+    """Stock flavor: pod IP -> (its pod table, the internal listener its endpoint leads to, the
+    SPIFFE ID the endpoint's tunnel metadata pins), over every pod-table CLA."""
+    out = {}
+    for cla in res.endpoints:
+        if not cla.cluster_name.startswith(names.POD_TABLE_PREFIX):
+            continue
+        for group in cla.endpoints:
+            for lbe in group.lb_endpoints:
+                lb = json_format.MessageToDict(lbe.metadata.filter_metadata[names.LB_METADATA])
+                if "ip" in lb:
+                    addr = lbe.endpoint.address.envoy_internal_address
+                    assert addr.endpoint_id == lb["ip"], lb
+                    out[lb["ip"]] = (cla.cluster_name, addr.server_listener_name, tunnel_md(lbe)["identity"])
+    return out
+
+
+def pod_row(spiffe: str) -> str:
+    """What :func:`dispatch_map` shows for a pod IP: the pod-table row it resolves to."""
+    return f"pod-table row {spiffe}"
+
+
+def stage2_chain(res: NodeResources, ip: str) -> str | None:
+    """Stage 2's chain for ``ip`` as Envoy matches it: an exact key (a direct action), else the
+    longest /24 string prefix of on_no_match, else None (the default chain)."""
+    m = listener(res, names.OUTBOUND_DISPATCH).filter_chain_matcher
+    exact = m.matcher_tree.exact_match_map.map
+    if ip in exact:
+        return action_name(exact[ip]) if exact[ip].HasField("action") else None
+    ranges = m.on_no_match.matcher if m.on_no_match.HasField("matcher") else (m if m.matcher_tree.HasField("prefix_match_map") else None)
+    if ranges is None:
+        return None
+    hits = [k for k in ranges.matcher_tree.prefix_match_map.map if ip.startswith(k)]
+    return action_name(ranges.matcher_tree.prefix_match_map.map[max(hits, key=len)]) if hits else None
+
+
 def dispatch_map(res: NodeResources) -> dict[str, Any]:
-    """Stock flavor, stage 2 (``ztunnel_outbound_dispatch``): destination IP -> chain | {port: chain}."""
+    """Stock flavor, stage 2 (``ztunnel_outbound_dispatch``): destination IP -> chain | {port:
+    chain} of its exact keys, and every pod-table row's IP -> :func:`pod_row` of its identity,
+    after checking that stage 2 sends that IP to the row's table."""
     lis = next((x for x in res.listeners if x.name == names.OUTBOUND_DISPATCH), None)
     if lis is None or not lis.HasField("filter_chain_matcher"):
         return {}
-    return _destinations(lis.filter_chain_matcher)
+    keys = _destinations(lis.filter_chain_matcher)
+    for ip, (table, _, spiffe) in pod_table_rows(res).items():
+        assert stage2_chain(res, ip) == table, (ip, table)
+        keys[ip] = pod_row(spiffe)
+    return keys
 
 
 def pod_stage_keys(res: NodeResources) -> dict[str, str]:
@@ -229,10 +274,11 @@ def check_pod_stage(res: NodeResources, local_ips: set[str]) -> None:
 def pod_route(res: NodeResources, target: str, dst_ip: str) -> listener_components_pb2.FilterChain:
     """The chain that finally carries a pod-IP connection whose capture matcher picked ``target``:
     istio-2022, that chain itself; stock, stage 2's chain hands it to stage 3 (``ztunnel_outbound_pod``)."""
-    chain = outbound_chain(res, target)
     if res.flavor is not Flavor.ENVOY:
-        return chain
-    assert tcp_proxy(chain).cluster == names.OUTBOUND_POD, target
+        return outbound_chain(res, target)
+    table, stage3, spiffe = pod_table_rows(res)[dst_ip]
+    assert target == pod_row(spiffe), target
+    assert tcp_proxy(outbound_chain(res, table)).cluster == table and stage3 == names.OUTBOUND_POD, (table, stage3)
     return pod_stage_chain(res, dst_ip)
 
 
@@ -379,7 +425,8 @@ def check_node_local(res: NodeResources, local_pods: dict[str, str], service_por
     internal = {lis.name for lis in res.listeners if lis.HasField("internal_listener")}
     if stock:
         # stages 2 and 3 and ONE tunnel listener shared by every source, only if a local pod can use them
-        stages = [names.OUTBOUND_DISPATCH, names.OUTBOUND_POD, names.OUTBOUND_TUNNEL_LIS] if local_ids else []
+        # (+ the pod tables' passthrough for an address of a pod range with no mesh pod, ALLOW_ANY)
+        stages = [names.OUTBOUND_DISPATCH, names.OUTBOUND_POD, names.OUTBOUND_TUNNEL_LIS, names.OUTBOUND_PASSTHROUGH] if local_ids else []
         assert internal == set(stages)
         assert len(res.listeners) == 3 + len(internal)
         assert [lis.name for lis in res.listeners] == ["ztunnel_outbound", "ztunnel_inbound", "ztunnel_inbound_plaintext", *stages]
@@ -398,9 +445,14 @@ def check_node_local(res: NodeResources, local_pods: dict[str, str], service_por
         want = {names.service_port_cluster(port, host) for port, host in service_ports} if local_ids else set()
         assert sorted(service_clusters) == sorted(want)
         assert not [n for n in service_clusters if ids_in(n)]
-        stage2 = {names.OUTBOUND_DISPATCH, names.OUTBOUND_POD} if local_ids else set()
-        if local_ids:  # the STATIC clusters reaching stages 2 and 3 come right before the fixed clusters
-            assert [c.name for c in res.clusters][-7:-5] == [names.OUTBOUND_DISPATCH, names.OUTBOUND_POD]
+        # the STATIC cluster reaching stage 2, then the fixed clusters, then the pod tables (one per
+        # /24 of mesh pods anywhere: stage 2 reaches stage 3 through them)
+        tables = [c.name for c in res.clusters if c.name.startswith(names.POD_TABLE_PREFIX)]
+        stage2 = {names.OUTBOUND_DISPATCH, *tables} if local_ids else set()
+        if local_ids:
+            order, k = [c.name for c in res.clusters], len(tables)
+            assert k and order[-6 - k] == names.OUTBOUND_DISPATCH and set(order[-5 - k:-k]) == FIXED_CLUSTERS and order[-k:] == tables
+            assert {t for t, _, _ in pod_table_rows(res).values()} == set(tables)
     else:
         # service clusters: identity x TCP service port, local identities only
         tcp_vip_ports = len(service_ports)
@@ -412,7 +464,7 @@ def check_node_local(res: NodeResources, local_pods: dict[str, str], service_por
     }
     assert len(res.clusters) == len({c.name for c in res.clusters})
     # EDS only for those service clusters, pointing at the (stock: shared; istio-2022: the source's own) internal listener
-    assert sorted(cla.cluster_name for cla in res.endpoints) == sorted(service_clusters)
+    assert sorted(cla.cluster_name for cla in res.endpoints) == sorted(service_clusters + (tables if stock and local_ids else []))
     for name, lbe in lb_endpoints(res):
         if lbe.endpoint.address.HasField("envoy_internal_address"):
             want_lis = names.OUTBOUND_TUNNEL_LIS if stock else f"outbound_tunnel_lis_{source_of(name)}"
@@ -535,8 +587,9 @@ def test_node_local_scoping_synthetic(tmp_path: Path, flavor: Flavor) -> None:
     # resource counts of ztunnel-config.md §10 ("ours" column) for n1: Il=2, P_tcp=5
     n1 = c.nodes["n1"]
     counts = (len(n1.listeners), len(n1.clusters), len(n1.endpoints), len(n1.secrets))
-    if flavor is Flavor.ENVOY:  # linear: listeners fixed, service clusters and CLAs per port (+ the stage-2 and stage-3 clusters)
-        assert counts == (3 + 3, 5 + 3 * 2 + 2 + 5, 5, 2 + 1)
+    if flavor is Flavor.ENVOY:  # linear: listeners fixed, service clusters and CLAs per port (+ the stage-2 cluster, and a
+        # cluster and CLA per /24 of mesh pods: 10.0.1.x, 10.0.2.x)
+        assert counts == (3 + 4, 5 + 3 * 2 + 1 + 5 + 2, 5 + 2, 2 + 1)
     else:
         assert counts == (3 + 2, 2 * 5 + 3 * 2 + 5, 2 * 5, 2 + 1)
     # the not-ready c-1 is a source and an inbound chain on n2 but no endpoint anywhere
@@ -572,17 +625,22 @@ def check_linear(res: NodeResources, node: str, e: Expect) -> None:
     mesh_ids = set(e.ip_identity.values())
     capture = [lis for lis in res.listeners if lis.name in ("ztunnel_outbound", names.OUTBOUND_DISPATCH, names.OUTBOUND_POD)]
     assert [lis.name for lis in capture] == (["ztunnel_outbound", names.OUTBOUND_DISPATCH, names.OUTBOUND_POD] if local_ids else ["ztunnel_outbound"])
+    ranges = {ip[: ip.rfind(".") + 1] for ip in e.ip_identity if ":" not in ip}
+    tables = {names.pod_table(r) for r in ranges} | ({names.pod_table("")} if any(":" in ip for ip in e.ip_identity) else set())
     n_chains = sum(len(lis.filter_chains) for lis in capture)
-    assert n_chains == (len(local_ids) + 2) + (len(e.service_ports) + len(mesh_ids) + 1) + 2, node
+    assert n_chains == (len(local_ids) + 2) + (len(e.service_ports) + len(tables) + 1) + 2, node
     stage2 = listener(res, names.OUTBOUND_DISPATCH)
-    assert len(stage2.filter_chains) == len(e.service_ports) + len(mesh_ids) + 1, node
+    assert len(stage2.filter_chains) == len(e.service_ports) + len(tables) + 1, node
     want = [names.service_port_cluster(p, h) for p, h in e.service_ports]
-    want += [names.dst_pod_chain(ident(i)) for i in mesh_ids]
+    want += sorted(tables)  # one chain per pod range, not per pod or identity
     assert sorted(ch.name for ch in stage2.filter_chains) == sorted([*want, "PassthroughFilterChain"])
+    # stage 2's own keys: the VIPs exactly, the pod ranges by /24 string prefix (no per-pod key)
+    assert set(_destinations(stage2.filter_chain_matcher)) == e.tcp_vips
+    assert set(stage2.filter_chain_matcher.on_no_match.matcher.matcher_tree.prefix_match_map.map) == ranges
     stage2_keys = dispatch_map(res)
     assert set(stage2_keys) == e.tcp_vips | set(e.ip_identity)
-    # every pod IP, here or elsewhere, goes to its identity's chain: no node-specific key in stage 2
-    assert {ip: stage2_keys[ip] for ip in e.ip_identity} == {ip: names.dst_pod_chain(ident(i)) for ip, i in e.ip_identity.items()}
+    # every pod IP, here or elsewhere, resolves to its identity's row: no node-specific key in stage 2
+    assert {ip: stage2_keys[ip] for ip in e.ip_identity} == {ip: pod_row(i) for ip, i in e.ip_identity.items()}
     assert len(listener(res, names.OUTBOUND_POD).filter_chains) == 2
     check_pod_stage(res, e.local_ips.get(node, set()))
 
@@ -629,13 +687,12 @@ def test_stock_layout_is_linear_synthetic(tmp_path: Path) -> None:
     )
     for node in ("n1", "n2"):
         check_linear(c.nodes[node], node, e)
-    # sa-a is on both nodes -> ONE stage-2 chain for it (the same on both nodes); stage 3 tells
-    # this node's sa-a pods (same-node chain) from the other node's (other-node chain)
-    sa_a = names.dst_pod_chain(ident(sa("sa-a")))
+    # sa-a is on both nodes -> the same row identity in both ranges' tables (the same on both
+    # nodes); stage 3 tells this node's sa-a pods (same-node chain) from the other node's
     for node, here, there in (("n1", "10.0.1.1", "10.0.2.1"), ("n2", "10.0.2.1", "10.0.1.1")):
         res = c.nodes[node]
-        assert [ch.name for ch in listener(res, names.OUTBOUND_DISPATCH).filter_chains].count(sa_a) == 1
-        assert dispatch_map(res)[here] == dispatch_map(res)[there] == sa_a
+        assert dispatch_map(res)[here] == dispatch_map(res)[there] == pod_row(sa("sa-a"))
+        assert pod_table_rows(res)[here][0] != pod_table_rows(res)[there][0]  # two /24s, two tables
         assert pod_stage_chain(res, here).name == names.POD_LOCAL_TUNNEL_CHAIN, node
         assert pod_stage_chain(res, there).name == names.POD_TUNNEL_CHAIN, node
     stage2 = {n: listener(c.nodes[n], names.OUTBOUND_DISPATCH).SerializeToString(deterministic=True) for n in ("n1", "n2")}
@@ -717,7 +774,7 @@ REVIEWS = "spiffe://cluster.local/ns/default/sa/bookinfo-reviews"
 # stock flavor
 REVIEWS_PORT = names.service_port_cluster("http", "reviews.default.svc.cluster.local")
 SOURCE_CHAIN = names.source_chain(ident(PRODUCTPAGE))
-REVIEWS_POD_CHAIN = names.dst_pod_chain(ident(REVIEWS))
+REVIEWS_TABLE = names.pod_table("10.244.2.")  # reviews-v2/v3 (and the other pods of ambient-worker2's /24)
 DISPATCH = names.OUTBOUND_DISPATCH
 POD = names.OUTBOUND_POD
 
@@ -743,17 +800,21 @@ BROKEN_STOCK = [
      f"listener ztunnel_outbound: matcher action names missing filter chain {SOURCE_CHAIN!r}"),
     ("service-chain", lambda r: _drop_chain(r, REVIEWS_PORT, DISPATCH),
      f"listener {DISPATCH}: matcher action names missing filter chain {REVIEWS_PORT!r}"),
-    ("pod-chain", lambda r: _drop_chain(r, REVIEWS_POD_CHAIN, DISPATCH),
-     f"listener {DISPATCH}: matcher action names missing filter chain {REVIEWS_POD_CHAIN!r}"),
-    # stage 3: its chains, its listener, the STATIC cluster reaching it
+    ("pod-range-chain", lambda r: _drop_chain(r, REVIEWS_TABLE, DISPATCH),
+     f"listener {DISPATCH}: matcher action names missing filter chain {REVIEWS_TABLE!r}"),
+    # the pod tables: a range's cluster, its CLA; its rows lead to stage 3
+    ("pod-table-cluster", lambda r: _drop(r, "clusters", REVIEWS_TABLE),
+     f"listener {DISPATCH}: tcp_proxy {REVIEWS_TABLE!r} names missing cluster {REVIEWS_TABLE!r}"),
+    ("pod-table-cla", lambda r: _drop(r, "endpoints", REVIEWS_TABLE), f"cluster {REVIEWS_TABLE}: no ClusterLoadAssignment"),
+    ("pod-passthrough-listener", lambda r: _drop(r, "listeners", names.OUTBOUND_PASSTHROUGH),
+     f"endpoints {REVIEWS_TABLE}: internal address names missing listener {names.OUTBOUND_PASSTHROUGH!r}"),
+    # stage 3: its chains, its listener
     ("pod-tunnel-chain", lambda r: _drop_chain(r, names.POD_TUNNEL_CHAIN, POD),
      f"listener {POD}: matcher action names missing filter chain {names.POD_TUNNEL_CHAIN!r}"),
     ("pod-local-tunnel-chain", lambda r: _drop_chain(r, names.POD_LOCAL_TUNNEL_CHAIN, POD),
      f"listener {POD}: matcher action names missing filter chain {names.POD_LOCAL_TUNNEL_CHAIN!r}"),
-    ("pod-stage-cluster", lambda r: _drop(r, "clusters", POD),
-     f"listener {DISPATCH}: tcp_proxy {REVIEWS_POD_CHAIN!r} names missing cluster {POD!r}"),
     ("pod-stage-listener", lambda r: _drop(r, "listeners", POD),
-     f"endpoints {POD}: internal address names missing listener {POD!r}"),
+     f"endpoints {REVIEWS_TABLE}: internal address names missing listener {POD!r}"),
     ("blackhole-chain", lambda r: _drop_chain(r, "blackhole outbound"), "matcher action names missing filter chain 'blackhole outbound'"),
     ("fixed-cluster", lambda r: _drop(r, "clusters", "BlackHoleCluster"), "names missing cluster 'BlackHoleCluster'"),
     ("dispatch-cluster", lambda r: _drop(r, "clusters", DISPATCH),
@@ -1006,7 +1067,7 @@ def test_same_node_endpoints_use_15088_others_15008() -> None:
                 if isinstance(target, str):
                     local = e.ip_node[dst] == node
                     if flavor is Flavor.ENVOY:
-                        assert target == names.dst_pod_chain(ident(e.ip_identity[dst])), (sc, node, src, dst)  # node-independent
+                        assert target == pod_row(e.ip_identity[dst]), (sc, node, src, dst)  # node-independent
                         want_chain = names.POD_LOCAL_TUNNEL_CHAIN if local else names.POD_TUNNEL_CHAIN
                         assert pod_route(res, target, dst).name == want_chain, (sc, node, src, dst)
                     else:
@@ -1078,7 +1139,7 @@ def test_upstream_san_pinned_to_expected_server() -> None:
                 assert md["identity"] == e.ip_identity[md["destination"].rsplit(":", 1)[0]], (sc, node)
         tunnel_listeners = []
         for lis in res.listeners:
-            if lis.HasField("internal_listener") and lis.name not in (names.OUTBOUND_DISPATCH, names.OUTBOUND_POD):  # stages 2, 3: below
+            if lis.HasField("internal_listener") and lis.name not in (names.OUTBOUND_DISPATCH, names.OUTBOUND_POD, names.OUTBOUND_PASSTHROUGH):  # stages 2, 3: below
                 tunnel_listeners.append(lis.name)
                 [chain] = lis.filter_chains
                 assert isinstance(filters(chain)[0], set_filter_state_pb2.Config)  # before tcp_proxy connects
@@ -1095,18 +1156,23 @@ def test_upstream_san_pinned_to_expected_server() -> None:
             for dst, target in dsts.items():
                 if isinstance(target, str):
                     pod_chains += 1
-                    chain = outbound_chain(res, target)
-                    assert isinstance(filters(chain)[0], set_filter_state_pb2.Config)  # before tcp_proxy connects
-                    assert filter_state(chain)["envoy.network.upstream_subject_alt_names"] == e.ip_identity[dst]
-                    assert target.endswith(f"_to_{e.ip_identity[dst]}")
-                    if flavor is Flavor.ENVOY:  # one chain per destination identity, shared by the sources and nodes
-                        assert target == names.dst_pod_chain(ident(e.ip_identity[dst]))
-                        # the pin crosses exactly one hop: into stage 3, whose upstream is the tunnel
-                        assert filter_state_sharing(chain)["envoy.network.upstream_subject_alt_names"] == "ONCE", (sc, node, dst)
-                        assert tcp_proxy(chain).cluster == names.OUTBOUND_POD
+                    if flavor is Flavor.ENVOY:
+                        # the pod table's row for the IP names the identity; its cluster passes the
+                        # row's tunnel metadata to stage 3, which pins it before connecting the tunnel
+                        table, _, spiffe = pod_table_rows(res)[dst]
+                        assert target == pod_row(e.ip_identity[dst]) and spiffe == e.ip_identity[dst], (sc, node, dst)
+                        socket = unpack(cluster(res, table).transport_socket.typed_config)
+                        assert [m.name for m in socket.passthrough_metadata] == [names.TUNNEL_METADATA]
+                        assert "envoy.network.upstream_subject_alt_names" not in filter_state(outbound_chain(res, table))
                         stage3 = pod_route(res, target, dst)
-                        assert "envoy.network.upstream_subject_alt_names" not in filter_state(stage3), stage3.name
+                        assert isinstance(filters(stage3)[0], set_filter_state_pb2.Config)  # before tcp_proxy connects
+                        assert filter_state(stage3)["envoy.network.upstream_subject_alt_names"] == "%DYNAMIC_METADATA(tunnel:identity)%"
                         assert tcp_proxy(stage3).cluster == "BlackHoleCluster"  # only without a source identity
+                    else:
+                        chain = outbound_chain(res, target)
+                        assert isinstance(filters(chain)[0], set_filter_state_pb2.Config)  # before tcp_proxy connects
+                        assert filter_state(chain)["envoy.network.upstream_subject_alt_names"] == e.ip_identity[dst]
+                        assert target.endswith(f"_to_{e.ip_identity[dst]}")
                     pinned.add(flavor)
     assert pod_chains >= 20
     assert pinned == set(FLAVORS)
@@ -1170,8 +1236,10 @@ def test_envoy_flavor_mechanisms() -> None:
         assert "set_dst_address" not in names_seen and "envoy.filters.listener.workload_metadata" not in names_seen
         for lis in res.listeners:
             if lis.HasField("internal_listener"):
-                # carry the client IP across the internal listener (stock-envoy.md §5.6)
-                assert _listener_filter_names(lis) == ["envoy.filters.listener.original_dst", "envoy.filters.listener.original_src"]
+                # carry the client IP across the internal listener (stock-envoy.md §5.6); stage 2
+                # first reads the pod-table key from the hop's PROXY-protocol header
+                first = ["envoy.filters.listener.proxy_protocol"] if lis.name == names.OUTBOUND_DISPATCH else []
+                assert _listener_filter_names(lis) == [*first, "envoy.filters.listener.original_dst", "envoy.filters.listener.original_src"]
         sds = [m for m in walk([*res.listeners, *res.clusters]) if isinstance(m, secret_pb2.SdsSecretConfig)]
         assert sds and all(s.sds_config.HasField("ads") for s in sds)
         tunnel = [c for c in res.clusters if c.name.startswith("outbound_tunnel_clus_")]
@@ -1198,18 +1266,24 @@ def test_envoy_flavor_mechanisms() -> None:
                 "envoy.filters.listener.original_dst.local_ip": ("%DOWNSTREAM_LOCAL_ADDRESS%", "ONCE", ""),
                 "envoy.filters.listener.original_dst.remote_ip": ("%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%:0", "TRANSITIVE", ""),  # no port: pooled HBONE
                 names.SOURCE_IDENTITY_STATE: (source_of(ch.name), "TRANSITIVE", "envoy.string"),
+                names.DESTINATION_IP_STATE: ("%DOWNSTREAM_LOCAL_ADDRESS_WITHOUT_PORT%", "ONCE", "envoy.string"),
             }, ch.name
             assert tcp.cluster == names.OUTBOUND_DISPATCH
-        # ... whose cluster is one internal endpoint: the stage-2 listener of the same name (and
-        # likewise stage 2 -> stage 3)
-        for stage in (names.OUTBOUND_DISPATCH, names.OUTBOUND_POD):
-            static = cluster(res, stage)
-            assert static.type == cluster_pb2.Cluster.STATIC
-            [group] = static.load_assignment.endpoints
-            [lbe] = group.lb_endpoints
-            assert lbe.endpoint.address.envoy_internal_address.server_listener_name == stage
-            assert static.transport_socket.name == "envoy.transport_sockets.internal_upstream"
-            assert listener(res, stage).HasField("internal_listener")
+        # ... whose cluster is one internal endpoint: the stage-2 listener of the same name, over a
+        # PROXY v2 header whose TLV is the destination IP (the pod-table key)
+        static = cluster(res, names.OUTBOUND_DISPATCH)
+        assert static.type == cluster_pb2.Cluster.STATIC
+        [group] = static.load_assignment.endpoints
+        [lbe] = group.lb_endpoints
+        assert lbe.endpoint.address.envoy_internal_address.server_listener_name == names.OUTBOUND_DISPATCH
+        assert static.transport_socket.name == "envoy.transport_sockets.upstream_proxy_protocol"
+        pp = unpack(static.transport_socket.typed_config)
+        [tlv] = pp.config.added_tlvs
+        assert tlv.format_string.text_format_source.inline_string == f"%FILTER_STATE({names.DESTINATION_IP_STATE}:PLAIN)%"
+        assert pp.transport_socket.name == "envoy.transport_sockets.internal_upstream"
+        [pp_filter] = [unpack(f.typed_config) for f in listener(res, names.OUTBOUND_DISPATCH).listener_filters if f.name.endswith("proxy_protocol")]
+        [rule] = pp_filter.rules
+        assert (rule.tlv_type, rule.on_tlv_present.metadata_namespace, rule.on_tlv_present.key) == (tlv.type, names.LB_METADATA, "ip")
         # service chains (stage 2) go straight to their EDS cluster of the same name, and log
         # nothing themselves: the listener logs them, once, under a filter that passes exactly them
         stage2 = listener(res, names.OUTBOUND_DISPATCH)
@@ -1223,20 +1297,26 @@ def test_envoy_flavor_mechanisms() -> None:
         assert log.filter.extension_filter.name == "envoy.access_loggers.extension_filters.cel"
         logged = cel_chain_filter(unpack(log.filter.extension_filter.typed_config).expression)
         chain_names = [ch.name for ch in stage2.filter_chains]
-        service = {c.name for c in res.clusters if c.HasField("eds_cluster_config")} & set(chain_names)
+        service = {c.name for c in res.clusters if c.HasField("eds_cluster_config") and not c.HasField("lb_subset_config")} & set(chain_names)
         assert service and {c for c in chain_names if logged(c)} == service
-        # pod chains (stage 2): pin the destination identity and hand the original destination to
-        # stage 3 (both the next hop only), then go to stage 3; nothing logged twice
-        pod_chains = [ch for ch in listener(res, names.OUTBOUND_DISPATCH).filter_chains if ch.name.startswith("fc-outbound_pod_to_")]
-        mesh_ids = set(expect("bookinfo").ip_identity.values())
-        assert sorted(ch.name for ch in pod_chains) == sorted(names.dst_pod_chain(ident(i)) for i in mesh_ids)
-        for ch in pod_chains:
+        # pod-range chains (stage 2): hand the original destination to the next hop, then go to
+        # the range's pod table, whose subset LB picks the row by envoy.lb ip; nothing logged twice
+        range_chains = [ch for ch in stage2.filter_chains if ch.name.startswith(names.POD_TABLE_PREFIX)]
+        ranges = {ip[: ip.rfind(".") + 1] for ip in expect("bookinfo").ip_identity}
+        assert sorted(ch.name for ch in range_chains) == sorted(names.pod_table(r) for r in ranges)
+        for ch in range_chains:
             got, tcp = states_then_proxy(ch)
-            assert got == {
-                "envoy.network.upstream_subject_alt_names": (source_of(ch.name), "ONCE", ""),
-                "envoy.filters.listener.original_dst.local_ip": ("%DOWNSTREAM_LOCAL_ADDRESS%", "ONCE", ""),
-            }, ch.name
-            assert tcp.cluster == names.OUTBOUND_POD and not tcp.access_log and not tcp.HasField("tunneling_config")
+            assert got == {"envoy.filters.listener.original_dst.local_ip": ("%DOWNSTREAM_LOCAL_ADDRESS%", "ONCE", "")}, ch.name
+            assert tcp.cluster == ch.name and not tcp.access_log and not tcp.HasField("tunneling_config")
+            table = cluster(res, ch.name)
+            [selector] = table.lb_subset_config.subset_selectors
+            assert list(selector.keys) == ["ip"] and selector.single_host_per_subset
+            assert table.lb_subset_config.fallback_policy == cluster_pb2.Cluster.LbSubsetConfig.DEFAULT_SUBSET
+            assert json_format.MessageToDict(table.lb_subset_config.default_subset) == {"passthrough": True}
+            [cla] = [c for c in res.endpoints if c.cluster_name == ch.name]
+            [default] = [lbe for g in cla.endpoints for lbe in g.lb_endpoints
+                         if json_format.MessageToDict(lbe.metadata.filter_metadata[names.LB_METADATA]) == {"passthrough": True}]
+            assert default.endpoint.address.envoy_internal_address.server_listener_name == names.OUTBOUND_PASSTHROUGH
         # stage 3: HBONE to the original destination through the source's own pod tunnel cluster
         for name, prefix in ((names.POD_TUNNEL_CHAIN, names.OUTBOUND_POD_TUNNEL_CLUS_PREFIX),
                              (names.POD_LOCAL_TUNNEL_CHAIN, names.OUTBOUND_POD_LOCAL_TUNNEL_CLUS_PREFIX)):
@@ -1245,7 +1325,8 @@ def test_envoy_flavor_mechanisms() -> None:
             assert isinstance(sfs, set_filter_state_pb2.Config) and isinstance(tcp, tcp_proxy_pb2.TcpProxy)
             got = {v.object_key: (v.format_string.text_format_source.inline_string, Share.Name(v.shared_with_upstream))
                    for v in sfs.on_new_connection}
-            assert got == {names.TCP_PROXY_CLUSTER_STATE: (names.per_source(prefix), "NONE")}, name
+            assert got == {names.TCP_PROXY_CLUSTER_STATE: (names.per_source(prefix), "NONE"),
+                           "envoy.network.upstream_subject_alt_names": ("%DYNAMIC_METADATA(tunnel:identity)%", "NONE")}, name
             assert tcp.cluster == "BlackHoleCluster"  # only without a source identity
             assert tcp.tunneling_config.hostname == "%DOWNSTREAM_LOCAL_ADDRESS%"
             [log] = tcp.access_log
@@ -1255,7 +1336,8 @@ def test_envoy_flavor_mechanisms() -> None:
 
 def _actions(m: matcher_pb2.Matcher) -> Iterator[matcher_pb2.Matcher.OnMatch]:
     """Every action of a matcher tree (map entries and on_no_match, at any depth)."""
-    entries = [*m.matcher_tree.exact_match_map.map.values()] + ([m.on_no_match] if m.HasField("on_no_match") else [])
+    entries = [*m.matcher_tree.exact_match_map.map.values(), *m.matcher_tree.prefix_match_map.map.values()] + (
+        [m.on_no_match] if m.HasField("on_no_match") else [])
     for om in entries:
         if om.HasField("matcher"):
             yield from _actions(om.matcher)

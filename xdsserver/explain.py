@@ -3,7 +3,10 @@
 Source node: ``ztunnel_outbound`` matcher -> filter chain -> cluster; a STATIC cluster whose
 endpoint is an internal listener (the stock flavor's ``ztunnel_outbound_dispatch``) is followed
 into that listener, whose matcher sees the same original destination -> chain -> cluster ->
-endpoints -> internal listener -> tunnel cluster and address. Filter state set on the way is
+endpoints -> internal listener -> tunnel cluster and address. A pod table (an EDS cluster with a
+subset selector on ``ip``; stock flavor) is looked up like its subset load balancer does: the
+row whose ``envoy.lb`` ip is the destination, else the default subset; the row's endpoint is
+the next internal listener and its ``tunnel`` metadata crosses with it. Filter state set on the way is
 carried like Envoy carries it, so a cluster chosen at run time (``envoy.tcp_proxy.cluster`` from
 the source identity) is resolved to the one the data plane will use. Destination
 node (found by searching every node's ``ztunnel_inbound`` for a chain covering the address) ->
@@ -161,13 +164,19 @@ def _input_kind(m: matcher_pb2.Matcher) -> str:
 
 
 def _eval(m: matcher_pb2.Matcher, values: dict[str, str], trail: list[str]) -> str | None:
-    """Evaluate an exact-match matcher tree like Envoy: a nested miss does not fall back."""
+    """Evaluate an exact- or prefix-match matcher tree like Envoy: a nested miss does not fall
+    back; of several prefixes the longest wins."""
     kind = _input_kind(m)
     key = values[kind]
     entries = m.matcher_tree.exact_match_map.map
+    prefixes = [p for p in m.matcher_tree.prefix_match_map.map if key.startswith(p)]
     if key in entries:
         trail.append(f"{kind} {key} matched")
         hit = entries[key]
+    elif prefixes:
+        longest = max(prefixes, key=len)
+        trail.append(f"{kind} {key} matched prefix {longest!r}")
+        hit = m.matcher_tree.prefix_match_map.map[longest]
     elif m.HasField("on_no_match"):
         trail.append(f"{kind} {key} not listed -> on_no_match")
         hit = m.on_no_match
@@ -253,11 +262,39 @@ def explain_inbound(nodes: dict[str, NodeResources], dst_ip: str, destination: s
     return None
 
 
-def _resolve(value: str, state: dict[str, str]) -> str:
-    """Substitute the one formatter our run-time choices use (``%FILTER_STATE(key:PLAIN)%``)."""
+def _resolve(value: str, state: dict[str, str], metadata: dict[str, dict[str, str]] | None = None) -> str:
+    """Substitute the formatters our run-time choices use (``%FILTER_STATE(key:PLAIN)%``, and
+    ``%DYNAMIC_METADATA(ns:key)%`` of metadata an internal hop passed through)."""
     for key, v in state.items():
         value = value.replace(f"%FILTER_STATE({key}:PLAIN)%", v)
+    for ns, fields in (metadata or {}).items():
+        for key, v in fields.items():
+            value = value.replace(f"%DYNAMIC_METADATA({ns}:{key})%", v)
     return value
+
+
+def _pod_table_row(res: NodeResources, cluster: cluster_pb2.Cluster | None, dst_ip: str) -> tuple[str, dict[str, str], str] | None:
+    """A pod table (EDS, subset selector ``ip``) as its subset LB reads it: (the internal
+    listener of the row for ``dst_ip``, else of the default subset; that endpoint's ``tunnel``
+    metadata; which it was), or None if ``cluster`` is no pod table or nothing matches."""
+    if cluster is None or cluster.type != cluster_pb2.Cluster.EDS or not cluster.HasField("lb_subset_config"):
+        return None
+    cla = next((c for c in res.endpoints if c.cluster_name == cluster.name), None)
+    if cla is None:
+        return None
+    subset = cluster.lb_subset_config
+    default = dict(subset.default_subset.fields.items()) if subset.fallback_policy == cluster_pb2.Cluster.LbSubsetConfig.DEFAULT_SUBSET else None
+    fallback = None
+    for group in cla.endpoints:
+        for lbe in group.lb_endpoints:
+            lb = lbe.metadata.filter_metadata[names.LB_METADATA].fields
+            addr = lbe.endpoint.address.envoy_internal_address
+            if "ip" in lb and lb["ip"].string_value == dst_ip:
+                tunnel = {k: v.string_value for k, v in lbe.metadata.filter_metadata[names.TUNNEL_METADATA].fields.items()}
+                return addr.server_listener_name, tunnel, f"row {dst_ip}"
+            if default is not None and fallback is None and default and all(k in lb and lb[k] == v for k, v in default.items()):
+                fallback = addr.server_listener_name
+    return (fallback, {}, "no row: default subset") if fallback else None
 
 
 def _internal_target(cluster: cluster_pb2.Cluster | None) -> str:
@@ -279,6 +316,8 @@ def _select_chain(lis: listener_pb2.Listener, values: dict[str, str], ex: Explan
     chains = {c.name: c for c in lis.filter_chains}
     if chain_name is not None and chain_name in chains:
         return chains[chain_name]
+    if not lis.HasField("filter_chain_matcher") and len(lis.filter_chains) == 1 and not lis.filter_chains[0].HasField("filter_chain_match"):
+        return lis.filter_chains[0]  # the listener's only chain, matching everything
     if lis.HasField("default_filter_chain"):
         ex.matched.append(where + "-> default_filter_chain")
         return lis.default_filter_chain
@@ -296,6 +335,7 @@ def explain(nodes: dict[str, NodeResources], node: str, src: str, dst: str) -> E
     assert lis is not None
     values = {"port": dst_port, "source-ip": src, "ip": dst_ip}
     shared: dict[str, str] = {}  # filter state crossing internal hops (set with shared_with_upstream)
+    metadata: dict[str, dict[str, str]] = {}  # endpoint metadata the last internal hop passed through
     for _ in range(4):  # bounded: capture listener + internal stages
         trail_start = len(ex.matched)
         chain = _select_chain(lis, values, ex)
@@ -307,14 +347,23 @@ def explain(nodes: dict[str, NodeResources], node: str, src: str, dst: str) -> E
         if tcp is None:
             ex.chain, ex.reason = chain.name, "chain has no tcp_proxy"
             return ex
-        here = {**shared, **{k: _resolve(v, shared) for k, v in states}}
+        here = {**shared, **{k: _resolve(v, shared, metadata) for k, v in states}}
         shared.update({k: v for k, v in here.items() if k != names.TCP_PROXY_CLUSTER_STATE})
         cluster_name = here.get(names.TCP_PROXY_CLUSTER_STATE, tcp.cluster)
-        nxt = _internal_target(_cluster(res, cluster_name))
+        nxt, via = _internal_target(_cluster(res, cluster_name)), ""
+        metadata = {}
+        if not nxt and (row := _pod_table_row(res, _cluster(res, cluster_name), dst_ip)) is not None:
+            nxt, tunnel, which = row
+            metadata = {names.TUNNEL_METADATA: tunnel} if tunnel else {}
+            via = f" (pod table, {which}{', identity ' + tunnel['identity'] if 'identity' in tunnel else ''})"
+        elif not nxt and _cluster(res, cluster_name) is not None and _cluster(res, cluster_name).HasField("lb_subset_config"):
+            stage.cluster = cluster_name
+            ex.chain, ex.cluster, ex.reason = chain.name, cluster_name, f"pod table {cluster_name} has no row for {dst_ip} and no default subset"
+            return ex
         stage.cluster, stage.internal_listener = cluster_name, nxt
         if not nxt:
             break
-        ex.hops.append(f"{lis.name} chain {chain.name} -> cluster {cluster_name} -> internal listener {nxt}")
+        ex.hops.append(f"{lis.name} chain {chain.name} -> cluster {cluster_name}{via} -> internal listener {nxt}")
         lis = _listener(res, nxt)
         assert lis is not None, nxt
     ex.chain = chain.name

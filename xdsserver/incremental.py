@@ -36,6 +36,7 @@ from .model import Flavor, Identity
 from .model.index import MeshIndex, NodeView, ServiceTarget, Workload
 from .translate import CertPair, CertProvider, NodeResources, service_clusters, translate, type_url
 from .translate.dispatch import build_dispatch_listener
+from .translate.podtable import PodTable, pod_table
 from .translate.clusters import build_service_cluster
 from .translate.endpoints import body_of, cla_body, node_variant
 from .translate.inbound import build_inbound_routes, build_ztunnel_inbound_plaintext
@@ -111,6 +112,7 @@ class _NodeMemo:
     resources: ResourceSet
     cla_targets: dict[str, tuple[str, int]]  # CLA name -> (internal listener, target index), as translate()
     secrets: dict[Identity | None, bytes]
+    table: PodTable | None = None  # stock flavor, a node with mesh pods: its groups close CDS and EDS
 
 
 @dataclass
@@ -146,6 +148,8 @@ class IncrementalTranslator:
         self._cluster_bytes: dict[str, bytes] = {}  # one snapshots() call: new service clusters' bytes
         self._wl_shapes: dict[int, tuple[Workload, tuple[Any, ...]]] = {}  # id -> (workload, _workload_shape)
         self._last_service_map: tuple[tuple[ServiceTarget, ...], dict[str, tuple[str, int]]] | None = None
+        self._stage2: tuple[Any, bytes] | None = None  # (stage 2 listener, its bytes): kept while stage 2 is
+        self._table_clusters: dict[str, tuple[Any, bytes]] = {}  # pod table name -> (its cluster, bytes)
         self.stats = RunStats()
 
     def snapshots(self, index: MeshIndex, nodes: list[str] | None = None) -> dict[str, ResourceSet]:
@@ -211,9 +215,7 @@ class IncrementalTranslator:
             if (moved or reshaped) and view.local_identities:
                 # stock flavor: of everything a node has, only stage 2 depends on other nodes' pods and on services
                 stage2 = build_dispatch_listener(view)
-                hit = self._shared_bytes.get(id(stage2))
-                if hit is None or hit[0] is not stage2:
-                    hit = self._shared_bytes[id(stage2)] = (stage2, stage2.SerializeToString(deterministic=True))
+                hit = self._stage2_bytes(stage2)
                 lds = dict(res[LDS])
                 if not same(lds[OUTBOUND_DISPATCH], hit[1]):  # nodes share both bytes objects: one 2 MB compare
                     lds[OUTBOUND_DISPATCH] = hit[1]
@@ -230,8 +232,10 @@ class IncrementalTranslator:
                 cds.update((name, None) for name in bodies if name not in new_map)
                 if cds:
                     delta[CDS] = cds
+            tail = len(memo.table.groups) if memo.table is not None else 0  # the pod tables close EDS
             if changed or reshaped:
-                clas = dict(res[EDS])
+                head = res[EDS][: len(res[EDS]) - tail]
+                clas = dict(head)
                 eds: dict[str, bytes | None] = {}
                 for name in changed:
                     lis, i = new_map[name]
@@ -253,14 +257,21 @@ class IncrementalTranslator:
                     res[EDS] = [(name, clas[name]) for name in new_map]
                 else:
                     res[EDS] = list(clas.items())
+                if tail:
+                    res[EDS] += memo.resources[EDS][-tail:]
                 if eds:
                     delta[EDS] = eds
+            table = memo.table
+            if moved and table is not None:
+                table = pod_table(view.workloads, view.mesh)
+                if table is not memo.table:
+                    n += self._patch_tables(memo.table, table, res, delta)  # type: ignore[arg-type]
             if secrets != memo.secrets:  # certificate rotation: same names, new bodies
                 res[SDS] = [(name, secrets[ident]) for (name, _), ident in zip(res[SDS], [*view.local_identities, None])]
                 old_sds = dict(memo.resources[SDS])
                 delta[SDS] = {name: body for name, body in res[SDS] if old_sds.get(name) != body}
             staged[node] = replace(memo, resources=res, targets=targets, workloads=workloads, shapes=shapes, secrets=secrets,
-                                   cla_targets=new_map, policy=pol)
+                                   cla_targets=new_map, policy=pol, table=table)
             out[node] = res
             stats.patched[node] = n
             if delta:
@@ -419,13 +430,55 @@ class IncrementalTranslator:
                 res[url] = list(bodies.items())
                 delta[url] = d
 
+    def _patch_tables(self, old: PodTable, new: PodTable, res: ResourceSet, delta: dict[str, dict[str, bytes | None]]) -> int:
+        """Swap the pod tables closing CDS and EDS from ``old``'s groups to ``new``'s; the delta
+        names only groups whose bytes changed (a group with the same rows is the very same
+        object, so most are skipped by identity). Returns how many CLAs changed."""
+        k = len(old.groups)
+        for url, fresh in ((CDS, [(g.name, self._table_cluster_bytes(g)) for g in new.groups]),
+                           (EDS, [(g.name, g.cla_body) for g in new.groups])):
+            items = res[url]
+            before = dict(items[len(items) - k:]) if k else {}
+            d: dict[str, bytes | None] = {}
+            for j, (name, body) in enumerate(fresh):
+                was = before.pop(name, None)
+                if was is None or (was is not body and was != body):
+                    d[name] = body
+                elif was is not body:
+                    fresh[j] = (name, was)  # equal bytes: keep the object every node already shares
+            res[url] = (items[: len(items) - k] if k else list(items)) + fresh
+            d.update((name, None) for name in before)
+            if d:
+                delta.setdefault(url, {}).update(d)
+        return len(delta.get(EDS, ()))
+
+    def _stage2_bytes(self, stage2: Any) -> tuple[Any, bytes]:
+        """Stage 2's bytes, serialized once while it is the same message (a pod within its /24
+        leaves it as it was)."""
+        hit = self._stage2
+        if hit is None or hit[0] is not stage2:
+            hit = self._stage2 = (stage2, stage2.SerializeToString(deterministic=True))
+        return hit
+
+    def _table_cluster_bytes(self, g: Any) -> bytes:
+        hit = self._table_clusters.get(g.name)
+        if hit is None or hit[0] is not g.cluster:
+            if len(self._table_clusters) > 1 << 14:
+                self._table_clusters.clear()
+            hit = self._table_clusters[g.name] = (g.cluster, g.cluster.SerializeToString(deterministic=True))
+        return hit[1]
+
     def _full(self, view: NodeView, local: tuple[tuple[Any, ...], ...], pol: tuple[Any, ...],
               workloads: tuple[tuple[Any, ...], ...], shapes: tuple[tuple[Any, ...], ...]) -> _NodeMemo:
         res = translate(view, self.flavor, self.certs, check=self.check)
+        stage2 = next((lis for lis in res.listeners if lis.name == OUTBOUND_DISPATCH), None)
+        if stage2 is not None:  # one bytes object for every node, patched or translated
+            self._shared_bytes[id(stage2)] = self._stage2_bytes(stage2)
         rs = serialize(res, self._shared_bytes)
         cla_targets = self._service_map(view)
         secrets = {ident: body for ident, (_, body) in zip([*view.local_identities, None], rs[SDS])}
-        return _NodeMemo(local, pol, workloads, shapes, view.targets, rs, cla_targets, secrets)
+        table = pod_table(view.workloads, view.mesh) if self.flavor is Flavor.ENVOY and view.local_identities else None
+        return _NodeMemo(local, pol, workloads, shapes, view.targets, rs, cla_targets, secrets, table)
 
 
 def resource_delta(old: ResourceSet | None, new: ResourceSet) -> dict[str, dict[str, bytes | None]]:

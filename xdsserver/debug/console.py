@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from .source import DebugSource
 
 STALE_AFTER_S = 10.0  # a version sent and not ACKed for this long needs attention
-TREE_LIMIT = 300  # matcher entries listed per level (stage 2 has one per mesh IP)
+TREE_LIMIT = 300  # matcher entries listed per level (stage 3 has one per local pod IP)
 STAGE_ORDER = (names.ZTUNNEL_OUTBOUND, names.OUTBOUND_DISPATCH, names.OUTBOUND_POD)
 
 
@@ -151,6 +151,7 @@ def _pod_summary(cp: "DebugSource", p: Pod) -> dict[str, Any]:
 def _listener_tree(lis: listener_pb2.Listener, res: Any) -> dict[str, Any]:
     chains = {c.name: c for c in lis.filter_chains}
     clusters = {c.name: c for c in res.clusters}
+    tables = {cla.cluster_name: cla for cla in res.endpoints if cla.cluster_name.startswith(names.POD_TABLE_PREFIX)}
 
     def leaf(chain_name: str) -> dict[str, Any]:
         chain = chains.get(chain_name)
@@ -165,6 +166,11 @@ def _listener_tree(lis: listener_pb2.Listener, res: Any) -> dict[str, Any]:
             for lbe in target.load_assignment.endpoints[0].lb_endpoints:
                 if lbe.endpoint.address.HasField("envoy_internal_address"):
                     out["next"] = lbe.endpoint.address.envoy_internal_address.server_listener_name
+        elif out["cluster"] in tables:  # a pod range: its pod table (EDS) picks the pod, then stage 3
+            rows = [lbe for g in tables[out["cluster"]].endpoints for lbe in g.lb_endpoints
+                    if "ip" in lbe.metadata.filter_metadata[names.LB_METADATA].fields]
+            out["pod_table_rows"] = len(rows)
+            out["next"] = names.OUTBOUND_POD
         return out
 
     def tree(m: matcher_pb2.Matcher) -> dict[str, Any]:
@@ -174,7 +180,11 @@ def _listener_tree(lis: listener_pb2.Listener, res: Any) -> dict[str, Any]:
         for k in keys[:TREE_LIMIT]:
             hit = items[k]
             entries.append({"key": k, **({"matcher": tree(hit.matcher)} if hit.HasField("matcher") else leaf(_action(hit)))})
-        out: dict[str, Any] = {"input": _input_kind(m), "entries": entries, "total": len(keys)}
+        prefixes = m.matcher_tree.prefix_match_map.map  # stage 2's pod ranges ("10.64.50." -> its pod table)
+        for k in sorted(prefixes, key=lambda p: _key_order(p + "0"))[:max(0, TREE_LIMIT - len(entries))]:
+            hit = prefixes[k]
+            entries.append({"key": k + "*", "prefix": True, **({"matcher": tree(hit.matcher)} if hit.HasField("matcher") else leaf(_action(hit)))})
+        out: dict[str, Any] = {"input": _input_kind(m), "entries": entries, "total": len(keys) + len(prefixes)}
         if m.HasField("on_no_match"):
             nm = m.on_no_match
             out["on_no_match"] = {"matcher": tree(nm.matcher)} if nm.HasField("matcher") else leaf(_action(nm))

@@ -16,9 +16,9 @@ from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_pb2
 from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 
-from ..model import Flavor
+from ..model import Flavor, OutboundPolicy
 from ..model.index import NodeView
-from . import blocks, dispatch, endpoints, names, refcheck
+from . import blocks, dispatch, endpoints, names, podtable, refcheck
 from .clusters import build_fixed_clusters, build_service_cluster
 from .dispatch import build_dispatch_listener, build_pod_listener, build_stage_clusters
 from .endpoints import shared_cla
@@ -91,6 +91,7 @@ def clear_memos() -> None:
     tunnel_builders._tunnel_memo.clear()
     refcheck.clear_memos()
     endpoints.clear()
+    podtable.clear()
 
 
 def translate(view: NodeView, flavor: Flavor, certs: CertProvider, *, check: bool = True) -> NodeResources:
@@ -104,6 +105,8 @@ def translate(view: NodeView, flavor: Flavor, certs: CertProvider, *, check: boo
         if view.local_identities:
             listeners += [build_dispatch_listener(view), build_pod_listener(view),
                           build_outbound_tunnel_lis(None, flavor, log=blocks.hop_log(mesh, TUNNEL_HOP_LOG))]
+            if mesh.outbound_policy is OutboundPolicy.ALLOW_ANY:
+                listeners.append(podtable.passthrough_listener())
     else:
         listeners += [build_outbound_tunnel_lis(ident, flavor) for ident in view.local_identities]
 
@@ -117,6 +120,10 @@ def translate(view: NodeView, flavor: Flavor, certs: CertProvider, *, check: boo
     clusters += build_fixed_clusters(mesh)
 
     endpoints = [shared_cla(name, lis, view.targets[i], view.node_name) for name, (lis, i) in service.items()]
+    if flavor is Flavor.ENVOY and view.local_identities:  # the pod tables close CDS and EDS (incremental.py patches them there)
+        table = podtable.pod_table(view.workloads, mesh)
+        clusters += [g.cluster for g in table.groups]
+        endpoints += [g.cla for g in table.groups]
     secrets = [build_workload_secret(ident, certs.workload(ident)) for ident in view.local_identities]
     secrets.append(build_root_secret(certs.root_pem()))
 

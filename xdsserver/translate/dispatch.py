@@ -3,20 +3,23 @@ flavor's capture path (internal listeners).
 
 Every connection a node-local pod makes reaches stage 2 from its source identity's chain on
 ``ztunnel_outbound`` (stage 1), with the original destination, the client address and the source
-identity in filter state. Stage 2 matches destination IP -> port and is **the same on every
-node** (built once per model, interned once by the cache):
+identity in filter state, and the destination IP in the hop's PROXY-protocol header. Stage 2
+matches destination IP -> port and is **the same on every node** (built once per model, interned
+once by the cache):
 
 * a service port -> its EDS cluster ``to_<port>_<host>_outbound_internal`` (one per service port,
   not per source x service port), whose endpoints go through ``outbound_tunnel_lis``;
-* a mesh pod IP -> one chain per destination identity that pins the server's SPIFFE ID (D8) and
-  hands the connection to stage 3;
+* an address in an IPv4 /24 holding mesh pods (a string-prefix key, after the exact VIP keys) ->
+  that range's pod table (``podtable.py``): the subset load balancer picks the pod's endpoint,
+  stage 3, which pins the pod identity's SPIFFE ID (D8) from the endpoint's metadata;
 * anything else -> passthrough (``ALLOW_ANY``) or nothing (``REGISTRY_ONLY``), as before.
 
 Stage 3 is the only per-node part of the pod path: this node's pod IPs -> the same-node chain
 (HBONE to 15088), anything else -> the other-node chain (15008). Both name the source's own
 pod tunnel cluster through ``envoy.tcp_proxy.cluster``, so the client certificate stays the
-source's. Per node: stage 2 = service ports + mesh identities + 1 chains, VIPs + pod IPs keys
-(shared); stage 3 = 2 chains, local pod IPs keys.
+source's. Per node: stage 2 = service ports + pod ranges + 1 chains, VIPs + pod ranges keys
+(shared); stage 3 = 2 chains, local pod IPs keys. A pod added or removed changes stage 2 only
+when its /24 gains its first or loses its last mesh pod.
 """
 
 from __future__ import annotations
@@ -24,15 +27,20 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from envoy.config.cluster.v3 import cluster_pb2
-from envoy.config.core.v3 import address_pb2
+from envoy.config.core.v3 import address_pb2, base_pb2, proxy_protocol_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2 as ec, endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
+from envoy.extensions.filters.listener.proxy_protocol.v3 import proxy_protocol_pb2 as proxy_protocol_filter_pb2
+from envoy.extensions.transport_sockets.proxy_protocol.v3 import upstream_proxy_protocol_pb2
+from xds.type.matcher.v3 import matcher_pb2
 
-from ..model import Flavor, Identity, MeshConfig, OutboundPolicy
-from ..model.index import NodeView, ServiceTarget, Workload
-from . import blocks, names, refcheck
+from ..model import Flavor, MeshConfig, OutboundPolicy, is_ipv6
+from ..model.index import NodeView, ServiceTarget
+from . import blocks, names
 from .clusters import internal_upstream
-from .outbound import POD_HOP_LOG, SERVICE_HOP_LOG, DestinationMap, destination_matcher, passthrough_chain, service_chain, to_chain
+from .outbound import (POD_HOP_LOG, SERVICE_HOP_LOG, DestinationMap, destination_matcher, passthrough_chain, prefix_matcher,
+                       service_chain, to_chain)
+from .podtable import TLV_DESTINATION_IP, PodTable, group_of, pod_table
 
 FLAVOR = Flavor.ENVOY  # the 2022 shape has no stage 2
 # Stage 2 logs service connections once, at the listener: the same log on each of ~1,600
@@ -44,17 +52,16 @@ SERVICE_CHAINS_ONLY = (
 )
 
 
-def pod_chain(dst: Identity) -> listener_components_pb2.FilterChain:
-    """Stage 2, pod IP: expect ``dst``'s certificate on the tunnel; stage 3 picks the port."""
-    name = names.dst_pod_chain(dst)
+def range_chain(table: str) -> listener_components_pb2.FilterChain:
+    """Stage 2, an address in a mesh pod range: its pod table picks the pod (stage 3 by
+    ``endpoint_id``, with the identity to pin), or the default subset (passthrough)."""
     return listener_components_pb2.FilterChain(
-        name=name,
+        name=table,
         filters=[
             blocks.set_filter_states(
-                blocks.filter_state_value("envoy.network.upstream_subject_alt_names", dst.spiffe, share="ONCE"),  # D8
                 blocks.filter_state_value("envoy.filters.listener.original_dst.local_ip", "%DOWNSTREAM_LOCAL_ADDRESS%", share="ONCE"),
             ),
-            blocks.tcp_proxy(name, names.OUTBOUND_POD, log=None, flavor=FLAVOR),
+            blocks.tcp_proxy(table, table, log=None, flavor=FLAVOR),
         ],
     )
 
@@ -66,7 +73,11 @@ def pod_tunnel_chain(*, same_node: bool, log: str | None) -> listener_components
     return listener_components_pb2.FilterChain(
         name=name,
         filters=[
-            blocks.set_filter_states(blocks.filter_state_value(names.TCP_PROXY_CLUSTER_STATE, names.per_source(prefix))),
+            blocks.set_filter_states(
+                # D8: the pod table's endpoint named the identity the pod must present
+                blocks.filter_state_value("envoy.network.upstream_subject_alt_names", "%DYNAMIC_METADATA(tunnel:identity)%"),
+                blocks.filter_state_value(names.TCP_PROXY_CLUSTER_STATE, names.per_source(prefix)),
+            ),
             blocks.tcp_proxy(
                 name,
                 names.BLACKHOLE_CLUSTER,  # only if the source identity is missing
@@ -83,27 +94,26 @@ class _Shared:
     """Stage 2, built once per model (keyed on the index's own tuples) and handed to every node."""
 
     targets: tuple[ServiceTarget, ...]
-    workloads: tuple[Workload, ...]
+    table: PodTable
+    table_key: tuple[object, ...]  # what stage 2 read of the table (PodTable.stage2_key)
     mesh: MeshConfig
     listener: listener_pb2.Listener  # never mutated: nodes copy it
-    # what a pod patch needs (see _patched): pod chains' identities in chain order, how many
-    # workloads hold each pod IP, the VIPs (a pod IP on a VIP overrides it)
-    identities: tuple[Identity, ...]
+    # what a Services patch needs (see _services_patched)
     target_keys: tuple[tuple[object, ...], ...]
     service_chains: int  # the first filter chains: one per distinct service port cluster
-    ip_count: dict[str, int]
     vips: frozenset[str]
 
 
 _last: list[_Shared] = []  # the latest model's (one entry)
-# a change of more workloads (or service ports) than this rebuilds stage 2 (the diff would cost as much)
-MAX_PATCHED_WORKLOADS = 64
-patch_stats = {"patched": 0, "built": 0}  # how stage 2 was made (tests and the benchmark read it)
+# a change of more service ports than this rebuilds stage 2 (the diff would cost as much)
+MAX_PATCHED_TARGETS = 64
+patch_stats = {"patched": 0, "built": 0, "kept": 0}  # how stage 2 was made (tests and the benchmark read it)
 
 
-def plan_dispatch(targets: tuple[ServiceTarget, ...], workloads: tuple[Workload, ...]) -> tuple[dict[str, listener_components_pb2.FilterChain], DestinationMap]:
-    """Chains (first seen wins) and the destination map, in the 2022 generator's order and
-    precedence: first port wins on a VIP, a pod IP overrides a VIP with the same address."""
+def plan_dispatch(targets: tuple[ServiceTarget, ...], table: PodTable) -> tuple[dict[str, listener_components_pb2.FilterChain], DestinationMap, dict[str, str]]:
+    """Chains (first seen wins), the exact destination map and the /24 prefix map, in the 2022
+    generator's precedence: first port wins on a VIP, a pod IP overrides a VIP with the same
+    address (it keeps an exact key, to its range's chain, as IPv6 pod IPs do)."""
     chains: dict[str, listener_components_pb2.FilterChain] = {}
     dst_map: DestinationMap = {}
     for t in targets:
@@ -115,20 +125,29 @@ def plan_dispatch(targets: tuple[ServiceTarget, ...], workloads: tuple[Workload,
             if not isinstance(entry, dict):
                 entry = dst_map[vip] = {}
             entry.setdefault(str(t.port.port), chain)
-    pod_chains: dict[Identity, str] = {}
-    for wl in workloads:
-        chain = pod_chains.get(wl.identity)
-        if chain is None:
-            chain = pod_chains[wl.identity] = names.dst_pod_chain(wl.identity)
-            chains[chain] = pod_chain(wl.identity)
-        for ip in wl.pod.ips:
-            dst_map[ip] = chain
-    return chains, dst_map
+    prefixes: dict[str, str] = {}
+    for g in table.groups:
+        chains[g.name] = range_chain(g.name)
+        if g.prefix:
+            prefixes[g.prefix] = g.name
+    for ip in table.ipv6:
+        dst_map[ip] = names.pod_table("")
+    for vip in [v for v in dst_map if v in table.ips and not is_ipv6(v)]:
+        dst_map[vip] = names.pod_table(group_of(vip))
+    return chains, dst_map, prefixes
 
 
-def _identity_order(workloads: tuple[Workload, ...]) -> tuple[Identity, ...]:
-    """The pod chains' order in stage 2: identities by first appearance."""
-    return tuple(dict.fromkeys(wl.identity for wl in workloads))
+def _matcher(dst_map: DestinationMap, prefixes: dict[str, str]) -> matcher_pb2.Matcher | None:
+    """Exact destination keys first; an address with none falls to the /24 string prefixes
+    (``DestinationIPInput`` is text: "10.64.50." covers that /24 and nothing else)."""
+    matcher = destination_matcher(dst_map, flavor=FLAVOR)
+    if not prefixes:
+        return matcher
+    ranges = prefix_matcher("ip", {prefix: to_chain(chain, FLAVOR) for prefix, chain in prefixes.items()})
+    if matcher is None:
+        return ranges
+    matcher.on_no_match.matcher.CopyFrom(ranges)
+    return matcher
 
 
 def _target_keys(targets: tuple[ServiceTarget, ...]) -> tuple[tuple[object, ...], ...]:
@@ -145,102 +164,62 @@ def _vips(targets: tuple[ServiceTarget, ...]) -> frozenset[str]:
     return frozenset(vip for t in targets for vip in t.service.cluster_ips)
 
 
-def _build(view: NodeView) -> _Shared:
-    chains, dst_map = plan_dispatch(view.targets, view.workloads)
+def proxy_protocol_filter() -> listener_components_pb2.ListenerFilter:
+    """Stage 2: the hop's TLV (the destination IP) -> ``envoy.lb`` metadata ``ip``, the pod
+    tables' subset key. Runs before original_dst, which then restores the addresses from filter
+    state as before (the header's client port is not kept: see CLIENT_IP_ANY_PORT)."""
+    rule = proxy_protocol_filter_pb2.ProxyProtocol.Rule(
+        tlv_type=TLV_DESTINATION_IP,
+        on_tlv_present=proxy_protocol_filter_pb2.ProxyProtocol.KeyValuePair(metadata_namespace=names.LB_METADATA, key="ip"),
+    )
+    cfg = proxy_protocol_filter_pb2.ProxyProtocol(rules=[rule], stat_prefix="stage2")
+    return listener_components_pb2.ListenerFilter(name="envoy.filters.listener.proxy_protocol", typed_config=blocks.pack(cfg))
+
+
+def _build(view: NodeView, table: PodTable) -> _Shared:
+    chains, dst_map, prefixes = plan_dispatch(view.targets, table)
     lis = listener_pb2.Listener(
         name=names.OUTBOUND_DISPATCH,
         internal_listener=listener_pb2.Listener.InternalListenerConfig(),
         access_log=[blocks.access_log(log, FLAVOR, SERVICE_CHAINS_ONLY)] if (log := blocks.hop_log(view.mesh, SERVICE_HOP_LOG)) else [],
-        # restore the original destination (matched below) and the client address (kept upstream)
-        listener_filters=[blocks.original_dst_filter(), blocks.original_src_filter()],
+        # the pod-table key from the hop's header, then the original destination (matched below)
+        # and the client address (kept upstream)
+        listener_filters=[proxy_protocol_filter(), blocks.original_dst_filter(), blocks.original_src_filter()],
         filter_chains=[*chains.values(), passthrough_chain(FLAVOR)],
     )
-    matcher = destination_matcher(dst_map, flavor=FLAVOR)
+    matcher = _matcher(dst_map, prefixes)
     if matcher is not None:
         lis.filter_chain_matcher.CopyFrom(matcher)
     if view.mesh.outbound_policy is OutboundPolicy.ALLOW_ANY:
         lis.default_filter_chain.CopyFrom(passthrough_chain(FLAVOR))
-    ip_count: dict[str, int] = {}
-    for wl in view.workloads:
-        for ip in wl.pod.ips:
-            ip_count[ip] = ip_count.get(ip, 0) + 1
     patch_stats["built"] += 1
-    return _Shared(view.targets, view.workloads, view.mesh, lis, _identity_order(view.workloads), _target_keys(view.targets),
-                   len(_service_chain_names(view.targets)), ip_count, _vips(view.targets))
+    return _Shared(view.targets, table, table.stage2_key, view.mesh, lis, _target_keys(view.targets),
+                   len(_service_chain_names(view.targets)), _vips(view.targets))
 
 
-def _patched(prev: _Shared, view: NodeView) -> _Shared | None:
-    """Stage 2 after pods alone came, went or changed (same services and mesh settings): the
-    previous message copied (~3 ms at 10k pods) and only the changed pod IPs' keys set or
-    removed, instead of planning and building ~10k keys again (~60 ms). None (build in full)
-    whenever the result might differ from :func:`_build`'s: many workloads changed, a pod
-    identity came, went or moved in the chains' order, or a changed IP is a VIP or held by
-    another workload too (precedence)."""
-    if prev.mesh != view.mesh or not prev.listener.HasField("filter_chain_matcher"):
-        return None
-    if prev.targets is not view.targets:
-        keys = _target_keys(view.targets)
-        if keys != prev.target_keys:
-            return _services_patched(prev, view, keys)
-    old_ids = {id(wl) for wl in prev.workloads}
-    new_ids = {id(wl) for wl in view.workloads}
-    added = [wl for wl in view.workloads if id(wl) not in old_ids]
-    removed = [wl for wl in prev.workloads if id(wl) not in new_ids]
-    if len(added) + len(removed) > MAX_PATCHED_WORKLOADS:
-        return None
-    order = _identity_order(view.workloads)
-    if order != prev.identities:  # the pod chains themselves would change
-        return None
-    ip_count = dict(prev.ip_count)
-    for wl in removed:
-        for ip in wl.pod.ips:
-            ip_count[ip] -= 1
-            if not ip_count[ip]:
-                del ip_count[ip]
-    for wl in added:
-        for ip in wl.pod.ips:
-            ip_count[ip] = ip_count.get(ip, 0) + 1
-    touched = {ip for wl in (*added, *removed) for ip in wl.pod.ips}
-    if any(ip in prev.vips or prev.ip_count.get(ip, 0) > 1 or ip_count.get(ip, 0) > 1 for ip in touched):
-        return None
-    lis = listener_pb2.Listener()
-    lis.CopyFrom(prev.listener)
-    keys = lis.filter_chain_matcher.matcher_tree.exact_match_map.map
-    for wl in removed:
-        for ip in wl.pod.ips:
-            del keys[ip]
-    for wl in added:
-        action = to_chain(names.dst_pod_chain(wl.identity), FLAVOR)
-        for ip in wl.pod.ips:
-            keys[ip].CopyFrom(action)
-    if not keys:  # an empty map is invalid in Envoy: _build leaves the matcher out
-        return None
-    refcheck.inherit_listener_facts(lis, prev.listener)  # same chains; every new key names one of them
-    patch_stats["patched"] += 1
-    return replace(prev, targets=view.targets, workloads=view.workloads, listener=lis, ip_count=ip_count)
+def _collisions(table: PodTable, vips: frozenset[str]) -> frozenset[str]:
+    """Pod IPs that are also VIPs (they keep exact keys to their range's chain)."""
+    return frozenset(ip for ip in vips if ip in table.ips)
 
 
-def _services_patched(prev: _Shared, view: NodeView, keys: tuple[tuple[object, ...], ...]) -> _Shared | None:
-    """Stage 2 after Services or ports alone came, went or changed (the very same workloads):
-    the previous message copied, its service chains re-listed in the targets' order (unchanged
+def _services_patched(prev: _Shared, view: NodeView, table: PodTable, keys: tuple[tuple[object, ...], ...]) -> _Shared | None:
+    """Stage 2 after Services or ports alone came, went or changed (the same pod ranges): the
+    previous message copied, its service chains re-listed in the targets' order (unchanged
     ones copied from it, not rebuilt) and only the VIP keys of the changed targets re-derived.
-    None (build in full) if workloads changed too, many targets changed, or a changed VIP is
-    also a pod IP (precedence)."""
-    if prev.workloads is not view.workloads:
-        return None
+    None (build in full) if many targets changed or a changed VIP is also a pod IP (precedence)."""
     old_keys, new_keys = set(prev.target_keys), set(keys)
     changed = old_keys ^ new_keys
-    if len(changed) > MAX_PATCHED_WORKLOADS:
+    if len(changed) > MAX_PATCHED_TARGETS:
         return None
     vips = {vip for k in changed for vip in k[3]}  # type: ignore[attr-defined]
-    if any(vip in prev.ip_count for vip in vips):
+    if any(vip in table.ips or vip in prev.table.ips for vip in vips):
         return None
     lis = listener_pb2.Listener()
     lis.CopyFrom(prev.listener)
     chains = list(prev.listener.filter_chains)
     have = {fc.name: fc for fc in chains[:prev.service_chains]}
     service_names = _service_chain_names(view.targets)
-    rest = chains[prev.service_chains:]  # pod chains, then passthrough
+    rest = chains[prev.service_chains:]  # range chains, then passthrough
     del lis.filter_chains[:]
     lis.filter_chains.extend([have[n] if n in have else service_chain(n, FLAVOR, log=None) for n in service_names] + rest)
     entries: dict[str, dict[str, str]] = {vip: {} for vip in vips}
@@ -255,18 +234,31 @@ def _services_patched(prev: _Shared, view: NodeView, keys: tuple[tuple[object, .
         one = destination_matcher({vip: entries[vip]}, flavor=FLAVOR)  # None for an empty PORT map (invalid in Envoy)
         if one is not None:
             dst[vip].CopyFrom(one.matcher_tree.exact_match_map.map[vip])
-    if not dst:
+    if not dst:  # an empty map is invalid in Envoy: _build leaves the exact level out
         return None
     patch_stats["patched"] += 1
-    return replace(prev, targets=view.targets, listener=lis, target_keys=keys, service_chains=len(service_names),
-                   vips=_vips(view.targets))
+    return replace(prev, targets=view.targets, table=table, listener=lis, target_keys=keys,
+                   service_chains=len(service_names), vips=_vips(view.targets))
 
 
 def _shared(view: NodeView) -> listener_pb2.Listener:
-    for s in _last:
-        if s.targets is view.targets and s.workloads is view.workloads and s.mesh == view.mesh:
-            return s.listener
-    shared = (_patched(_last[0], view) if _last else None) or _build(view)
+    table = pod_table(view.workloads, view.mesh)
+    prev = _last[0] if _last else None
+    if prev is not None and prev.mesh == view.mesh and prev.table_key == table.stage2_key:
+        if prev.targets is view.targets and prev.table is table:
+            return prev.listener
+        if prev.targets is view.targets or (keys := _target_keys(view.targets)) == prev.target_keys:
+            # the same keys and chains (pods moved within their ranges, or services' backends changed)
+            if _collisions(table, prev.vips) == _collisions(prev.table, prev.vips):
+                patch_stats["kept"] += 1
+                _last[:] = [replace(prev, targets=view.targets, table=table)]
+                return prev.listener
+        elif prev.listener.filter_chain_matcher.matcher_tree.HasField("exact_match_map"):
+            shared = _services_patched(prev, view, table, keys)
+            if shared is not None:
+                _last[:] = [shared]
+                return shared.listener
+    shared = _build(view, table)
     _last[:] = [shared]
     return shared.listener
 
@@ -296,16 +288,25 @@ def build_pod_listener(view: NodeView) -> listener_pb2.Listener:
     return lis
 
 
-def _internal_cluster(listener: str) -> cluster_pb2.Cluster:
-    """A STATIC cluster with one internal endpoint: hand the connection (and the filter state
-    shared with it) to ``listener``."""
+def _proxy_protocol_upstream() -> base_pb2.TransportSocket:
+    """Stage 1 -> stage 2: a PROXY v2 header whose TLV carries the destination IP stage 1 shared
+    (the pod-table key; podtable.py), over the internal connection. Filter state shared with the
+    upstream still crosses (the header is only bytes on the internal stream)."""
+    tlv = proxy_protocol_pb2.TlvEntry(type=TLV_DESTINATION_IP)
+    tlv.format_string.text_format_source.inline_string = f"%FILTER_STATE({names.DESTINATION_IP_STATE}:PLAIN)%"
+    cfg = upstream_proxy_protocol_pb2.ProxyProtocolUpstreamTransport(
+        config=proxy_protocol_pb2.ProxyProtocolConfig(version=proxy_protocol_pb2.ProxyProtocolConfig.V2, added_tlvs=[tlv]),
+        transport_socket=internal_upstream(),
+    )
+    return base_pb2.TransportSocket(name="envoy.transport_sockets.upstream_proxy_protocol", typed_config=blocks.pack(cfg))
+
+
+def build_stage_clusters() -> list[cluster_pb2.Cluster]:
+    """Stage 1 -> stage 2 (a STATIC cluster with one internal endpoint; stage 2 reaches stage 3
+    through the pod tables' endpoints)."""
+    listener = names.OUTBOUND_DISPATCH
     endpoint = ec.LbEndpoint(
         endpoint=ec.Endpoint(address=address_pb2.Address(envoy_internal_address=address_pb2.EnvoyInternalAddress(server_listener_name=listener)))
     )
     cla = endpoint_pb2.ClusterLoadAssignment(cluster_name=listener, endpoints=[ec.LocalityLbEndpoints(lb_endpoints=[endpoint])])
-    return cluster_pb2.Cluster(name=listener, type=cluster_pb2.Cluster.STATIC, load_assignment=cla, transport_socket=internal_upstream())
-
-
-def build_stage_clusters() -> list[cluster_pb2.Cluster]:
-    """Stage 1 -> stage 2, stage 2 -> stage 3."""
-    return [_internal_cluster(names.OUTBOUND_DISPATCH), _internal_cluster(names.OUTBOUND_POD)]
+    return [cluster_pb2.Cluster(name=listener, type=cluster_pb2.Cluster.STATIC, load_assignment=cla, transport_socket=_proxy_protocol_upstream())]

@@ -37,6 +37,11 @@ XDS_GRPC_CLUSTER = "xds-grpc"
 OUTBOUND_DISPATCH = "ztunnel_outbound_dispatch"  # internal listener + the STATIC cluster reaching it
 OUTBOUND_POD = "ztunnel_outbound_pod"  # stage 3 for pod IPs: same node (15088) or not (15008)
 OUTBOUND_TUNNEL_LIS = "outbound_tunnel_lis"
+# stock flavor: a pod-table entry with no pod (a non-mesh address in a mesh pod range) goes here
+OUTBOUND_PASSTHROUGH = "ztunnel_outbound_passthrough"
+DESTINATION_IP_STATE = "io.xdsserver.destination_ip"  # stage 1 -> stage 2: the pod-table key
+LB_METADATA = "envoy.lb"  # the subset load balancer's endpoint metadata namespace
+POD_TABLE_PREFIX = "pods_"
 # filter state carrying the source's SPIFFE ID from stage 1 through every internal hop
 SOURCE_IDENTITY_STATE = "io.xdsserver.source_identity"
 TCP_PROXY_CLUSTER_STATE = "envoy.tcp_proxy.cluster"
@@ -67,9 +72,11 @@ def source_chain(src: Identity) -> str:
     return f"outbound_from_{src.spiffe}"
 
 
-def dst_pod_chain(dst: Identity) -> str:
-    """Stock flavor, stage 2: pod-IP chain per destination identity (D8), shared by sources and nodes."""
-    return f"fc-outbound_pod_to_{dst.spiffe}"
+def pod_table(group: str) -> str:
+    """Stock flavor: the pod table (cluster, CLA and stage-2 chain) of one pod range: an IPv4
+    /24 given as its string prefix ("10.64.50." -> ``pods_10.64.50.0_24``), or "" for every
+    IPv6 pod (``pods_ipv6``)."""
+    return f"{POD_TABLE_PREFIX}{group}0_24" if group else f"{POD_TABLE_PREFIX}ipv6"
 
 
 POD_TUNNEL_CHAIN = "fc-outbound_pod_tunnel"  # stage 3: the pod is on another node

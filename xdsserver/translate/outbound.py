@@ -65,6 +65,14 @@ def _map_matcher(kind: str, entries: dict[str, OnMatch], on_no_match: OnMatch | 
     return m
 
 
+def prefix_matcher(kind: str, entries: dict[str, OnMatch]) -> Matcher:
+    """A string-prefix map (the longest listed prefix of the input wins; stage 2's pod ranges)."""
+    m = Matcher(matcher_tree=Matcher.MatcherTree(input=_input(kind)))
+    for key in entries:
+        m.matcher_tree.prefix_match_map.map[key].CopyFrom(entries[key])
+    return m
+
+
 DestinationMap = dict[str, "str | dict[str, str]"]  # destination IP -> chain, or port -> chain
 
 
@@ -117,6 +125,9 @@ def source_chain(src: Identity) -> listener_components_pb2.FilterChain:
             blocks.set_filter_states(
                 # stage 2 matches on the original destination (its original_dst restores it) ...
                 blocks.filter_state_value("envoy.filters.listener.original_dst.local_ip", "%DOWNSTREAM_LOCAL_ADDRESS%", share="ONCE"),
+                # ... and looks a pod IP up in the pod table by it (the hop's PROXY-protocol TLV; podtable.py)
+                blocks.filter_state_value(names.DESTINATION_IP_STATE, "%DOWNSTREAM_LOCAL_ADDRESS_WITHOUT_PORT%", share="ONCE",
+                                          factory_key="envoy.string"),
                 # ... and every later hop leaves with the client's IP (stock-envoy.md §5.6). Port 0,
                 # not the client's port: objects shared with upstream are part of Envoy's connection
                 # pool key, so ip:port gave every client connection its own HBONE connection

@@ -128,18 +128,6 @@ def _actions_of(lis: listener_pb2.Listener) -> frozenset[str]:
     return out
 
 
-def inherit_listener_facts(derived: listener_pb2.Listener, base: listener_pb2.Listener) -> None:
-    """``derived`` has ``base``'s filter chains and listener filters, and matcher actions that
-    each name one of those chains (stage 2 patched for pods, dispatch._patched): what was read
-    from ``base`` holds for it, so ~10,000 keys are not walked again for one pod."""
-    refs = _lis_refs.get(id(base))
-    if refs is not None and refs[0] is base:
-        _lis_refs[id(derived)] = (derived, *refs[1:])
-    missing = _missing_seen.get(id(base))
-    if missing is not None and missing[0] is base and not missing[1]:
-        _missing_seen[id(derived)] = (derived, ())
-
-
 def _sds_names(ts: Any) -> Iterator[str]:
     """Secret names a TLS transport socket references (both directions, every SDS slot)."""
     cfg = ts.typed_config
