@@ -177,6 +177,9 @@ class IncrementalTranslator:
         pairs: dict[Identity, CertPair] = {}  # certificates asked for in this call
         compared: dict[tuple[int, int], bool] = {}  # nodes' memos share their tuples: compare each pair once
         changed_names: dict[tuple[int, int, bool], tuple[str, ...]] = {}  # (old service map, old targets) -> CLAs to rebuild
+        # stock flavor: nodes share their service clusters and CLAs (the heads of CDS and EDS), so
+        # a head patched on one node is reused by the next with the same old head
+        heads: dict[tuple[object, ...], tuple[list, list, dict]] = {}
 
         def same(old: Any, new: Any) -> bool:
             k = (id(old), id(new))
@@ -225,16 +228,27 @@ class IncrementalTranslator:
                 self._patch_policy(view, res, delta)
             if reshaped:  # service clusters lead CDS in service-map order; one CLA per service cluster
                 old_cds = res[CDS]
-                bodies = dict(old_cds[: len(memo.cla_targets)])
-                res[CDS] = [(name, bodies.get(name) or self._service_cluster_bytes(name)) for name in new_map] + \
-                    old_cds[len(memo.cla_targets):]
-                cds = {name: self._service_cluster_bytes(name) for name in new_map if name not in bodies}
-                cds.update((name, None) for name in bodies if name not in new_map)
-                if cds:
-                    delta[CDS] = cds
+                old_head = old_cds[: len(memo.cla_targets)]
+                hkey = (CDS, id(memo.cla_targets), id(new_map))
+                shared_head = heads.get(hkey)
+                if shared_head is None or shared_head[0] != old_head:  # list ==: identical items compare by identity
+                    bodies = dict(old_head)
+                    cds = {name: self._service_cluster_bytes(name) for name in new_map if name not in bodies}
+                    cds.update((name, None) for name in bodies if name not in new_map)
+                    shared_head = heads[hkey] = (old_head, [(name, bodies.get(name) or self._service_cluster_bytes(name)) for name in new_map], cds)
+                res[CDS] = shared_head[1] + old_cds[len(memo.cla_targets):]
+                if shared_head[2]:
+                    delta[CDS] = dict(shared_head[2])
             tail = len(memo.table.groups) if memo.table is not None else 0  # the pod tables close EDS
-            if changed or reshaped:
-                head = res[EDS][: len(res[EDS]) - tail]
+            head = res[EDS][: len(res[EDS]) - tail] if changed or reshaped else []
+            hkey = (EDS, id(memo.cla_targets), id(new_map), id(changed))
+            shared_head = heads.get(hkey) if self.flavor is Flavor.ENVOY and (changed or reshaped) else None
+            if shared_head is not None and shared_head[0] == head:  # stock: the service CLAs are the same on every node
+                res[EDS] = shared_head[1] + (memo.resources[EDS][-tail:] if tail else [])
+                if shared_head[2]:
+                    delta[EDS] = dict(shared_head[2])
+                n += len(changed)
+            elif changed or reshaped:
                 clas = dict(head)
                 eds: dict[str, bytes | None] = {}
                 for name in changed:
@@ -257,6 +271,8 @@ class IncrementalTranslator:
                     res[EDS] = [(name, clas[name]) for name in new_map]
                 else:
                     res[EDS] = list(clas.items())
+                if self.flavor is Flavor.ENVOY:
+                    heads[hkey] = (head, list(res[EDS]), dict(eds))
                 if tail:
                     res[EDS] += memo.resources[EDS][-tail:]
                 if eds:
