@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from xdsserver.app import ControlPlane
+from xdsserver.xds.limits import Limits
 from xdsserver.xds.server import AdsServer, start_server
 
 from . import cluster as bc
@@ -136,7 +137,10 @@ async def run_load(scale: bc.Scale, certs: Any, m: int, *, with_envoy: bool, pip
     cls = ControlPlane if pipeline == "incremental" else FullRebuildControlPlane
     feed = bc.ObjectFeed()
     cp = cls(load_objects=lambda: feed(state["objs"]), certs=certs)
-    cp.server = TimedAds(cp.cache, metrics=cp.xds_metrics)
+    # M simulated ztunnels over the scale's nodes: more than the default streams per node when M
+    # exceeds the node count (the small scale's M=100 over 10 nodes was refused by the limit)
+    per_node = -(-m // max(1, scale.nodes))
+    cp.server = TimedAds(cp.cache, metrics=cp.xds_metrics, limits=Limits(max_streams_per_node=max(Limits().max_streams_per_node, per_node + 1)))
     t0 = time.perf_counter()
     assert cp.rebuild()
     initial_rebuild = time.perf_counter() - t0
