@@ -176,3 +176,45 @@ async def test_delta_destination_is_held_until_its_rds_ack(tmp_path):
     finally:
         await dest.close()
         await server.stop(None)
+
+
+LONE_IP = "10.244.2.77"  # a mesh pod no Service selects: reachable only by its IP
+
+
+def add_lone_pod(cp: ControlPlane, tmp_path: Path) -> None:
+    pod = new_server_pod(DEST_NODE, LONE_IP).replace("server-f44ffdf6f-new01", "lone-7c9d8f6b5-x1").replace(
+        "app: server", "app: lone").replace("d3000000-0000-4000-8000-0000000000aa", "d3000000-0000-4000-8000-0000000000bb")
+    with open(tmp_path / "m" / "apps.yaml", "a") as f:
+        f.write(pod)
+    assert cp.rebuild()
+
+
+async def test_pod_ip_row_waits_for_the_destination_ztunnel_ack(tmp_path):
+    """A pod no Service selects is reached by its IP, through its /24's pod table (EDS): its row
+    reaches the client only once the pod's node ACKed the pod's inbound chain (LDS and RDS).
+    Fails when new_endpoint_nodes counts service endpoints only (the row goes out at once)."""
+    cp, server, target = await setup(tmp_path, timeout=30.0)
+    dest = SotwClient(target, DEST_NODE)  # ACKs only when the test says so
+    try:
+        await dest.connect()
+        await dest.request(LISTENER, [])
+        await dest.ack(await dest.recv(LISTENER))
+        await dest.request(ROUTE, routes(cp))
+        await dest.ack(await dest.recv(ROUTE))
+        client = await client_ztunnel(cp, target)
+        await until(lambda: cp.server.acked(DEST_NODE) is True)
+
+        add_lone_pod(cp, tmp_path)
+        new_lds = await dest.recv(LISTENER)
+        assert any(LONE_IP.encode() in a.value for a in new_lds.resources)
+        assert LONE_IP not in served_ips(cp, CLIENT_NODE), "the pod-table row is served before the destination ACKed"
+        assert cp.barrier.counts["gated"] == 1
+        await dest.ack(new_lds)
+        await dest.request(ROUTE, routes(cp))
+        await dest.ack(await dest.recv(ROUTE))
+        await client.wait_for(lambda: LONE_IP in endpoint_ips(client), timeout=10)
+        assert cp.barrier.counts["released"] == 1 and cp.barrier.counts["timeouts"] == 0
+        await client.close()
+    finally:
+        await dest.close()
+        await server.stop(None)

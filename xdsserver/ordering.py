@@ -37,11 +37,18 @@ from .xds.types import ENDPOINT
 log = logging.getLogger(__name__)
 
 def new_endpoint_nodes(old: Model | None, new: Model) -> set[str]:
-    """Nodes hosting an address that is a ready endpoint in `new` and was none in `old`."""
+    """Nodes hosting an address that is a ready endpoint in `new` and was none in `old`, or a
+    pod IP that `old` did not have: a pod IP is a row of its /24's pod table (an EDS resource,
+    translate/podtable.py), so it is held like a service endpoint until the pod's node ACKed the
+    pod's inbound chain. O(endpoints + pods); only the full rebuild path calls it."""
     if old is None:
         return set()
     before = {e.ip for _, eps in old.endpoints for e in eps if e.ready}
-    return {e.node_name for _, eps in new.endpoints for e in eps if e.ready and e.ip not in before and e.node_name}
+    nodes = {e.node_name for _, eps in new.endpoints for e in eps if e.ready and e.ip not in before and e.node_name}
+    if old.pods is not new.pods:
+        known = {ip for p in old.pods for ip in p.ips}
+        nodes |= {p.node_name for p in new.pods if p.node_name and not p.host_network and any(ip not in known for ip in p.ips)}
+    return nodes
 
 
 Deltas = Mapping[str, Mapping[str, Mapping[str, object]]]  # node -> type URL -> name -> bytes or None
