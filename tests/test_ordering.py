@@ -86,6 +86,19 @@ async def client_ztunnel(cp: ControlPlane, target: str) -> SotwClient:
     return c
 
 
+async def synced_pair(cp: ControlPlane, target: str, dest: SotwClient) -> SotwClient:
+    """The destination ztunnel connected with its LDS and RDS ACKed (the routes its listeners
+    name, as Envoy asks), then the client ztunnel; returns the client."""
+    await dest.connect()
+    await dest.request(LISTENER, [])
+    await dest.ack(await dest.recv(LISTENER))
+    await dest.request(ROUTE, routes(cp))
+    await dest.ack(await dest.recv(ROUTE))
+    client = await client_ztunnel(cp, target)
+    await until(lambda: cp.server.acked(DEST_NODE) is True)
+    return client
+
+
 def add_backend(cp: ControlPlane, tmp_path: Path) -> None:
     with open(tmp_path / "m" / "apps.yaml", "a") as f:
         f.write(new_server_pod(DEST_NODE, NEW_IP))
@@ -97,13 +110,7 @@ async def test_endpoint_waits_for_the_destination_ztunnel_ack(tmp_path, replace_
     cp, server, target = await setup(tmp_path, timeout=30.0, replace_server=replace_server)
     dest = SotwClient(target, DEST_NODE)  # ACKs only when the test says so
     try:
-        await dest.connect()
-        await dest.request(LISTENER, [])
-        await dest.ack(await dest.recv(LISTENER))
-        await dest.request(ROUTE, routes(cp))  # as Envoy: the routes its listeners name
-        await dest.ack(await dest.recv(ROUTE))
-        client = await client_ztunnel(cp, target)
-        await until(lambda: cp.server.acked(DEST_NODE) is True)
+        client = await synced_pair(cp, target, dest)
 
         t0 = time.monotonic()
         add_backend(cp, tmp_path)
@@ -196,13 +203,7 @@ async def test_pod_ip_row_waits_for_the_destination_ztunnel_ack(tmp_path):
     cp, server, target = await setup(tmp_path, timeout=30.0)
     dest = SotwClient(target, DEST_NODE)  # ACKs only when the test says so
     try:
-        await dest.connect()
-        await dest.request(LISTENER, [])
-        await dest.ack(await dest.recv(LISTENER))
-        await dest.request(ROUTE, routes(cp))
-        await dest.ack(await dest.recv(ROUTE))
-        client = await client_ztunnel(cp, target)
-        await until(lambda: cp.server.acked(DEST_NODE) is True)
+        client = await synced_pair(cp, target, dest)
 
         add_lone_pod(cp, tmp_path)
         new_lds = await dest.recv(LISTENER)
