@@ -99,6 +99,13 @@ async def synced_pair(cp: ControlPlane, target: str, dest: SotwClient) -> SotwCl
     return client
 
 
+async def released_to(cp: ControlPlane, client: SotwClient, ip: str) -> None:
+    """The client gets ``ip`` once, released by the destination's ACK (not the timeout)."""
+    await client.wait_for(lambda: ip in endpoint_ips(client), timeout=10)
+    assert cp.barrier.counts["released"] == 1 and cp.barrier.counts["timeouts"] == 0
+    await client.close()
+
+
 def add_backend(cp: ControlPlane, tmp_path: Path) -> None:
     with open(tmp_path / "m" / "apps.yaml", "a") as f:
         f.write(new_server_pod(DEST_NODE, NEW_IP))
@@ -177,9 +184,7 @@ async def test_delta_destination_is_held_until_its_rds_ack(tmp_path):
         assert NEW_IP not in served_ips(cp, CLIENT_NODE), "the endpoint is served on the LDS ACK, before the route"
         await dest.subscribe(ROUTE, [f"inbound_{NEW_IP}"])
         await dest.ack(await dest.recv(ROUTE))
-        await client.wait_for(lambda: NEW_IP in endpoint_ips(client), timeout=10)
-        assert cp.barrier.counts["released"] == 1 and cp.barrier.counts["timeouts"] == 0
-        await client.close()
+        await released_to(cp, client, NEW_IP)
     finally:
         await dest.close()
         await server.stop(None)
@@ -213,9 +218,7 @@ async def test_pod_ip_row_waits_for_the_destination_ztunnel_ack(tmp_path):
         await dest.ack(new_lds)
         await dest.request(ROUTE, routes(cp))
         await dest.ack(await dest.recv(ROUTE))
-        await client.wait_for(lambda: LONE_IP in endpoint_ips(client), timeout=10)
-        assert cp.barrier.counts["released"] == 1 and cp.barrier.counts["timeouts"] == 0
-        await client.close()
+        await released_to(cp, client, LONE_IP)
     finally:
         await dest.close()
         await server.stop(None)
