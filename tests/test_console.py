@@ -161,6 +161,11 @@ def test_node_page_shows_pods_matchers_resources_and_secret_expiry(page: Any, me
         "ztunnel_outbound", "ztunnel_outbound_dispatch", "ztunnel_outbound_pod"]
     page.click("#matchers details[data-listener='ztunnel_outbound_dispatch'] > summary")  # expandable
     assert page.locator("#matchers details[data-listener='ztunnel_outbound_dispatch'] [data-key='10.96.183.192']").is_visible()
+    # an address with no exact key falls to the pod ranges: each /24 leads to its pod table, then stage 3
+    page.click("#matchers details[data-listener='ztunnel_outbound_dispatch'] details[data-key='(no match)'] > summary")
+    pods = page.locator("#matchers details[data-listener='ztunnel_outbound_dispatch'] [data-key='10.244.2.*']")
+    assert pods.is_visible()
+    assert re.search(r"pods_10\.244\.2\.0_24 \(pod table, \d+ rows\) ⇢ ztunnel_outbound_pod", pods.inner_text()), pods.inner_text()
     lds = mesh.get("/ui/api/node?node=ambient-worker2")["resources"]["LDS"]
     page.click("#resources details[data-type='LDS'] > summary")
     assert all(page.locator("#resources details[data-type='LDS']").get_by_text(r["name"], exact=True).count() == 1 for r in lds)

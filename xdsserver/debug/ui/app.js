@@ -253,6 +253,7 @@ function matcherTree(t) {
     : h("div", { class: "leaf", "data-key": keyText }, h("span", { class: "input", text: `${t.input} ` }), h("span", { class: "k", text: keyText }),
         h("span", { class: "arrow", text: " → " }), h("span", { class: "chain", text: e.chain }),
         e.cluster ? [h("span", { class: "arrow", text: " → " }), h("span", { class: "muted", text: e.cluster })] : null,
+        e.pod_table_rows != null ? h("span", { class: "muted", text: ` (pod table, ${e.pod_table_rows} rows)` }) : null,
         e.next ? [h("span", { class: "arrow", text: " ⇢ " }), h("span", { class: "muted", text: e.next })] : null);
   for (const e of t.entries) out.push(entry(e.key, e));
   if (t.total > t.entries.length) out.push(h("div", { class: "leaf muted", text: `… ${t.total - t.entries.length} more entries` }));
