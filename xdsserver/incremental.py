@@ -38,7 +38,8 @@ from .translate import CertPair, CertProvider, NodeResources, service_clusters, 
 from .translate.dispatch import build_dispatch_listener
 from .translate.podtable import PodTable, pod_table
 from .translate.clusters import build_service_cluster
-from .translate.endpoints import body_of, cla_body, node_variant
+from .translate.endpoints import body_of as service_body_of, cla_body, node_variant
+from .translate.podtable import body_of as table_body_of
 from .translate.inbound import build_inbound_routes, build_ztunnel_inbound_plaintext
 from .translate.names import OUTBOUND_DISPATCH
 from .translate.secrets import build_root_secret, build_workload_secret
@@ -56,6 +57,11 @@ SDS = type_url(secret_pb2.Secret())
 RDS = type_url(route_pb2.RouteConfiguration())
 
 ResourceSet = dict[str, list[tuple[str, bytes]]]
+
+
+def body_of(cla: Any) -> bytes | None:
+    """The bytes a CLA was built from: a service CLA (``shared_cla``) or a pod table's."""
+    return service_body_of(cla) or table_body_of(cla)
 
 
 def serialize(res: NodeResources, shared: dict[int, tuple[Any, bytes]] | None = None) -> ResourceSet:

@@ -155,11 +155,6 @@ def shared_cla(cluster_name: str, tunnel_listener: str, target: ServiceTarget, n
     return cla
 
 
-def remember_body(cla: endpoint_pb2.ClusterLoadAssignment, body: bytes) -> None:
-    """Let :func:`body_of` answer for a CLA built from ``body`` elsewhere (the pod table)."""
-    _bodies[id(cla)] = (cla, body)
-
-
 def body_of(cla: endpoint_pb2.ClusterLoadAssignment) -> bytes | None:
     """The deterministic bytes of a CLA :func:`shared_cla` built (None for any other message)."""
     hit = _bodies.get(id(cla))

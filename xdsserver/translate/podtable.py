@@ -39,7 +39,7 @@ from envoy.config.listener.v3 import listener_pb2
 from .. import protowire
 from ..model import Flavor, MeshConfig, OutboundPolicy, is_ipv6
 from ..model.index import Workload
-from . import blocks, endpoints, names
+from . import blocks, names
 from .clusters import internal_upstream
 from .outbound import passthrough_chain
 
@@ -62,7 +62,7 @@ class Group:
     prefix: str  # "" for the IPv6 table
     rows: tuple[tuple[str, str], ...]  # sorted by IP text
     cluster: Cluster  # never mutated: shared by every node and every table with this name
-    cla: endpoint_pb2.ClusterLoadAssignment  # never mutated; endpoints.body_of has its bytes
+    cla: endpoint_pb2.ClusterLoadAssignment  # never mutated; body_of has its bytes
     cla_body: bytes
 
 
@@ -197,7 +197,6 @@ def cla_body(name: str, rows: tuple[tuple[str, str], ...], passthrough: bool) ->
 def _group(name: str, prefix: str, rows: tuple[tuple[str, str], ...], passthrough: bool) -> Group:
     body = cla_body(name, rows, passthrough)
     cla = endpoint_pb2.ClusterLoadAssignment.FromString(body)
-    endpoints.remember_body(cla, body)
     return Group(name, prefix, rows, _cluster(name, passthrough), cla, body)
 
 
@@ -226,7 +225,18 @@ def pod_table(workloads: tuple[Workload, ...], mesh: MeshConfig) -> PodTable:
         groups.append(hit if hit is not None and hit.rows == rows else _group(name, prefix, rows, passthrough))
     table = PodTable(workloads, passthrough, tuple(groups), frozenset(by_ip), tuple(ip for ip, _ in grouped.get("", ())))
     _last[:] = [table]
+    _bodies.clear()  # the latest table's groups only: older groups' messages are not kept alive
+    _bodies.update((id(g.cla), (g.cla, g.cla_body)) for g in groups)
     return table
+
+
+_bodies: dict[int, tuple[endpoint_pb2.ClusterLoadAssignment, bytes]] = {}  # id(group CLA) -> (CLA, its bytes)
+
+
+def body_of(cla: endpoint_pb2.ClusterLoadAssignment) -> bytes | None:
+    """The bytes of a pod table's CLA of the latest table (None for any other message)."""
+    hit = _bodies.get(id(cla))
+    return hit[1] if hit is not None and hit[0] is cla else None
 
 
 def passthrough_listener() -> listener_pb2.Listener:
@@ -243,6 +253,7 @@ def passthrough_listener() -> listener_pb2.Listener:
 
 def clear() -> None:
     _last.clear()
+    _bodies.clear()
     _cluster_memo.clear()
     _row_field.cache_clear()
     _identity_entry.cache_clear()
