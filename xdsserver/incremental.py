@@ -36,10 +36,9 @@ from .model import Flavor, Identity
 from .model.index import MeshIndex, NodeView, ServiceTarget, Workload
 from .translate import CertPair, CertProvider, NodeResources, service_clusters, translate, type_url
 from .translate.dispatch import build_dispatch_listener
-from .translate.podtable import PodTable, pod_table
 from .translate.clusters import build_service_cluster
 from .translate.endpoints import body_of as service_body_of, cla_body, node_variant
-from .translate.podtable import body_of as table_body_of
+from .translate.podtable import PodTable, body_of as table_body_of, pod_table
 from .translate.inbound import build_inbound_routes, build_ztunnel_inbound_plaintext
 from .translate.names import OUTBOUND_DISPATCH
 from .translate.secrets import build_root_secret, build_workload_secret
@@ -455,8 +454,8 @@ class IncrementalTranslator:
     def _patch_tables(self, old: PodTable, new: PodTable, res: ResourceSet, delta: dict[str, dict[str, bytes | None]]) -> int:
         """Swap the pod tables closing CDS and EDS from ``old``'s groups to ``new``'s; the delta
         names only groups whose bytes changed (a group with the same rows is the very same
-        object, so most are skipped by identity). Returns how many CLAs changed."""
-        k = len(old.groups)
+        object, so most are skipped by identity). Returns how many of its CLAs changed."""
+        k, changed = len(old.groups), 0
         for url, fresh in ((CDS, [(g.name, self._table_cluster_bytes(g)) for g in new.groups]),
                            (EDS, [(g.name, g.cla_body) for g in new.groups])):
             items = res[url]
@@ -472,7 +471,9 @@ class IncrementalTranslator:
             d.update((name, None) for name in before)
             if d:
                 delta.setdefault(url, {}).update(d)
-        return len(delta.get(EDS, ()))
+            if url == EDS:
+                changed = len(d)
+        return changed
 
     def _stage2_bytes(self, stage2: Any) -> tuple[Any, bytes]:
         """Stage 2's bytes, serialized once while it is the same message (a pod within its /24
