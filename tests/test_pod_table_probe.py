@@ -126,7 +126,10 @@ def _write_table(work: Path, rows: list[tuple[dict[str, Any], int]]) -> None:
 
 
 class _Backends:
-    """Loopback TCP servers that answer with their own name, so the test sees who was reached."""
+    """Loopback TCP servers that answer with their own name, so the test sees who was reached.
+    They speak first and the client never sends a byte (``_reach``): the hop's PROXY header is
+    written when the internal connection is made, not with the client's first data, so
+    server-first protocols (SMTP, MySQL, SSH) pass the stage 1 -> stage 2 hop."""
 
     def __init__(self, names: list[str]) -> None:
         self.ports: dict[str, int] = {}
