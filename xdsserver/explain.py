@@ -350,13 +350,14 @@ def explain(nodes: dict[str, NodeResources], node: str, src: str, dst: str) -> E
         here = {**shared, **{k: _resolve(v, shared, metadata) for k, v in states}}
         shared.update({k: v for k, v in here.items() if k != names.TCP_PROXY_CLUSTER_STATE})
         cluster_name = here.get(names.TCP_PROXY_CLUSTER_STATE, tcp.cluster)
-        nxt, via = _internal_target(_cluster(res, cluster_name)), ""
+        target = _cluster(res, cluster_name)
+        nxt, via = _internal_target(target), ""
         metadata = {}
-        if not nxt and (row := _pod_table_row(res, _cluster(res, cluster_name), dst_ip)) is not None:
+        if not nxt and (row := _pod_table_row(res, target, dst_ip)) is not None:
             nxt, tunnel, which = row
             metadata = {names.TUNNEL_METADATA: tunnel} if tunnel else {}
             via = f" (pod table, {which}{', identity ' + tunnel['identity'] if 'identity' in tunnel else ''})"
-        elif not nxt and _cluster(res, cluster_name) is not None and _cluster(res, cluster_name).HasField("lb_subset_config"):
+        elif not nxt and target is not None and target.HasField("lb_subset_config"):
             stage.cluster = cluster_name
             ex.chain, ex.cluster, ex.reason = chain.name, cluster_name, f"pod table {cluster_name} has no row for {dst_ip} and no default subset"
             return ex

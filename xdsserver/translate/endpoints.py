@@ -74,11 +74,11 @@ def _lb_endpoint_field(tunnel_listener: str, b: Backend, same_node: bool) -> byt
     """The endpoint as one ``lb_endpoints`` entry of a LocalityLbEndpoints, encoded and memoized
     on its inputs (one backend serves many service ports and is seen by every node): a CLA is
     then a join of these (copying 190k messages into CLAs was ~1.2 s of a 100-node cold build)."""
-    return protowire.field(_LB_ENDPOINTS, _lb_endpoint_message(tunnel_listener, b, same_node).SerializeToString(deterministic=True))
+    return protowire.field(LB_ENDPOINTS, _lb_endpoint_message(tunnel_listener, b, same_node).SerializeToString(deterministic=True))
 
 
 # ClusterLoadAssignment.cluster_name, .endpoints; LocalityLbEndpoints.lb_endpoints (checked in the tests)
-_CLUSTER_NAME, _ENDPOINTS, _LB_ENDPOINTS = 1, 2, 2
+_CLUSTER_NAME, _ENDPOINTS, LB_ENDPOINTS = 1, 2, 2
 
 
 def cla_body(cluster_name: str, tunnel_listener: str, target: ServiceTarget, node_name: str) -> bytes:
@@ -86,10 +86,12 @@ def cla_body(cluster_name: str, tunnel_listener: str, target: ServiceTarget, nod
     endpoints (fields in number order, one locality group, present even when empty)."""
     local = per_node(tunnel_listener)
     pieces = [_lb_endpoint_field(tunnel_listener, b, local and bool(b.node_name) and b.node_name == node_name) for b in target.backends]
-    return _join(cluster_name, pieces)
+    return join_cla(cluster_name, pieces)
 
 
-def _join(cluster_name: str, pieces: list[bytes] | tuple[bytes, ...]) -> bytes:
+def join_cla(cluster_name: str, pieces: list[bytes] | tuple[bytes, ...]) -> bytes:
+    """A CLA's deterministic bytes from its encoded ``lb_endpoints`` entries (one locality group,
+    present even when empty): service CLAs here, the pod tables' in podtable.py."""
     return (protowire.field(_CLUSTER_NAME, cluster_name.encode()) if cluster_name else b"") + protowire.field(_ENDPOINTS, b"".join(pieces))
 
 
@@ -146,9 +148,9 @@ def shared_cla(cluster_name: str, tunnel_listener: str, target: ServiceTarget, n
         pieces = list(remote)
         for i in here:
             pieces[i] = _lb_endpoint_field(tunnel_listener, target.backends[i], True)
-        body = _join(cluster_name, pieces)
+        body = join_cla(cluster_name, pieces)
     else:
-        body = _join(cluster_name, remote)
+        body = join_cla(cluster_name, remote)
     cla = endpoint_pb2.ClusterLoadAssignment.FromString(body)
     _shared[key] = (target, cla)
     _bodies[id(cla)] = (cla, body)

@@ -41,6 +41,7 @@ from ..model import Flavor, MeshConfig, OutboundPolicy, is_ipv6
 from ..model.index import Workload
 from . import blocks, names
 from .clusters import internal_upstream
+from .endpoints import LB_ENDPOINTS, join_cla
 from .outbound import passthrough_chain
 
 TLV_DESTINATION_IP = 0xE0  # PROXY protocol v2 TLV (0xE0-0xEF are for applications)
@@ -117,10 +118,6 @@ def _cluster(name: str, passthrough: bool) -> Cluster:
     return c
 
 
-# ClusterLoadAssignment.cluster_name, .endpoints; LocalityLbEndpoints.lb_endpoints
-_CLUSTER_NAME, _ENDPOINTS, _LB_ENDPOINTS = 1, 2, 2
-
-
 def _endpoint(listener: str, endpoint_id: str) -> ec.LbEndpoint:
     lbe = ec.LbEndpoint()
     lbe.load_balancing_weight.value = 1  # D6: explicit
@@ -168,7 +165,7 @@ def _row_field(ip: str, spiffe: str) -> bytes:
     endpoint, lb = _ip_prefixes(len(raw))
     lb_entry = lb + raw
     metadata = _F(3, lb_entry + _identity_entry(spiffe))
-    return _F(_LB_ENDPOINTS, endpoint + raw + metadata + _WEIGHT_1)
+    return _F(LB_ENDPOINTS, endpoint + raw + metadata + _WEIGHT_1)
 
 
 def row_message(ip: str, spiffe: str) -> ec.LbEndpoint:
@@ -184,14 +181,14 @@ def row_message(ip: str, spiffe: str) -> ec.LbEndpoint:
 def _passthrough_field() -> bytes:
     lbe = _endpoint(names.OUTBOUND_PASSTHROUGH, PASSTHROUGH_KEY)
     lbe.metadata.filter_metadata[names.LB_METADATA].fields[PASSTHROUGH_KEY].bool_value = True
-    return protowire.field(_LB_ENDPOINTS, lbe.SerializeToString(deterministic=True))
+    return _F(LB_ENDPOINTS, lbe.SerializeToString(deterministic=True))
 
 
 def cla_body(name: str, rows: tuple[tuple[str, str], ...], passthrough: bool) -> bytes:
     pieces = [_row_field(ip, spiffe) for ip, spiffe in rows]
     if passthrough:
         pieces.append(_passthrough_field())
-    return protowire.field(_CLUSTER_NAME, name.encode()) + protowire.field(_ENDPOINTS, b"".join(pieces))
+    return join_cla(name, pieces)
 
 
 def _group(name: str, prefix: str, rows: tuple[tuple[str, str], ...], passthrough: bool) -> Group:
