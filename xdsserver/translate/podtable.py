@@ -236,10 +236,11 @@ def body_of(cla: endpoint_pb2.ClusterLoadAssignment) -> bytes | None:
     return hit[1] if hit is not None and hit[0] is cla else None
 
 
+@lru_cache(maxsize=1)
 def passthrough_listener() -> listener_pb2.Listener:
     """The default subset's endpoint: an address of a mesh pod range with no mesh pod, forwarded
     in plaintext to its original destination, from the client's IP (as stage 2's passthrough
-    chain does)."""
+    chain does). One message for every node (serialized once per call); never mutated."""
     return listener_pb2.Listener(
         name=names.OUTBOUND_PASSTHROUGH,
         internal_listener=listener_pb2.Listener.InternalListenerConfig(),
